@@ -1,0 +1,274 @@
+"""The LLaMA decoder: embedding, n_layers pre-norm blocks, final norm, LM head, and its loss.
+
+    h = tok_embeddings[ids]
+    for each layer:
+        h = h + attention(attention_norm(h))      # rotary q/k, grouped kv heads, causal
+        h = h + feed_forward(ffn_norm(h))         # SwiGLU
+    logits = norm(h) @ output                      # output is tok_embeddings^T when tied
+
+Weights arrive from a loader (npllama.formats) as a flat dict in Meta's names and nn.Linear's
+(out, in) layout, with q/k rows in the rotate-half layout:
+
+    tok_embeddings.weight                      (vocab, dim)
+    layers.{i}.attention_norm.weight           (dim,)
+    layers.{i}.attention.wq.weight             (n_heads * head_dim, dim)      [.bias optional]
+    layers.{i}.attention.wk.weight, wv         (n_kv_heads * head_dim, dim)   [.bias optional]
+    layers.{i}.attention.wo.weight             (dim, n_heads * head_dim)      [.bias optional]
+    layers.{i}.ffn_norm.weight                 (dim,)
+    layers.{i}.feed_forward.w1.weight, w3      (hidden_dim, dim)              [.bias optional]
+    layers.{i}.feed_forward.w2.weight          (dim, hidden_dim)              [.bias optional]
+    norm.weight                                (dim,)
+    output.weight                              (vocab, dim), absent when tied
+
+``Transformer`` stores each linear weight transposed, (in, out), contiguous, so every projection
+is ``x @ w`` and decoding reads each matrix once in memory order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+
+from .attention import naive_attention
+from .cache import KVCache
+from .config import ModelArgs
+from .errors import CheckpointError, InputError
+from .mlp import feed_forward, linear
+from .norm import rms_norm
+from .rope import apply_rotary_emb, rope_cos_sin, rope_init
+
+Trace = Callable[[str, np.ndarray], None]
+
+# Sequences at least this long go through blockwise attention when attention="auto".
+FLASH_MIN_LEN = 1024
+
+
+def param_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every tensor name a checkpoint must provide, with its (out, in) shape."""
+    d, hd, hid = args.dim, args.head_dim, args.hidden_dim
+    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d),
+                                          "norm.weight": (d,)}
+    if not args.tie_word_embeddings:
+        shapes["output.weight"] = (args.vocab_size, d)
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        shapes[p + "attention_norm.weight"] = (d,)
+        shapes[p + "ffn_norm.weight"] = (d,)
+        for name, out in (("wq", args.n_heads * hd), ("wk", args.n_kv_heads * hd), ("wv", args.n_kv_heads * hd)):
+            shapes[p + f"attention.{name}.weight"] = (out, d)
+            if args.attention_bias:
+                shapes[p + f"attention.{name}.bias"] = (out,)
+        shapes[p + "attention.wo.weight"] = (d, args.n_heads * hd)
+        if args.attention_out_bias:
+            shapes[p + "attention.wo.bias"] = (d,)
+        for name, (out, inp) in (("w1", (hid, d)), ("w3", (hid, d)), ("w2", (d, hid))):
+            shapes[p + f"feed_forward.{name}.weight"] = (out, inp)
+            if args.mlp_bias:
+                shapes[p + f"feed_forward.{name}.bias"] = (out,)
+    return shapes
+
+
+def check_params(args: ModelArgs, params: Mapping[str, np.ndarray], source: str = "checkpoint") -> None:
+    """Raise CheckpointError naming the first missing, unexpected or misshapen tensor."""
+    expected = param_shapes(args)
+    for name, shape in expected.items():
+        if name not in params:
+            raise CheckpointError(f"{source}: tensor {name!r} is missing (the config asks for "
+                                  f"{args.n_layers} layers{'' if args.tie_word_embeddings else ' and an untied output'})")
+        got = tuple(params[name].shape)
+        if got != shape:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {got}, but the config "
+                                  f"implies {shape}; the checkpoint and its config do not match")
+    extra = sorted(set(params) - set(expected))
+    if extra:
+        raise CheckpointError(f"{source}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}; "
+                              f"the config does not describe them (a bias flag or tied embeddings?)")
+
+
+# ---------------------------------------------------------------------------- the blocks
+def attention(x: np.ndarray, layer: dict, args: ModelArgs, cos: np.ndarray, sin: np.ndarray,
+              cache: KVCache | None, layer_idx: int, impl: str, tap: Trace) -> np.ndarray:
+    """Multi-head attention with rotary q/k and grouped kv heads.
+
+    x: (batch, seq, dim); cos, sin: (seq, rotary_dim) -> (batch, seq, dim)
+    """
+    b, seq, _ = x.shape
+    hd = args.head_dim
+    xq = linear(x, layer["wq"], layer.get("bq"))        # (batch, seq, n_heads * head_dim)
+    xk = linear(x, layer["wk"], layer.get("bk"))        # (batch, seq, n_kv_heads * head_dim)
+    xv = linear(x, layer["wv"], layer.get("bv"))        # (batch, seq, n_kv_heads * head_dim)
+    q = xq.reshape(b, seq, args.n_heads, hd).transpose(0, 2, 1, 3)      # (batch, n_heads, seq, hd)
+    k = xk.reshape(b, seq, args.n_kv_heads, hd).transpose(0, 2, 1, 3)   # (batch, n_kv_heads, seq, hd)
+    v = xv.reshape(b, seq, args.n_kv_heads, hd).transpose(0, 2, 1, 3)   # (batch, n_kv_heads, seq, hd)
+    q = apply_rotary_emb(q, cos, sin)
+    k = apply_rotary_emb(k, cos, sin)
+    tap(f"layers.{layer_idx}.attention.q", q)
+    tap(f"layers.{layer_idx}.attention.k", k)
+    tap(f"layers.{layer_idx}.attention.v", v)
+    if cache is not None:
+        k, v = cache.update(layer_idx, k, v)             # (batch, n_kv_heads, kv_len, hd)
+    out = scaled_dot_product_attention(q, k, v, impl)   # (batch, n_heads, seq, hd)
+    tap(f"layers.{layer_idx}.attention.scores_v", out)
+    out = out.transpose(0, 2, 1, 3).reshape(b, seq, args.n_heads * hd)
+    return linear(out, layer["wo"], layer.get("bo"))     # (batch, seq, dim)
+
+
+def scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, impl: str) -> np.ndarray:
+    """Choose naive or blockwise attention; both compute the same function (causal)."""
+    if impl == "auto":
+        impl = "flash" if k.shape[2] >= FLASH_MIN_LEN and q.shape[2] > 1 else "naive"
+    if impl == "naive":
+        return naive_attention(q, k, v, causal=True)
+    if impl == "flash":
+        from .attention import flash_attention
+        return flash_attention(q, k, v, causal=True)
+    raise InputError(f"unknown attention implementation {impl!r}; choose 'naive', 'flash' or 'auto'")
+
+
+def transformer_block(h: np.ndarray, layer: dict, args: ModelArgs, cos: np.ndarray, sin: np.ndarray,
+                      cache: KVCache | None, layer_idx: int, impl: str, tap: Trace) -> np.ndarray:
+    """One pre-norm decoder layer. h: (batch, seq, dim) -> (batch, seq, dim)."""
+    p = f"layers.{layer_idx}."
+    x = rms_norm(h, layer["attention_norm"], args.norm_eps)
+    tap(p + "attention_norm", x)
+    a = attention(x, layer, args, cos, sin, cache, layer_idx, impl, tap)
+    tap(p + "attention", a)
+    h = h + a
+    tap(p + "attention_residual", h)
+    x = rms_norm(h, layer["ffn_norm"], args.norm_eps)
+    tap(p + "ffn_norm", x)
+    f = feed_forward(x, layer["w1"], layer["w2"], layer["w3"], layer.get("b1"), layer.get("b2"), layer.get("b3"))
+    tap(p + "feed_forward", f)
+    h = h + f
+    tap(p + "ffn_residual", h)
+    return h
+
+
+def cross_entropy_loss(logits: np.ndarray, labels: np.ndarray, ignore_index: int = -100) -> float:
+    """Mean next-token cross-entropy, as transformers' LlamaForCausalLM computes it.
+
+    logits: (batch, seq, vocab); labels: (batch, seq), aligned with the input ids: position t
+    predicts labels[t + 1]. Labels equal to ignore_index (-100) are left out of the mean.
+    """
+    logits = logits[:, :-1].astype(np.promote_types(logits.dtype, np.float32))   # (batch, seq-1, vocab)
+    targets = np.asarray(labels)[:, 1:]                                           # (batch, seq-1)
+    keep = targets != ignore_index
+    if not keep.any():
+        return float("nan")
+    m = logits.max(axis=-1, keepdims=True)
+    log_z = (m + np.log(np.exp(logits - m).sum(axis=-1, keepdims=True)))[..., 0]  # (batch, seq-1)
+    picked = np.take_along_axis(logits, np.where(keep, targets, 0)[..., None], axis=-1)[..., 0]
+    return float(((log_z - picked) * keep).sum() / keep.sum())
+
+
+def _no_tap(name: str, x: np.ndarray) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------- the model
+class Transformer:
+    """A loaded LLaMA-family model: ``model(ids)`` and ``model(ids, cache=cache)`` give logits."""
+
+    def __init__(self, args: ModelArgs, params: Mapping[str, np.ndarray], tokenizer=None,
+                 dtype=np.float32, source: str = "checkpoint"):
+        check_params(args, params, source)
+        self.config = args
+        self.tokenizer = tokenizer
+        self.dtype = np.dtype(dtype)
+        as_dtype = lambda a: np.ascontiguousarray(a, dtype=self.dtype)           # noqa: E731
+        as_in_out = lambda a: np.ascontiguousarray(np.asarray(a).T, dtype=self.dtype)  # noqa: E731
+        self.tok_embeddings = as_dtype(params["tok_embeddings.weight"])          # (vocab, dim)
+        self.norm = as_dtype(params["norm.weight"])                              # (dim,)
+        out = params["tok_embeddings.weight"] if args.tie_word_embeddings else params["output.weight"]
+        self.output = as_in_out(out)                                             # (dim, vocab)
+        self.layers: list[dict[str, np.ndarray]] = []
+        names = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
+                 "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3"}
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            layer = {"attention_norm": as_dtype(params[p + "attention_norm.weight"]),
+                     "ffn_norm": as_dtype(params[p + "ffn_norm.weight"])}
+            for short, long in names.items():
+                layer[short] = as_in_out(params[p + long + ".weight"])             # (in, out)
+                if p + long + ".bias" in params:
+                    layer["b" + short[1:]] = as_dtype(params[p + long + ".bias"])
+            self.layers.append(layer)
+
+    # -------------------------------------------------------------- the call
+    def __call__(self, ids, cache: KVCache | None = None, *, attention: str = "auto",
+                 trace: Trace | None = None) -> np.ndarray:
+        """ids: (batch, seq) integer token ids -> logits (batch, seq, vocab), float32.
+
+        With a cache, the ids continue the sequences the cache holds (positions cache.length ...),
+        the cache is extended, and only the new positions' logits are returned.
+        trace(name, array), if given, sees the output of every op (see npllama.report).
+        """
+        args, tap = self.config, trace or _no_tap
+        ids = self.check_ids(ids)
+        b, seq = ids.shape
+        start = 0
+        if cache is not None:
+            if cache.batch_size != b:
+                raise InputError(f"the cache holds {cache.batch_size} sequences but ids has {b} rows")
+            start = cache.length
+            cache.reserve(seq)
+        inv_freq, scaling = rope_init(args, start + seq)
+        cos, sin = rope_cos_sin(inv_freq, np.arange(start, start + seq), scaling, self.dtype)
+        h = self.tok_embeddings[ids]                                  # (batch, seq, dim)
+        tap("tok_embeddings", h)
+        for i, layer in enumerate(self.layers):
+            h = transformer_block(h, layer, args, cos, sin, cache, i, attention, tap)
+        if cache is not None:
+            cache.advance(seq)
+        h = rms_norm(h, self.norm, args.norm_eps)
+        tap("norm", h)
+        logits = (h @ self.output).astype(np.float32, copy=False)     # (batch, seq, vocab)
+        tap("logits", logits)
+        return logits
+
+    def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
+        """An empty KV cache for batch_size sequences of up to max_seq_len (default: the context)."""
+        return KVCache(self.config, batch_size, max_seq_len, dtype=self.dtype)
+
+    def loss(self, ids, labels=None, ignore_index: int = -100) -> float:
+        """Next-token cross-entropy of ids (labels default to ids, as in causal LM training)."""
+        ids = self.check_ids(ids)
+        labels = ids if labels is None else np.asarray(labels)
+        return cross_entropy_loss(self(ids), labels, ignore_index)
+
+    def check_ids(self, ids) -> np.ndarray:
+        """Token ids as an int64 (batch, seq) array, or an InputError that says what is wrong."""
+        arr = np.asarray(ids)
+        if arr.ndim == 1:
+            arr = arr[None, :]
+        if arr.ndim != 2 or arr.shape[1] == 0 or arr.shape[0] == 0:
+            raise InputError(f"ids must be a non-empty (batch, seq) array of token ids, got shape {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise InputError(f"ids must be integers, got {arr.dtype}")
+        bad = (arr < 0) | (arr >= self.config.vocab_size)
+        if bad.any():
+            raise InputError(f"token id {int(arr[bad][0])} lies outside the vocabulary "
+                             f"(0..{self.config.vocab_size - 1})")
+        return arr.astype(np.int64, copy=False)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The weights back in checkpoint names and (out, in) layout (views, no copies)."""
+        args = self.config
+        sd = {"tok_embeddings.weight": self.tok_embeddings, "norm.weight": self.norm}
+        if not args.tie_word_embeddings:
+            sd["output.weight"] = self.output.T
+        names = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
+                 "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3"}
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            sd[p + "attention_norm.weight"] = layer["attention_norm"]
+            sd[p + "ffn_norm.weight"] = layer["ffn_norm"]
+            for short, long in names.items():
+                sd[p + long + ".weight"] = layer[short].T
+                if "b" + short[1:] in layer:
+                    sd[p + long + ".bias"] = layer["b" + short[1:]]
+        return sd
+
+    def num_parameters(self) -> int:
+        return sum(a.size for a in self.state_dict().values())
