@@ -19,12 +19,12 @@ def silu(x: np.ndarray) -> np.ndarray:
         return x / (x.dtype.type(1) + np.exp(-x))
 
 
-def feed_forward(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray,
-                 b1=None, b2=None, b3=None) -> np.ndarray:
-    """out = w2(silu(w1 x) * w3 x)   (Meta's FeedForward; HF: gate=w1, up=w3, down=w2).
+def feed_forward(x: np.ndarray, w13: np.ndarray, w2: np.ndarray,
+                 b13: np.ndarray | None = None, b2: np.ndarray | None = None) -> np.ndarray:
+    """out = w2(silu(w1 x) * w3 x)   (Meta's FeedForward; HF: gate_proj = w1, up_proj = w3, down_proj = w2).
 
-    x: (batch, seq, dim); w1, w3: (dim, hidden_dim); w2: (hidden_dim, dim) -> (batch, seq, dim)
+    x: (batch, seq, dim); w13: (dim, 2 * hidden_dim), w1 and w3 side by side (one product for
+    both); w2: (hidden_dim, dim) -> (batch, seq, dim)
     """
-    gate = silu(linear(x, w1, b1))      # (batch, seq, hidden_dim)
-    up = linear(x, w3, b3)              # (batch, seq, hidden_dim)
-    return linear(gate * up, w2, b2)    # (batch, seq, dim)
+    gate, up = np.split(linear(x, w13, b13), 2, axis=-1)   # (batch, seq, hidden_dim) each
+    return linear(silu(gate) * up, w2, b2)                  # (batch, seq, dim)

@@ -21,7 +21,9 @@ Weights arrive from a loader (npllama.formats) as a flat dict in Meta's names an
     output.weight                              (vocab, dim), absent when tied
 
 ``Transformer`` stores each linear weight transposed, (in, out), contiguous, so every projection
-is ``x @ w`` and decoding reads each matrix once in memory order.
+is ``x @ w`` and decoding reads each matrix once in memory order; wq|wk|wv and w1|w3 are placed
+side by side so that each pair or triple of projections of the same input is one matrix product
+(``_prepare_layer``). ``state_dict()`` gives the checkpoint names and layout back.
 """
 
 from __future__ import annotations
@@ -86,32 +88,47 @@ def check_params(args: ModelArgs, params: Mapping[str, np.ndarray], source: str 
                               f"the config does not describe them (a bias flag or tied embeddings?)")
 
 
+def init_params(args: ModelArgs, seed: int = 0, std: float = 0.02, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Fresh weights for a config: norms at 1, biases at 0, everything else N(0, std^2).
+
+    std 0.02 is transformers' initializer_range for Llama. Returns the checkpoint-style dict.
+    """
+    rng = np.random.default_rng(seed)
+    params = {}
+    for name, shape in param_shapes(args).items():
+        if name.endswith("norm.weight"):
+            params[name] = np.ones(shape, dtype)
+        elif name.endswith(".bias"):
+            params[name] = np.zeros(shape, dtype)
+        else:
+            params[name] = (rng.standard_normal(shape, dtype=np.float32) * std).astype(dtype)
+    return params
+
+
 # ---------------------------------------------------------------------------- the blocks
 def attention(x: np.ndarray, layer: dict, args: ModelArgs, cos: np.ndarray, sin: np.ndarray,
               cache: KVCache | None, layer_idx: int, impl: str, tap: Trace) -> np.ndarray:
     """Multi-head attention with rotary q/k and grouped kv heads.
 
     x: (batch, seq, dim); cos, sin: (seq, rotary_dim) -> (batch, seq, dim)
+    wq, wk and wv are stored side by side as one (dim, (n_heads + 2 n_kv_heads) head_dim) matrix,
+    so the three projections are one product; q and k are rotated together (same angles).
     """
     b, seq, _ = x.shape
-    hd = args.head_dim
-    xq = linear(x, layer["wq"], layer.get("bq"))        # (batch, seq, n_heads * head_dim)
-    xk = linear(x, layer["wk"], layer.get("bk"))        # (batch, seq, n_kv_heads * head_dim)
-    xv = linear(x, layer["wv"], layer.get("bv"))        # (batch, seq, n_kv_heads * head_dim)
-    q = xq.reshape(b, seq, args.n_heads, hd).transpose(0, 2, 1, 3)      # (batch, n_heads, seq, hd)
-    k = xk.reshape(b, seq, args.n_kv_heads, hd).transpose(0, 2, 1, 3)   # (batch, n_kv_heads, seq, hd)
-    v = xv.reshape(b, seq, args.n_kv_heads, hd).transpose(0, 2, 1, 3)   # (batch, n_kv_heads, seq, hd)
-    q = apply_rotary_emb(q, cos, sin)
-    k = apply_rotary_emb(k, cos, sin)
+    hd, nq, nkv = args.head_dim, args.n_heads, args.n_kv_heads
+    qkv = linear(x, layer["wqkv"], layer.get("bqkv"))            # (batch, seq, (nq + 2 nkv) * hd)
+    qkv = qkv.reshape(b, seq, nq + 2 * nkv, hd).transpose(0, 2, 1, 3)  # (batch, nq + 2 nkv, seq, hd)
+    qk = apply_rotary_emb(qkv[:, : nq + nkv], cos, sin)          # (batch, nq + nkv, seq, hd)
+    q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]          # (batch, nq | nkv | nkv, seq, hd)
     tap(f"layers.{layer_idx}.attention.q", q)
     tap(f"layers.{layer_idx}.attention.k", k)
     tap(f"layers.{layer_idx}.attention.v", v)
     if cache is not None:
-        k, v = cache.update(layer_idx, k, v)             # (batch, n_kv_heads, kv_len, hd)
-    out = scaled_dot_product_attention(q, k, v, impl)   # (batch, n_heads, seq, hd)
+        k, v = cache.update(layer_idx, k, v)                     # (batch, nkv, kv_len, hd)
+    out = scaled_dot_product_attention(q, k, v, impl)           # (batch, nq, seq, hd)
     tap(f"layers.{layer_idx}.attention.scores_v", out)
-    out = out.transpose(0, 2, 1, 3).reshape(b, seq, args.n_heads * hd)
-    return linear(out, layer["wo"], layer.get("bo"))     # (batch, seq, dim)
+    out = out.transpose(0, 2, 1, 3).reshape(b, seq, nq * hd)    # (batch, seq, nq * hd)
+    return linear(out, layer["wo"], layer.get("bo"))             # (batch, seq, dim)
 
 
 def scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, impl: str) -> np.ndarray:
@@ -138,7 +155,7 @@ def transformer_block(h: np.ndarray, layer: dict, args: ModelArgs, cos: np.ndarr
     tap(p + "attention_residual", h)
     x = rms_norm(h, layer["ffn_norm"], args.norm_eps)
     tap(p + "ffn_norm", x)
-    f = feed_forward(x, layer["w1"], layer["w2"], layer["w3"], layer.get("b1"), layer.get("b2"), layer.get("b3"))
+    f = feed_forward(x, layer["w13"], layer["w2"], layer.get("b13"), layer.get("b2"))
     tap(p + "feed_forward", f)
     h = h + f
     tap(p + "ffn_residual", h)
@@ -182,18 +199,36 @@ class Transformer:
         self.norm = as_dtype(params["norm.weight"])                              # (dim,)
         out = params["tok_embeddings.weight"] if args.tie_word_embeddings else params["output.weight"]
         self.output = as_in_out(out)                                             # (dim, vocab)
-        self.layers: list[dict[str, np.ndarray]] = []
-        names = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
-                 "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3"}
-        for i in range(args.n_layers):
-            p = f"layers.{i}."
-            layer = {"attention_norm": as_dtype(params[p + "attention_norm.weight"]),
-                     "ffn_norm": as_dtype(params[p + "ffn_norm.weight"])}
-            for short, long in names.items():
-                layer[short] = as_in_out(params[p + long + ".weight"])             # (in, out)
-                if p + long + ".bias" in params:
-                    layer["b" + short[1:]] = as_dtype(params[p + long + ".bias"])
-            self.layers.append(layer)
+        self.layers = [self._prepare_layer(params, f"layers.{i}.") for i in range(args.n_layers)]
+
+    def _prepare_layer(self, params: Mapping[str, np.ndarray], p: str) -> dict[str, np.ndarray]:
+        """One layer's weights in compute layout: (in, out) matrices, q|k|v and w1|w3 side by side.
+
+        wqkv: (dim, (n_heads + 2 n_kv_heads) * head_dim); wo: (n_heads * head_dim, dim);
+        w13: (dim, 2 * hidden_dim); w2: (hidden_dim, dim). Biases fused the same way.
+        """
+        def in_out(*names):            # concatenated along "out", transposed, contiguous
+            return np.ascontiguousarray(np.concatenate([params[p + n].T for n in names], axis=1), dtype=self.dtype)
+
+        def bias(*names):
+            if p + names[0] not in params:
+                return None
+            return np.ascontiguousarray(np.concatenate([params[p + n] for n in names]), dtype=self.dtype)
+
+        q, k, v = "attention.wq", "attention.wk", "attention.wv"
+        layer = {
+            "attention_norm": np.asarray(params[p + "attention_norm.weight"], dtype=self.dtype),
+            "wqkv": in_out(q + ".weight", k + ".weight", v + ".weight"),
+            "bqkv": bias(q + ".bias", k + ".bias", v + ".bias"),
+            "wo": in_out("attention.wo.weight"),
+            "bo": bias("attention.wo.bias"),
+            "ffn_norm": np.asarray(params[p + "ffn_norm.weight"], dtype=self.dtype),
+            "w13": in_out("feed_forward.w1.weight", "feed_forward.w3.weight"),
+            "b13": bias("feed_forward.w1.bias", "feed_forward.w3.bias"),
+            "w2": in_out("feed_forward.w2.weight"),
+            "b2": bias("feed_forward.w2.bias"),
+        }
+        return {name: a for name, a in layer.items() if a is not None}
 
     # -------------------------------------------------------------- the call
     def __call__(self, ids, cache: KVCache | None = None, *, attention: str = "auto",
@@ -258,16 +293,27 @@ class Transformer:
         sd = {"tok_embeddings.weight": self.tok_embeddings, "norm.weight": self.norm}
         if not args.tie_word_embeddings:
             sd["output.weight"] = self.output.T
-        names = {"wq": "attention.wq", "wk": "attention.wk", "wv": "attention.wv", "wo": "attention.wo",
-                 "w1": "feed_forward.w1", "w2": "feed_forward.w2", "w3": "feed_forward.w3"}
+        nq, nkv, hd, hid = args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim
+        cut_qkv = [nq * hd, (nq + nkv) * hd]
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}."
             sd[p + "attention_norm.weight"] = layer["attention_norm"]
             sd[p + "ffn_norm.weight"] = layer["ffn_norm"]
-            for short, long in names.items():
-                sd[p + long + ".weight"] = layer[short].T
-                if "b" + short[1:] in layer:
-                    sd[p + long + ".bias"] = layer["b" + short[1:]]
+            for kind, fused, names, cuts in (("weight", "wqkv", ("wq", "wk", "wv"), cut_qkv),
+                                              ("weight", "w13", ("w1", "w3"), [hid])):
+                parts = np.split(layer[fused], cuts, axis=1)
+                bparts = np.split(layer["b" + fused[1:]], cuts) if "b" + fused[1:] in layer else None
+                for j, name in enumerate(names):
+                    module = ("attention." if name.startswith("wq") or name in ("wk", "wv") else "feed_forward.") + name
+                    sd[p + module + ".weight"] = parts[j].T
+                    if bparts is not None:
+                        sd[p + module + ".bias"] = bparts[j]
+            sd[p + "attention.wo.weight"] = layer["wo"].T
+            sd[p + "feed_forward.w2.weight"] = layer["w2"].T
+            if "bo" in layer:
+                sd[p + "attention.wo.bias"] = layer["bo"]
+            if "b2" in layer:
+                sd[p + "feed_forward.w2.bias"] = layer["b2"]
         return sd
 
     def num_parameters(self) -> int:
