@@ -31,8 +31,8 @@ def causal_mask(q_len: int, kv_len: int) -> np.ndarray:
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """exp(x - max) / sum(exp(x - max)): the max is subtracted for range, not for maths."""
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
 
 
 def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True) -> np.ndarray:
@@ -44,11 +44,11 @@ def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = 
     b, n_heads, q_len, d = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
     n_rep = n_heads // n_kv_heads
-    qg = q.reshape(b, n_kv_heads, n_rep, q_len, d)                 # query heads grouped by kv head
-    kt = np.swapaxes(k, -1, -2)[:, :, None]                        # (b, n_kv_heads, 1, d, kv_len)
-    scores = (qg @ kt) * (1.0 / np.sqrt(d)).astype(q.dtype)         # (b, n_kv, n_rep, q_len, kv_len)
-    if causal:
+    qg = q.reshape(b, n_kv_heads, n_rep * q_len, d)        # each kv head's group of queries, stacked
+    scores = (qg @ np.swapaxes(k, -1, -2)) * (1.0 / np.sqrt(d)).astype(q.dtype)  # (b, n_kv, n_rep*q_len, kv_len)
+    scores = scores.reshape(b, n_kv_heads, n_rep, q_len, kv_len)
+    if causal and q_len > 1:                  # a single last-position query sees every key
         scores = np.where(causal_mask(q_len, kv_len), scores, -np.inf)
     probs = softmax(scores.astype(np.promote_types(q.dtype, np.float32)), axis=-1).astype(q.dtype)
-    out = probs @ v[:, :, None]                                    # (b, n_kv, n_rep, q_len, d)
+    out = probs.reshape(b, n_kv_heads, n_rep * q_len, kv_len) @ v   # (b, n_kv, n_rep*q_len, d)
     return out.reshape(b, n_heads, q_len, d)

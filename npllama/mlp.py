@@ -14,9 +14,13 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndar
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    """SiLU / swish: x * sigmoid(x) = x / (1 + exp(-x))."""
-    with np.errstate(over="ignore"):  # exp(-x) -> inf for very negative x gives the right 0
-        return x / (x.dtype.type(1) + np.exp(-x))
+    """SiLU / swish (Elfwing et al. 2017): x * sigmoid(x).
+
+    Written with sigmoid(x) = (1 + tanh(x / 2)) / 2, which never overflows (exp(-x) would for
+    x < -88 in float32).
+    """
+    half = x.dtype.type(0.5)
+    return x * (half + half * np.tanh(half * x))
 
 
 def feed_forward(x: np.ndarray, w13: np.ndarray, w2: np.ndarray,
@@ -26,5 +30,7 @@ def feed_forward(x: np.ndarray, w13: np.ndarray, w2: np.ndarray,
     x: (batch, seq, dim); w13: (dim, 2 * hidden_dim), w1 and w3 side by side (one product for
     both); w2: (hidden_dim, dim) -> (batch, seq, dim)
     """
-    gate, up = np.split(linear(x, w13, b13), 2, axis=-1)   # (batch, seq, hidden_dim) each
+    gate_up = linear(x, w13, b13)                           # (batch, seq, 2 * hidden_dim)
+    hidden = w2.shape[0]
+    gate, up = gate_up[..., :hidden], gate_up[..., hidden:]  # (batch, seq, hidden_dim) each
     return linear(silu(gate) * up, w2, b2)                  # (batch, seq, dim)

@@ -14,6 +14,6 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     the order Meta's and transformers' RMSNorm use, which matters in half precision.
     """
     x32 = x.astype(np.promote_types(x.dtype, np.float32), copy=False)
-    ms = np.mean(x32 * x32, axis=-1, keepdims=True)   # (..., 1)
+    ms = (x32 * x32).sum(axis=-1, keepdims=True) / x.shape[-1]   # mean(x^2): (..., 1)
     normed = (x32 / np.sqrt(ms + eps)).astype(x.dtype, copy=False)
     return normed * weight
