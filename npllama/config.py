@@ -118,15 +118,21 @@ class ModelArgs:
         params = cfg.get("rope_parameters")
         if params is not None and not isinstance(params, Mapping):
             raise ConfigError("config.json: rope_parameters must be an object")
-        if params:  # newer style: everything rotary in one place
-            params = dict(params)
-            theta = params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
-            scaling = params
-        else:
-            theta = cfg.get("rope_theta", 10000.0)
-            scaling = dict(cfg.get("rope_scaling") or {})
-        scaling = _normalise_rope_scaling(scaling, "config.json")
-        partial = cfg.get("partial_rotary_factor", scaling.pop("partial_rotary_factor", 1.0))
+        # As transformers' convert_rope_params_to_dict / standardize_rope_params: a non-empty
+        # rope_scaling wins over rope_parameters; rope_theta and partial_rotary_factor inside the
+        # dict win over the top-level keys; a top-level original_max_position_embeddings wins for
+        # llama3 / yarn / longrope (Phi-3 style).
+        params = cfg.get("rope_scaling") or params or {}
+        if not isinstance(params, Mapping):
+            raise ConfigError("config.json: rope_scaling must be an object or null")
+        params = dict(params)
+        theta = params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = _normalise_rope_scaling(params, "config.json")
+        partial = scaling.pop("partial_rotary_factor", None)
+        partial = cfg.get("partial_rotary_factor", 1.0) if partial is None else partial
+        if scaling["rope_type"] in ("llama3", "yarn", "longrope") and \
+                cfg.get("original_max_position_embeddings") is not None:
+            scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
         eos = cfg.get("eos_token_id")
         eos = () if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
         attention_bias = bool(cfg.get("attention_bias", False))
@@ -206,6 +212,9 @@ class ModelArgs:
             orig = meta.get(f"{arch}.rope.scaling.original_context_length")
             if orig:
                 scaling["original_max_position_embeddings"] = int(orig)
+            for key in ("beta_fast", "beta_slow"):   # YaRN ramp ends, when the converter wrote them
+                if meta.get(f"{arch}.rope.scaling.yarn_{key}") is not None:
+                    scaling[key] = float(meta[f"{arch}.rope.scaling.yarn_{key}"])
         head_dim = int(meta.get(f"{arch}.attention.key_length") or 0)
         rot = meta.get(f"{arch}.rope.dimension_count")
         hd = head_dim or dim // n_heads
