@@ -1,0 +1,520 @@
+"""Chat: conversations rendered with the model's chat template, answered with a reused KV cache.
+
+A chat model is still a next-token predictor; what makes it chat is the text it was trained on.
+A *chat template* (a Jinja program shipped with the tokenizer) turns a list of messages into
+that text, e.g. ChatML:
+
+    <|im_start|>user\\nWhat is the capital of France?<|im_end|>\\n<|im_start|>assistant\\n
+
+and the model answers until it writes the end-of-turn token (``<|im_end|>``).
+
+Templates are rendered as transformers' ``apply_chat_template`` renders them (a sandboxed Jinja
+environment with trim_blocks and lstrip_blocks, ``raise_exception``, a ``tojson`` that leaves
+non-ASCII alone, and the tokenizer's ``bos_token``/``eos_token`` spellings as variables). The
+template is the model's own (GGUF ``tokenizer.chat_template``, a Hugging Face folder's
+``chat_template.jinja`` or ``tokenizer_config.json``); checkpoints without one (Meta folders) get
+a built-in: LLAMA3 when the vocabulary has Llama 3's header tokens, CHATML when it has
+``<|im_start|>``, else LLAMA2. Sources: Meta's llama ``generation.py`` (Llama 2 ``chat_completion``),
+llama3 ``tokenizer.py`` (``ChatFormat``), OpenAI's ChatML note; transformers' chat templating docs.
+
+:class:`ChatSession` keeps a conversation and the KV cache of every token the model has already
+read. A new turn renders the *whole* conversation again, tokenizes it, keeps the longest prefix
+that matches the cached tokens (``cache.truncate``) and runs only the rest through the model:
+
+    turn 1:  [system + user 1 + assistant header] -> answer 1             (all prefilled)
+    turn 2:  [ ...cached... ][end of answer 1 + user 2 + header] -> answer 2   (only the new part)
+
+When the conversation would no longer fit the context window, the oldest turns are dropped; the
+cache then keeps only the prefix that still matches (usually the system prompt) and the rest is
+read again, and ``on_drop`` is told.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable, Iterator, Sequence
+
+import click
+
+from .cli import model_option, sampling_options
+from .errors import InputError, TokenizerError
+from .sampling import SamplingSettings
+
+# ------------------------------------------------------------------------------------ built-ins
+# Llama 2 chat (Meta's chat_completion): every exchange is "<s>[INST] user [/INST] answer </s>";
+# the system prompt is folded into the first user message between <<SYS>> markers; contents are
+# stripped. The prompt ends with "[/INST]": Llama 2 has no assistant header.
+LLAMA2 = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system_message = messages[0]['content'] %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system_message = none %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Llama 2 conversations alternate user and assistant messages, starting with "
+    "the user (after an optional system message)') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}"
+    "{% if loop.first and system_message is not none %}"
+    "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}"
+    "{% else %}"
+    "{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+# Llama 3 (Meta's ChatFormat): <|begin_of_text|>, then per message a role header, the stripped
+# content and <|eot_id|>; the generation prompt is an open assistant header.
+LLAMA3 = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+# ChatML: <|im_start|>role\ncontent<|im_end|>\n per message, no BOS.
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+BUILTIN_TEMPLATES = {"llama2": LLAMA2, "llama3": LLAMA3, "chatml": CHATML}
+
+
+# ------------------------------------------------------------------------------------ rendering
+@functools.lru_cache(maxsize=16)
+def compile_template(source: str):
+    """A Jinja template in a sandbox set up as transformers sets it up for chat templates."""
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(Extension):
+        """``{% generation %}...{% endgeneration %}`` marks assistant text for training masks;
+        rendering keeps its body as is."""
+        tags = {"generation"}
+
+        def parse(self, parser) -> list[nodes.Node]:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise TokenizerError(f"the chat template cannot be parsed (line {e.lineno}: {e.message}); "
+                             f"fix the template or pass another one") from None
+
+
+def render_template(template: str, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                    **variables) -> str:
+    """The text of ``messages`` ([{"role": ..., "content": ...}, ...]) under a Jinja chat template.
+
+    variables: what the template may read besides messages and add_generation_prompt
+    (bos_token, eos_token, ...; see :func:`special_token_variables`).
+    """
+    import jinja2
+
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise InputError(f"a chat message must be a dict with 'role' and 'content', got {m!r}")
+    try:
+        return compile_template(template).render(messages=[dict(m) for m in messages],
+                                                 add_generation_prompt=add_generation_prompt, **variables)
+    except jinja2.TemplateError as e:
+        raise InputError(f"the chat template refused the conversation: {e}") from None
+
+
+def special_token_variables(tokenizer) -> dict[str, str]:
+    """bos_token / eos_token as the template sees them: the tokenizer's spellings of those ids."""
+    out = {}
+    if getattr(tokenizer, "bos_id", None) is not None:
+        out["bos_token"] = tokenizer.id_to_token(tokenizer.bos_id)
+    eos = tuple(getattr(tokenizer, "eos_ids", ()))
+    if eos:
+        out["eos_token"] = tokenizer.id_to_token(eos[0])
+    return out
+
+
+def builtin_template_for(tokenizer) -> str:
+    """The built-in template that suits a vocabulary: its special tokens tell the family."""
+    has = lambda t: tokenizer.token_to_id(t) is not None    # noqa: E731
+    if has("<|start_header_id|>") and has("<|eot_id|>"):
+        return "llama3"
+    if has("<|im_start|>") and has("<|im_end|>"):
+        return "chatml"
+    return "llama2"
+
+
+def chat_template_for(tokenizer, template: str | None = None) -> tuple[str, str]:
+    """(template source, where it came from): ``template`` (a built-in name or Jinja source), else
+    the tokenizer's own, else a built-in chosen by :func:`builtin_template_for`."""
+    if template is not None:
+        if template in BUILTIN_TEMPLATES:
+            return BUILTIN_TEMPLATES[template], f"built-in {template}"
+        return template, "given"
+    own = getattr(tokenizer, "chat_template", None)
+    if own:
+        return own, "the model's own"
+    name = builtin_template_for(tokenizer)
+    return BUILTIN_TEMPLATES[name], f"built-in {name}"
+
+
+def end_of_turn_ids(tokenizer, template: str, config=None) -> tuple[int, ...]:
+    """Ids that end an answer: the template's end-of-turn token, the tokenizer's and config's EOS.
+
+    The template's token is found by rendering a finished assistant message and taking the first
+    special token that follows its text (ChatML: <|im_end|>, Llama 3: <|eot_id|>, Llama 2: </s>).
+    """
+    ids = list(getattr(tokenizer, "eos_ids", ())) + list(getattr(config, "eos_token_ids", ()) or ())
+    marker = "npllama-end-of-turn-probe"
+    try:
+        text = render_template(template, [{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": marker}],
+                               add_generation_prompt=False, **special_token_variables(tokenizer))
+    except InputError:
+        text = ""
+    if marker in text:
+        after = tokenizer.encode(text[text.index(marker) + len(marker):], add_bos=False)
+        special = getattr(tokenizer, "special_ids", frozenset())
+        ids += [i for i in after if i in special][:1]
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def render_prompt(model, user_message: str, system: str | None = None,
+                  template: str | None = None) -> tuple[str, tuple[int, ...]]:
+    """One user message (and an optional system message) as a prompt, with its stop ids.
+
+    Returns (prompt text, stop ids). The text is such that ``model.tokenizer.encode(text)`` gives
+    the ids transformers' apply_chat_template gives: when the tokenizer adds BOS itself, a BOS
+    that the template wrote is left out of the text.
+    """
+    tok = model.tokenizer
+    if tok is None:
+        raise InputError("this checkpoint has no tokenizer, so it cannot chat; load one that ships a tokenizer")
+    source, _ = chat_template_for(tok, template)
+    variables = special_token_variables(tok)
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user_message}]
+    text = render_template(source, messages, add_generation_prompt=True, **variables)
+    bos = variables.get("bos_token")
+    if tok.add_bos and bos and text.startswith(bos):
+        text = text[len(bos):]
+    return text, end_of_turn_ids(tok, source, model.config)
+
+
+# ------------------------------------------------------------------------------------ session
+@dataclass
+class TurnStats:
+    """What the last ``send`` did.
+
+    reused      prompt tokens whose keys/values were already in the cache (not run again)
+    prefilled   prompt tokens run through the model for this turn
+    generated   answer tokens produced (the stop token included)
+    dropped     oldest turns dropped to fit the context window
+    stopped     "end of turn", "length" (max_new_tokens or the window) or "interrupted"
+    seconds     wall time of the turn
+    answer_ids  the generated token ids, the stop token included
+    """
+    reused: int = 0
+    prefilled: int = 0
+    generated: int = 0
+    dropped: int = 0
+    stopped: str = ""
+    seconds: float = 0.0
+    answer_ids: list[int] = field(default_factory=list)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class ChatSession:
+    """A conversation with a model; ``send(message)`` streams the answer as text pieces.
+
+        session = ChatSession(npllama.load(), system="Answer briefly.")
+        for piece in session.send("What is the capital of France?"):
+            print(piece, end="", flush=True)
+        session.last_turn      # TurnStats: tokens reused from the cache, prefilled, generated, ...
+
+    The backend is pluggable: ``model`` is anything with ``.config``, ``.tokenizer``,
+    ``new_cache(batch, max_seq_len)`` and a ``generate_fn`` with npllama.generate's signature
+    (``parity.generate.generate`` for a Torch model from ``parity.from_numpy``).
+
+    max_seq_len: the window the conversation must fit (default: the model's context).
+    on_drop(n): called when the n oldest turns were dropped to make room.
+    seed: turn t samples with seed + t (None: fresh randomness).
+    """
+
+    def __init__(self, model, system: str | None = None, settings: SamplingSettings = SamplingSettings(),
+                 seed: int | None = None, max_new_tokens: int = 256, *,
+                 generate_fn: Callable | None = None, template: str | None = None,
+                 max_seq_len: int | None = None, on_drop: Callable[[int], None] | None = None):
+        if model.tokenizer is None:
+            raise InputError("this checkpoint has no tokenizer, so it cannot chat; load one that ships a tokenizer")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        window = model.config.max_seq_len
+        if max_seq_len is not None and not 0 < max_seq_len <= window:
+            raise InputError(f"max_seq_len must lie in 1..{window} (the model's context window), got {max_seq_len!r}")
+        if generate_fn is None:
+            from .generate import generate as generate_fn
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.generate_fn = generate_fn
+        self.settings = settings
+        self.seed = seed
+        self.max_new_tokens = max_new_tokens
+        self.on_drop = on_drop
+        self.template, self.template_source = chat_template_for(self.tokenizer, template)
+        self._variables = special_token_variables(self.tokenizer)
+        self.stop_ids = end_of_turn_ids(self.tokenizer, self.template, model.config)
+        self.cache = model.new_cache(1, max_seq_len)
+        self.system = system or None
+        self.messages: list[dict] = []        # user / assistant turns, oldest first
+        self.cached_ids: list[int] = []       # the tokens whose keys/values the cache holds
+        self.last_turn = TurnStats()
+        self._turns = 0
+
+    # ------------------------------------------------------------------ the conversation
+    @property
+    def window(self) -> int:
+        return self.cache.max_seq_len
+
+    @property
+    def history(self) -> list[dict]:
+        """The conversation as the template sees it: [system], user, assistant, user, ..."""
+        return self._with_system(self.messages)
+
+    def _with_system(self, messages: Sequence[dict]) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + [dict(m) for m in messages]
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays; its cached tokens are reused)."""
+        self.messages.clear()
+
+    def set_system(self, system: str | None) -> None:
+        """Change (or with None, remove) the system prompt; the turns so far are kept and re-read."""
+        self.system = system or None
+
+    def render(self, add_generation_prompt: bool = True) -> str:
+        """The text of the whole conversation under the chat template."""
+        return render_template(self.template, self.history, add_generation_prompt=add_generation_prompt,
+                               **self._variables)
+
+    def prompt_ids(self) -> list[int]:
+        """The token ids of the whole conversation plus the assistant header (BOS only if the template writes it)."""
+        return self.tokenizer.encode(self.render(), add_bos=False)
+
+    # ------------------------------------------------------------------ one turn
+    def send(self, message: str) -> Iterator[str]:
+        """Add a user message and stream the answer as text pieces (stop tokens not shown).
+
+        Each piece is the text of the token just generated (a token that ends inside a UTF-8
+        character is held back and comes out with the next); the ids are in last_turn.answer_ids.
+
+        The turn happens as the iterator is consumed; closing it early (or Ctrl-C) keeps the part
+        of the answer produced so far in the history and in the cache.
+        """
+        if not isinstance(message, str) or not message.strip():
+            raise InputError("the message is empty: type something to send")
+        return self._turn(message)
+
+    def _fit(self) -> tuple[list[int], int]:
+        """The prompt ids, after dropping the oldest turns until the answer has room.
+
+        Nothing is dropped when even the newest message alone would not fit (an InputError).
+        """
+        kept = list(self.messages)
+        dropped = 0
+        while True:
+            ids = self.tokenizer.encode(render_template(self.template, self._with_system(kept),
+                                                        **self._variables), add_bos=False)
+            room = self.window - len(ids)          # positions left for the answer (+1: the last is not fed)
+            if room >= self.max_new_tokens - 1 or (len(kept) <= 1 and room >= 0):
+                self.messages[:] = kept
+                return ids, dropped
+            if len(kept) <= 1:                     # only the new message is left
+                raise InputError(f"the message is too long: with the template it takes {len(ids)} tokens, "
+                                 f"more than the context window of {self.window}; shorten it")
+            del kept[0]                            # the oldest user message and its answer
+            while kept and kept[0]["role"] != "user":
+                del kept[0]
+            dropped += 1
+
+    def _turn(self, message: str) -> Iterator[str]:
+        from .generate import stream_text
+
+        start = time.perf_counter()
+        self.messages.append({"role": "user", "content": message})
+        try:
+            ids, dropped = self._fit()
+        except BaseException:
+            self.messages.pop()
+            raise
+        if dropped and self.on_drop is not None:
+            self.on_drop(dropped)
+        # Reuse the cache up to the first token that differs; at least one token must be fed.
+        keep = min(_common_prefix(self.cached_ids, ids), len(ids) - 1)
+        self.cache.truncate(keep)
+        del self.cached_ids[keep:]
+        answer: list[int] = []
+        stats = TurnStats(reused=keep, prefilled=len(ids) - keep, dropped=dropped, stopped="interrupted",
+                          answer_ids=answer)
+        self.last_turn = stats
+        seed = None if self.seed is None else self.seed + self._turns
+        self._turns += 1
+        stops = set(self.stop_ids)
+        tokens = self.generate_fn(self.model, ids[keep:], self.max_new_tokens, self.settings, seed,
+                                  self.stop_ids, cache=self.cache)
+
+        def recorded():
+            for t in tokens:
+                answer.append(int(t))
+                yield int(t)
+
+        pieces = stream_text(self.tokenizer, recorded(), skip_ids=stops)
+        try:
+            yield from pieces
+            stats.stopped = "end of turn" if answer and answer[-1] in stops else "length"
+        finally:
+            pieces.close()
+            tokens.close()
+            # The cache holds the prompt and the answer except its last token (never fed back),
+            # or less when a forward pass was interrupted: trust its length.
+            self.cached_ids = (ids + answer)[: self.cache.length]
+            text = self.tokenizer.decode([t for t in answer if t not in stops])
+            if text or stats.stopped != "interrupted":
+                self.messages.append({"role": "assistant", "content": text})
+            else:                                  # stopped before a word: the turn never happened
+                self.messages.pop()
+            stats.generated = len(answer)
+            stats.seconds = time.perf_counter() - start
+
+    def ask(self, message: str) -> str:
+        """send() and return the whole answer."""
+        return "".join(self.send(message))
+
+
+# ------------------------------------------------------------------------------------ terminal
+PROMPT = ">>> "
+COMMANDS_HELP = ("/reset: start a new conversation   /system TEXT: set the system prompt (empty: remove it)\n"
+                 "/quit or Ctrl-D: leave              Ctrl-C: stop the answer being written")
+
+
+def _load_backend(model_path, backend: str, device: str | None, quiet: bool):
+    """(model, generate function) for the chosen backend; the Torch twin shares npllama's loaders."""
+    from .formats import load
+
+    model = load(model_path, progress=not quiet)
+    if backend == "numpy":
+        from .generate import generate
+        return model, generate
+    import parity
+    from parity.generate import generate
+    return parity.from_numpy(model, device=device), generate
+
+
+@click.command(name="chat", help=(
+    "Chat with a model in the terminal, streaming answers and keeping the KV cache.\n\n"
+    "\b\nIn the chat:\n" + COMMANDS_HELP))
+@model_option
+@click.option("--backend", type=click.Choice(["numpy", "torch"]), default="numpy", show_default=True,
+              help="numpy: the reference; torch: the parity/ twin (needs torch).")
+@click.option("--device", default=None, help="Torch device with --backend torch (default: cpu).")
+@click.option("--system", "-s", default=None, help="System prompt.")
+@click.option("--template", default=None, metavar="NAME|FILE",
+              help="Chat template: llama2, llama3, chatml, or a Jinja file (default: the model's own).")
+@click.option("--context", "context", type=click.IntRange(min=1), default=None,
+              help="Use at most this many positions (default: the model's context window).")
+@sampling_options
+@click.option("--stats", is_flag=True, help="After each answer, show the tokens reused, read and generated.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no banner.")
+def chat_command(model_path, backend, device, system, template, context, max_new_tokens, temperature,
+                 top_k, top_p, seed, stats, quiet):
+    """Read a line, stream the answer, repeat; commands start with a slash."""
+    settings = SamplingSettings(temperature, top_k, top_p)       # checked before the slow load
+    if template is not None and template not in BUILTIN_TEMPLATES:
+        try:
+            with open(template, encoding="utf-8") as f:
+                template = f.read()
+        except OSError as e:
+            raise InputError(f"--template {template!r}: not a built-in (llama2, llama3, chatml) and not a "
+                             f"readable file ({e.strerror})") from None
+    model, generate_fn = _load_backend(model_path, backend, device, quiet)
+
+    def on_drop(n: int) -> None:
+        click.secho(f"[the context window is full: dropped the oldest {n} turn{'s' * (n != 1)}]",
+                    err=True, fg="yellow")
+
+    session = ChatSession(model, system, settings, seed, max_new_tokens, generate_fn=generate_fn,
+                          template=template, max_seq_len=context, on_drop=on_drop)
+    if not quiet:
+        click.echo(f"npllama chat ({backend}, {session.window}-token window, {session.template_source} "
+                   f"chat template)\n{COMMANDS_HELP}", err=True)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            line = input(PROMPT)
+        except EOFError:
+            click.echo()
+            break
+        except KeyboardInterrupt:
+            click.echo("\n(/quit or Ctrl-D to leave)", err=True)
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command in ("/quit", "/exit", "/bye"):
+                break
+            if command == "/reset":
+                session.reset()
+                click.echo("[new conversation]", err=True)
+            elif command == "/system":
+                session.set_system(arg.strip() or None)
+                click.echo(f"[system prompt {'set' if arg.strip() else 'removed'}]", err=True)
+            else:
+                click.echo(f"unknown command {command!r}\n{COMMANDS_HELP}", err=True)
+            continue
+        pieces = session.send(line)
+        try:
+            for piece in pieces:
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pieces.close()
+            click.echo(" [stopped]", nl=False)
+        click.echo()
+        if stats:
+            s = session.last_turn
+            click.echo(f"[{s.reused} tokens reused from the cache, {s.prefilled} read, {s.generated} generated "
+                       f"in {s.seconds:.1f}s; {s.stopped}]", err=True)
