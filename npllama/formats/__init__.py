@@ -1,0 +1,106 @@
+"""Checkpoint formats: a file or folder -> ModelArgs + weight arrays + Tokenizer -> Transformer.
+
+    model = npllama.load("path/to/checkpoint")    # or npllama.load() for the default model
+
+Three formats are recognised by what a path holds:
+
+* Hugging Face folder  config.json + model.safetensors (or shards + model.safetensors.index.json)
+                       [tokenizer.json | tokenizer.model, tokenizer_config.json, generation_config.json]
+                                                                                  -> formats/hf.py
+* Meta folder          params.json + consolidated.00.pth [.01 ...] + tokenizer.model -> formats/meta.py
+* GGUF                 a .gguf file, or a folder holding exactly one             -> formats/gguf.py
+
+Each loader returns the weights in npllama's contract (model.py): Meta's names, nn.Linear's
+(out, in) layout, q/k rows in the rotate-half layout. The model never knows which file it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError
+from ..model import Transformer
+from ..rope import rope_init
+
+_EXPECTED = ("a Hugging Face folder (config.json + model.safetensors), a Meta folder "
+             "(params.json + consolidated.00.pth + tokenizer.model), or a .gguf file")
+
+
+def load(path: str | os.PathLike | None = None, *, progress: bool = True, dtype=np.float32) -> Transformer:
+    """Load a checkpoint as a Transformer; ``path=None`` loads (and first fetches) the default model.
+
+    progress: show a progress bar over tensors on stderr. dtype: the compute dtype of the weights.
+    """
+    if path is None:
+        from ..weights import default_model_path
+        path = default_model_path()
+    path = Path(path).expanduser()
+    fmt, where = detect_format(path)
+    bar = _progress_bar if progress else _no_progress
+    if fmt == "hf":
+        from .hf import load_hf
+        args, params, tokenizer = load_hf(where, bar)
+    elif fmt == "meta":
+        from .meta import load_meta
+        args, params, tokenizer = load_meta(where, bar)
+    else:
+        from .gguf import load_gguf
+        args, params, tokenizer = load_gguf(where, bar)
+    check_finite(params, where)
+    if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:
+        raise CheckpointError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model embeds "
+                              f"only {args.vocab_size}; the tokenizer belongs to another model")
+    model = Transformer(args, params, tokenizer, dtype=dtype, source=str(where))
+    try:   # an unknown rope type or bad rope parameters: say so now (shapes checked), not at the first call
+        rope_init(args, 1)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return model
+
+
+def check_finite(params, source) -> None:
+    """A weight that is inf or NaN is a corrupt file, not a model: say which tensor."""
+    for name, array in params.items():
+        if not np.isfinite(array).all():
+            raise CheckpointError(f"{source}: tensor {name!r} holds inf or NaN values; the file is corrupt")
+
+
+def detect_format(path: Path) -> tuple[str, Path]:
+    """("hf" | "meta" | "gguf", the folder or file to read), or CheckpointError naming what was expected."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; expected {_EXPECTED}")
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        if magic == b"GGUF" or path.suffix == ".gguf":
+            return "gguf", path
+        raise CheckpointError(f"{path}: a file that is not GGUF; point npllama at the folder that holds "
+                              f"the checkpoint instead. Expected {_EXPECTED}")
+    if (path / "config.json").is_file():
+        return "hf", path
+    if (path / "params.json").is_file():
+        return "meta", path
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return "gguf", ggufs[0]
+    if len(ggufs) > 1:
+        raise CheckpointError(f"{path}: holds {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs[:5])}); "
+                              f"name the one to load")
+    raise CheckpointError(f"{path}: found no config.json, params.json or .gguf file; expected {_EXPECTED}")
+
+
+def _progress_bar(iterable, desc: str = "", unit: str = "tensor", total: int | None = None):
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, unit=unit, total=total, file=sys.stderr, leave=False,
+                dynamic_ncols=True)
+
+
+def _no_progress(iterable, desc: str = "", unit: str = "tensor", total: int | None = None):
+    return iterable

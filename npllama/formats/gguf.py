@@ -1,0 +1,222 @@
+"""GGUF files (llama.cpp): metadata -> ModelArgs, tensors -> dequantised arrays, vocabulary -> Tokenizer.
+
+A GGUF file is a header of key/value metadata (``llama.block_count``, ``tokenizer.ggml.tokens``, ...),
+a table of tensors, and their data, each tensor stored as float or in a block-quantised type
+(Q4_1: blocks of 32 weights sharing a scale and a minimum). The ``gguf`` package (llama.cpp's own
+Python reader) parses it; ``gguf.quants.dequantize`` turns every block type back into float32.
+
+Layout facts a loader must undo (see /work/shared/NUMERICS.md):
+
+* Shapes are listed in ggml's ``ne`` order, fastest axis first, i.e. reversed: a (rows, cols) matrix
+  is listed as [cols, rows]. The reader's ``tensor.data`` is already in numpy (rows, cols) order.
+* llama.cpp's converter permutes q and k into Meta's interleaved rotary layout; npllama rotates
+  halves, so wq / wk rows are permuted back (wk with n_kv_heads heads).
+* Tied embeddings: the file has no ``output.weight``.
+
+Tensor names:  token_embd, output_norm, output, blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output,
+ffn_norm, ffn_gate (w1), ffn_up (w3), ffn_down (w2)}.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..config import ModelArgs
+from ..errors import CheckpointError, TokenizerError
+from ..tokenizer import Tokenizer
+from .hf import build_args
+from .permute import permute_to_half
+
+# GGUF name -> npllama (Meta) name, per layer and global.
+_LAYER_NAMES = {
+    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
+    "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2",
+}
+_GLOBAL_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
+
+
+class GGUFRefused(ValueError):
+    """A GGUF header field that the reader must not follow (raised by bounded_reader's reader)."""
+
+
+@functools.lru_cache(maxsize=None)
+def bounded_reader():
+    """gguf.GGUFReader with every read checked against the end of the file, and tensor types checked.
+
+    The reader trusts the lengths a file states: an array said to hold 2**60 integers makes it
+    loop, collecting empty views past the end of the file, for ever. Here a read that would run
+    past the end raises instead, so parsing is bounded by the file's size; and a tensor type
+    number GGUF does not define is named as such.
+    """
+    import gguf
+
+    known = {int(t) for t in gguf.GGMLQuantizationType}
+
+    class BoundedReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            size, offset, count = np.dtype(dtype).itemsize, int(offset), int(count)
+            if offset < 0 or count < 0 or offset + size * count > len(self.data):
+                raise GGUFRefused(f"a field at byte {offset} says it holds {count} x {np.dtype(dtype).name}, "
+                                  f"which runs past the end of the {len(self.data)}-byte file (truncated, or "
+                                  f"a size or offset in the header is wrong)")
+            return super()._get(offset, dtype, count, override_order)
+
+        def _build_tensors(self, start_offs, fields):
+            for field in fields:
+                if int(field.parts[4][0]) not in known:
+                    name = bytes(field.parts[1]).decode("utf-8", "replace")
+                    raise GGUFRefused(f"tensor {name!r} has quantisation type {int(field.parts[4][0])}, which "
+                                      f"the installed gguf package does not define; the file is corrupt, or newer "
+                                      f"than the package (pip install -U gguf)")
+            return super()._build_tensors(start_offs, fields)
+
+    return BoundedReader
+
+
+def open_gguf(path: Path):
+    """A gguf.GGUFReader over ``path``, or CheckpointError saying why the file is not one."""
+    import gguf
+
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    try:
+        return bounded_reader()(path, "r")
+    except GGUFRefused as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except Exception as e:   # the reader raises ValueError, IndexError, struct/numpy errors on bad files
+        raise CheckpointError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+
+
+def read_metadata(reader, path: Path) -> dict[str, Any]:
+    """Every key/value of the header as Python values (strings, numbers, lists)."""
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        try:
+            meta[key] = field.contents()
+        except Exception as e:
+            raise CheckpointError(f"{path}: metadata key {key!r} cannot be read ({type(e).__name__}: {e})") from None
+    return meta
+
+
+def npllama_name(name: str) -> str | None:
+    """GGUF tensor name -> npllama's name, or None for a name npllama does not know."""
+    base, _, kind = name.rpartition(".")
+    if base in _GLOBAL_NAMES and kind == "weight":
+        return f"{_GLOBAL_NAMES[base]}.weight"
+    m = _LAYER_RE.fullmatch(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def dequantize(tensor, path: Path) -> np.ndarray:
+    """One tensor as a float array in (rows, cols) order (float16/32/64 kept, blocks -> float32)."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType(tensor.tensor_type)
+    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))   # ne order -> numpy order
+    if tensor.data.nbytes != int(tensor.n_bytes):
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} needs {int(tensor.n_bytes)} bytes but the file "
+                              f"holds {tensor.data.nbytes}; the file is truncated")
+    try:
+        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                    gguf.GGMLQuantizationType.F64):
+            array = np.array(tensor.data)          # a copy: do not keep the file mapped
+        elif kind.name.startswith("I") and kind.name[1:].isdigit():
+            raise CheckpointError(f"{path}: tensor {tensor.name!r} holds integers ({kind.name}), not weights")
+        else:
+            array = gguf.quants.dequantize(tensor.data, kind)
+    except NotImplementedError:
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} is stored as {kind.name}, which the gguf "
+                              f"package cannot dequantise; re-quantise the model to another type "
+                              f"(Q8_0, Q4_K, F16, ...)") from None
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} ({kind.name}) cannot be decoded "
+                              f"({type(e).__name__}: {e})") from None
+    if array.shape != shape:
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} decodes to shape {array.shape}, "
+                              f"but its header says {shape}")
+    return array
+
+
+def load_gguf(path: Path, progress: Callable = lambda it, **kw: it):
+    """``path`` -> (ModelArgs, params in npllama names and half rotary layout, Tokenizer or None)."""
+    reader = open_gguf(path)
+    meta = read_metadata(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise CheckpointError(f"{path}: holds rope_freqs (llama.cpp's encoding of Llama 3.1 rope scaling), "
+                              f"which npllama does not read yet; load the Hugging Face checkpoint instead")
+    unknown = [n for n in tensors if npllama_name(n) is None]
+    if unknown:
+        raise CheckpointError(f"{path}: tensors {unknown[:5]} are not part of a Llama model npllama knows")
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError(f"{path}: has no token_embd.weight; is it a Llama-family model?")
+
+    tokenizer = gguf_tokenizer(meta, path)
+    vocab = tokenizer.vocab_size if tokenizer is not None else int(tensors["token_embd.weight"].shape[-1])
+    args = build_args(ModelArgs.from_gguf, path, meta, vocab_size=vocab, tied="output.weight" not in tensors)
+    # llama.cpp's Llama graph takes biases when the tensors exist; say so in the config.
+    args = args.replace(attention_bias="blk.0.attn_q.bias" in tensors,
+                        attention_out_bias="blk.0.attn_output.bias" in tensors,
+                        mlp_bias="blk.0.ffn_gate.bias" in tensors)
+    if tokenizer is not None and tokenizer.eos_ids:
+        args = args.replace(eos_token_ids=tokenizer.eos_ids)
+    if args.rotary_dim != args.head_dim:
+        raise CheckpointError(f"{path}: rotary embeddings cover {args.rotary_dim} of {args.head_dim} channels "
+                              f"per head; undoing llama.cpp's q/k permutation for partial rotary is not supported")
+
+    params: dict[str, np.ndarray] = {}
+    for t in progress(reader.tensors, desc=f"Loading {path.name}", unit="tensor"):
+        name = npllama_name(t.name)
+        w = dequantize(t, path)
+        if name.endswith((".wq.weight", ".wq.bias")):
+            w = permute_to_half(w, args.n_heads, f"{path}: {t.name}")
+        elif name.endswith((".wk.weight", ".wk.bias")):
+            w = permute_to_half(w, args.n_kv_heads, f"{path}: {t.name}")
+        params[name] = w
+    return args, params, tokenizer
+
+
+def gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer | None:
+    """The tokenizer described by ``tokenizer.ggml.*`` (None when the file has no vocabulary)."""
+    model = meta.get("tokenizer.ggml.model")
+    if model is None or "tokenizer.ggml.tokens" not in meta:
+        return None
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                             "tokenizer.ggml.eom_token_id") if meta.get(k) is not None]
+    default_bos = model == "llama"   # llama.cpp's (and transformers') default for SentencePiece vocabularies
+    try:
+        return Tokenizer.from_gguf_vocab(
+            model=str(model),
+            tokens=meta["tokenizer.ggml.tokens"],
+            token_types=meta.get("tokenizer.ggml.token_type"),
+            merges=meta.get("tokenizer.ggml.merges"),
+            scores=meta.get("tokenizer.ggml.scores"),
+            pre=meta.get("tokenizer.ggml.pre"),
+            bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_ids=dict.fromkeys(int(e) for e in eos),   # unique, in order
+            unk_id=meta.get("tokenizer.ggml.unknown_token_id"),
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)),
+            add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+            chat_template=meta.get("tokenizer.chat_template"),
+            source=str(path),
+        )
+    except TokenizerError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise TokenizerError(f"{path}: the tokenizer metadata is malformed ({e})") from None

@@ -1,0 +1,289 @@
+"""Meta checkpoints (llama, llama-models): params.json + consolidated.NN.pth + tokenizer.model.
+
+The .pth files are ``torch.save`` archives, read here without torch and without running any code
+from the file. A torch.save archive is a zip file:
+
+    <archive>/data.pkl       a pickle of the state dict; each tensor is a call
+                             torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)
+                             and each storage a persistent id ('storage', torch.BFloat16Storage, key,
+                             device, numel) naming the raw bytes in
+    <archive>/data/<key>     little-endian element bytes (<archive>/byteorder says "little")
+
+Unpickling normally imports and calls whatever globals the pickle names, which is how a hostile
+checkpoint runs code. :class:`RestrictedUnpickler` resolves only the handful of globals a weight
+file needs, to harmless numpy stand-ins, and refuses everything else with CheckpointError.
+
+Model parallelism. A model saved on n GPUs is n files, each holding a slice of every matrix along
+Meta's fairscale split: ColumnParallelLinear (wq, wk, wv, w1, w3, output) is split along rows
+(dim 0), RowParallelLinear (wo, w2) along columns (dim 1), the embedding along dim 1 (Llama 1/2's
+ParallelEmbedding) or dim 0 (Llama 3's VocabParallelEmbedding; told apart by shape); norms are copied.
+
+Rotary layout: Meta rotates interleaved pairs, so wq and wk rows are permuted into the half layout,
+wk with n_kv_heads heads (see permute.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import pickletools
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..config import ModelArgs
+from ..errors import CheckpointError, TokenizerError
+from ..tokenizer import Tokenizer
+from .hf import bf16_to_float32, build_args, read_json
+from .permute import permute_to_half
+
+
+# ---------------------------------------------------------------------------- torch.save without torch
+class _StorageType:
+    """Stands in for torch.FloatStorage & co: only says which dtype the raw bytes hold."""
+
+    def __init__(self, name: str, dtype: str):
+        self.name, self.dtype = name, np.dtype(dtype)
+
+    def __call__(self, *args, **kwargs):
+        raise CheckpointError(f"the checkpoint tries to construct torch.{self.name} directly; refused")
+
+
+_STORAGES = {name: _StorageType(name, dtype) for name, dtype in {
+    "DoubleStorage": "<f8", "FloatStorage": "<f4", "HalfStorage": "<f2", "BFloat16Storage": "<u2",
+    "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
+    "ByteStorage": "u1", "BoolStorage": "?"}.items()}
+
+
+class _Storage:
+    """The bytes of one storage, as a flat array of its element type."""
+
+    def __init__(self, kind: _StorageType, array: np.ndarray):
+        self.kind, self.array = kind, array
+
+
+def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any, stride: Any, *rest: Any) -> np.ndarray:
+    """torch._utils._rebuild_tensor_v2: a strided view of a storage, copied to a fresh numpy array."""
+    if not isinstance(storage, _Storage):
+        raise CheckpointError("a tensor's storage is not a storage record")
+    if (not isinstance(storage_offset, int) or not isinstance(size, tuple) or not isinstance(stride, tuple)
+            or len(size) != len(stride) or storage_offset < 0
+            or not all(isinstance(v, int) and v >= 0 for v in (*size, *stride))):
+        raise CheckpointError(f"a tensor has an invalid layout (offset {storage_offset!r}, size {size!r}, "
+                              f"stride {stride!r})")
+    flat = storage.array
+    if int(np.prod(size, dtype=np.float64)) > flat.size:   # weights never repeat elements (stride 0)
+        raise CheckpointError(f"a tensor of size {size} has more elements than its storage ({flat.size})")
+    if 0 in size:
+        out = np.zeros(size, dtype=flat.dtype)
+    else:
+        last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+        if last >= flat.size:
+            raise CheckpointError(f"a tensor of size {size} (offset {storage_offset}, stride {stride}) reads "
+                                  f"past the end of its storage of {flat.size} elements (truncated file?)")
+        view = np.lib.stride_tricks.as_strided(flat[storage_offset:], shape=size,
+                                               strides=tuple(s * flat.itemsize for s in stride), writeable=False)
+        out = np.array(view)
+    return bf16_to_float32(out) if storage.kind.name == "BFloat16Storage" else out
+
+
+def _rebuild_parameter(data: Any, requires_grad: Any = False, backward_hooks: Any = None, *rest: Any):
+    """torch._utils._rebuild_parameter: an nn.Parameter is its data."""
+    if not isinstance(data, np.ndarray):
+        raise CheckpointError("a parameter does not wrap a tensor")
+    return data
+
+
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{("torch", name): kind for name, kind in _STORAGES.items()},
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles a torch state dict, resolving only the globals in _ALLOWED_GLOBALS."""
+
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, source: str):
+        super().__init__(file)
+        self.archive, self.prefix, self.source = archive, prefix, source
+        self.storages: dict[str, _Storage] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise CheckpointError(f"{self.source}: the pickle asks for the global {module}.{name}, which a "
+                                  f"weight file never needs; refusing to load it (it could run code)") from None
+
+    def persistent_load(self, pid: Any) -> _Storage:
+        if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
+                or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
+                or not isinstance(pid[4], int) or pid[4] < 0):
+            raise CheckpointError(f"{self.source}: unexpected persistent id {pid!r:.80} in the pickle")
+        _, kind, key, _device, numel = pid
+        if key not in self.storages:
+            member = f"{self.prefix}data/{key}"
+            try:
+                raw = read_member(self.archive, member, self.source, limit=numel * kind.dtype.itemsize)
+            except KeyError:
+                raise CheckpointError(f"{self.source}: storage {member!r} is missing from the archive") from None
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                raise CheckpointError(f"{self.source}: storage {member!r} cannot be read ({e})") from None
+            need = numel * kind.dtype.itemsize
+            if len(raw) < need:
+                raise CheckpointError(f"{self.source}: storage {member!r} has {len(raw)} bytes, needs {need}")
+            self.storages[key] = _Storage(kind, np.frombuffer(raw, dtype=kind.dtype, count=numel))
+        return self.storages[key]
+
+
+MAX_INFLATION = 16   # weights barely compress; torch.save stores its members uncompressed
+
+
+def read_member(archive: zipfile.ZipFile, name: str, source: str, limit: int | None = None) -> bytes:
+    """The bytes of one archive member (at most ``limit``), refusing a zip bomb before inflating it.
+
+    A compressed member that would inflate to more than MAX_INFLATION times its stored size
+    (plus 1 MiB) is refused, so memory stays bounded by the file. KeyError when absent.
+    """
+    info = archive.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_INFLATION * info.compress_size + (1 << 20):
+        raise CheckpointError(f"{source}: archive member {name!r} would inflate from {info.compress_size} to "
+                              f"{info.file_size} bytes, far more than weights ever compress (a zip bomb?); "
+                              f"refusing it. Re-save the checkpoint with torch.save")
+    with archive.open(info) as f:
+        return f.read(-1 if limit is None else limit)
+
+
+def check_memo(raw: bytes, source: str) -> None:
+    """Refuse a pickle whose memo indices run beyond its own length, before unpickling it.
+
+    CPython's unpickler grows its memo table to twice the largest index a PUT names, so nine
+    bytes saying LONG_BINPUT 2**27 make it allocate and zero a gigabyte. A real pickle numbers
+    its memo entries 0, 1, 2, ...: every index is below its number of opcodes.
+    """
+    try:
+        ops = list(pickletools.genops(raw))
+    except Exception as e:   # ValueError / EOFError for unknown opcodes or truncated arguments
+        raise CheckpointError(f"{source}: the pickled state dict is corrupt ({type(e).__name__}: {e})") from None
+    for op, arg, pos in ops:
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET") and \
+                not (isinstance(arg, int) and 0 <= arg <= len(ops)):
+            raise CheckpointError(f"{source}: the pickle names memo slot {arg!r} at byte {pos}, beyond its "
+                                  f"{len(ops)} opcodes; the file is corrupt or hostile, refusing it")
+
+
+def read_torch_zip(path: Path) -> dict[str, np.ndarray]:
+    """A torch.save'd state dict {name: tensor} as {name: numpy array}, without torch."""
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{path}: not a zip archive; npllama reads torch.save files written by "
+                              f"torch >= 1.6 (re-save it with torch.save, or convert to safetensors)") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except Exception as e:   # zipfile trips over some corrupt headers with ValueError, UnicodeDecodeError ...
+        raise CheckpointError(f"{path}: corrupt zip archive ({type(e).__name__}: {e}); re-save it with "
+                              f"torch.save") from None
+    with archive:
+        pickles = [n for n in archive.namelist() if re.fullmatch(r"[^/]+/data\.pkl", n)]
+        if len(pickles) != 1:
+            raise CheckpointError(f"{path}: expected one <archive>/data.pkl in the zip, found {len(pickles)}")
+        prefix = pickles[0][: -len("data.pkl")]
+        try:
+            if prefix + "byteorder" in archive.namelist():
+                order = read_member(archive, prefix + "byteorder", str(path), limit=16).decode("ascii", "replace").strip()
+                if order != "little":
+                    raise CheckpointError(f"{path}: byte order {order!r}; npllama reads little-endian files only")
+            raw = read_member(archive, pickles[0], str(path))
+            check_memo(raw, str(path))
+            state = RestrictedUnpickler(io.BytesIO(raw), archive, prefix, str(path)).load()
+        except CheckpointError as e:
+            if str(path) in str(e):
+                raise
+            raise CheckpointError(f"{path}: {e}") from None
+        except Exception as e:   # pickle.UnpicklingError, EOFError, struct.error, zipfile errors ...
+            raise CheckpointError(f"{path}: the pickled state dict is corrupt ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray)
+                                              for k, v in state.items()):
+        raise CheckpointError(f"{path}: does not hold a state dict of named tensors")
+    return dict(state)
+
+
+# ---------------------------------------------------------------------------- shards
+_ROW_SPLIT = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+              "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
+_COL_SPLIT = ("attention.wo.weight", "feed_forward.w2.weight")
+
+
+def merge_shards(shards: list[dict[str, np.ndarray]], args: ModelArgs, files: list[Path]) -> dict[str, np.ndarray]:
+    """Concatenate model-parallel slices along Meta's split axes; norms are replicated."""
+    names = list(shards[0])
+    for f, s in zip(files[1:], shards[1:]):
+        if set(s) != set(names):
+            raise CheckpointError(f"{f}: holds different tensor names from {files[0].name}")
+    merged = {}
+    for name in names:
+        parts = [s[name] for s in shards]
+        if len(parts) == 1 or parts[0].ndim < 2:
+            merged[name] = parts[0]
+            continue
+        if name.endswith(_ROW_SPLIT):
+            axis = 0
+        elif name.endswith(_COL_SPLIT):
+            axis = 1
+        elif name == "tok_embeddings.weight":   # Llama 1/2 split dim, Llama 3 split vocab
+            axis = 1 if sum(p.shape[1] for p in parts) == args.dim else 0
+        else:
+            raise CheckpointError(f"{files[0]}: do not know how tensor {name!r} is split across shards")
+        try:
+            merged[name] = np.concatenate(parts, axis=axis)
+        except ValueError:
+            raise CheckpointError(f"{files[0].parent}: shards of {name!r} have shapes "
+                                  f"{[p.shape for p in parts]}, which do not join along dim {axis}") from None
+    return merged
+
+
+# ---------------------------------------------------------------------------- the loader
+def load_meta(folder: Path, progress: Callable):
+    """A Meta folder -> (ModelArgs, params in npllama names and half rotary layout, Tokenizer or None)."""
+    params_json = read_json(folder / "params.json")
+    tok_path = folder / "tokenizer.model"
+    tokenizer = None
+    if tok_path.is_file():
+        tokenizer = Tokenizer.from_sentencepiece(tok_path)
+    elif not isinstance(params_json, dict) or not isinstance(params_json.get("vocab_size"), int) \
+            or params_json["vocab_size"] <= 0:
+        raise CheckpointError(f"{folder}: has no tokenizer.model, and params.json gives no vocab_size")
+    args = build_args(ModelArgs.from_meta, folder / "params.json", params_json,
+                      vocab_size=tokenizer.vocab_size if tokenizer else None)
+    if tokenizer is not None:
+        if tokenizer.vocab_size > args.vocab_size:
+            raise TokenizerError(f"{tok_path}: {tokenizer.vocab_size} tokens, but params.json gives the model "
+                                 f"only {args.vocab_size}")
+        args = args.replace(bos_token_id=tokenizer.bos_id, eos_token_ids=tokenizer.eos_ids)
+
+    files = sorted(folder.glob("consolidated.*.pth"))
+    if not files:
+        raise CheckpointError(f"{folder}: has params.json but no consolidated.00.pth")
+    numbers = [f.name.split(".")[1] for f in files]
+    if numbers != [f"{i:02d}" for i in range(len(files))]:
+        raise CheckpointError(f"{folder}: shard files {[f.name for f in files]} are not consolidated.00 .. "
+                              f"{len(files) - 1:02d} without gaps")
+    shards = [read_torch_zip(f) for f in progress(files, desc=f"Reading {folder.name}", unit="shard")]
+    state = merge_shards(shards, args, files)
+    state.pop("rope.freqs", None)   # Llama 1/2 store the rotary table; npllama computes it
+
+    params: dict[str, np.ndarray] = {}
+    for name, w in progress(list(state.items()), desc="Permuting", unit="tensor"):
+        if name.endswith((".wq.weight", ".wq.bias")):
+            w = permute_to_half(w, args.n_heads, f"{folder}: {name}")
+        elif name.endswith((".wk.weight", ".wk.bias")):
+            w = permute_to_half(w, args.n_kv_heads, f"{folder}: {name}")
+        params[name] = w
+    return args, params, tokenizer

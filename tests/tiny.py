@@ -1,0 +1,338 @@
+"""Tiny real checkpoints for tests: random transformers Llama models saved in every format npllama reads.
+
+Not a test module: helpers other tests import (``from tiny import ...``; tests/ is on sys.path
+under pytest's rootdir-relative imports).
+
+    cfg = tiny_config(n_heads=4, n_kv_heads=2)              # a transformers LlamaConfig
+    model = random_llama(cfg, seed=0)                       # LlamaForCausalLM, float32, eval mode
+    save_hf(model, folder, tokenizer=train_bpe(...))        # config.json + model.safetensors (+ tokenizer)
+    save_meta(model, folder, sp_model=train_sentencepiece(...))   # params.json + consolidated.00.pth
+    save_gguf(model, path, vocab=gguf_vocab_from_bpe(...))  # F32 GGUF, q/k in llama.cpp's layout
+
+Weights are drawn from N(0, std) with std 0.02 .. 0.2 (norm weights around 1), so logits are far
+from flat and a wrong permutation or a swapped projection shows. The Meta and GGUF writers permute
+q/k rows into the interleaved layout with their own torch code (the formula of transformers'
+convert_llama_weights_to_hf.py inverse / llama.cpp's LlamaModel.permute), not npllama's.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# -------------------------------------------------------------------------------- text
+_WORDS = ("the of and to in is was for on that with as by at from it an be this are which or his "
+          "model token layer attention rotary weight matrix number value head query key cache "
+          "France Paris capital river mountain city village train learning language python numpy "
+          "café naïve résumé Zürich Straße über ÄÖÜ 東京 日本語 中文 模型 😀 🚀 ∑ π ≤ →").split()
+
+
+def sample_text(n_lines: int = 400, seed: int = 0) -> list[str]:
+    """Generated lines of words, digits, punctuation, code and non-ASCII (for training tokenizers)."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 14))]
+        if rng.random() < 0.4:
+            words.insert(rng.randrange(len(words) + 1), str(rng.randint(0, 100000)))
+        line = " ".join(words)
+        line += rng.choice([".", "!", "?", ",", ":", " (x = 3.14)", "", "\n", "  "])
+        if rng.random() < 0.1:
+            line = f"def f(x):\n    return x * {rng.randint(1, 9)}\n"
+        lines.append(line)
+    return lines
+
+
+# -------------------------------------------------------------------------------- tokenizers
+def train_sentencepiece(folder: Path, vocab_size: int = 400, seed: int = 0) -> Path:
+    """A SentencePiece BPE model with byte fallback and Llama's special ids (unk 0, <s> 1, </s> 2)."""
+    import sentencepiece as spm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sample_text(600, seed)), model_writer=buf, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2,
+        # Llama's tokenizer.model: no normalisation, whitespace kept, digits split, dummy prefix.
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        add_dummy_prefix=True, allow_whitespace_only_pieces=True)
+    path = folder / "tokenizer.model"
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+SPECIAL_BPE_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+                 "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                 "{% endif %}")
+
+
+def train_bpe(vocab_size: int = 300, seed: int = 0):
+    """A byte-level BPE ``tokenizers.Tokenizer`` (GPT-2 style) with SmolLM-like special tokens 0, 1, 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_BPE_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(sample_text(600, seed), trainer)
+    return tok
+
+
+# -------------------------------------------------------------------------------- models
+def tiny_config(*, vocab_size: int = 300, dim: int = 64, n_layers: int = 2, n_heads: int = 4,
+                n_kv_heads: int | None = None, head_dim: int | None = None, hidden_dim: int = 96,
+                tied: bool = False, bias: bool = False, mlp_bias: bool = False, norm_eps: float = 1e-5,
+                rope_theta: float = 10000.0, max_seq_len: int = 128, bos_token_id: int | None = 1,
+                eos_token_id: int | None = 2):
+    """A transformers LlamaConfig for a tiny model (npllama's names for the arguments)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=dim, intermediate_size=hidden_dim, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads or n_heads,
+        head_dim=head_dim or dim // n_heads, tie_word_embeddings=tied, attention_bias=bias, mlp_bias=mlp_bias,
+        rms_norm_eps=norm_eps, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        max_position_embeddings=max_seq_len, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        pad_token_id=None)
+
+
+def random_llama(config, seed: int = 0, std: float = 0.1):
+    """LlamaForCausalLM with weights ~ N(0, std) (embeddings and head a bit larger), norms ~ 1 + N(0, 0.1)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif "embed" in name or "lm_head" in name:
+                p.normal_(0.0, 2 * std)
+            else:
+                p.normal_(0.0, std)
+    return model
+
+
+def hf_logits(model, ids) -> np.ndarray:
+    """transformers' float32 logits for ids: (batch, seq) -> (batch, seq, vocab)."""
+    with torch.no_grad():
+        return model(torch.as_tensor(np.asarray(ids), dtype=torch.long)).logits.float().numpy()
+
+
+# -------------------------------------------------------------------------------- Hugging Face
+def save_hf(model, folder: Path, tokenizer=None, max_shard_size=None, dtype: torch.dtype | None = None,
+            chat_template: str | None = CHAT_TEMPLATE) -> Path:
+    """save_pretrained (safetensors; sharded when max_shard_size is given), plus a tokenizer.json."""
+    folder = Path(folder)
+    to_save = model if dtype is None else copy.deepcopy(model).to(dtype)   # leave the caller's model alone
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    to_save.save_pretrained(folder, **kwargs)
+    if tokenizer is not None:
+        from transformers import PreTrainedTokenizerFast
+
+        fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>",
+                                       eos_token="<|im_end|>", unk_token=None)
+        fast.chat_template = chat_template
+        fast.save_pretrained(folder)
+    return folder
+
+
+# -------------------------------------------------------------------------------- Meta
+def to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF rotate-half rows -> Meta interleaved rows (inverse of transformers' conversion ``permute``)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+_META_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+               "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+               "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
+               "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
+               "post_attention_layernorm": "ffn_norm"}
+
+
+def meta_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model in Meta's names, q/k rows interleaved, output untied (Meta never ties)."""
+    cfg = model.config
+    sd = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().clone()
+        if name == "model.embed_tokens.weight":
+            sd["tok_embeddings.weight"] = t
+        elif name == "model.norm.weight":
+            sd["norm.weight"] = t
+        elif name == "lm_head.weight":
+            sd["output.weight"] = t
+        else:
+            _, _, i, rest = name.split(".", 3)          # model.layers.{i}.{module}.{weight|bias}
+            module, kind = rest.rsplit(".", 1)
+            new = f"layers.{i}.{_META_NAMES[module]}.{kind}"
+            if module == "self_attn.q_proj":
+                t = to_interleaved(t, cfg.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                t = to_interleaved(t, cfg.num_key_value_heads)
+            sd[new] = t
+    sd.setdefault("output.weight", sd["tok_embeddings.weight"].clone())
+    sd["rope.freqs"] = torch.zeros(cfg.head_dim // 2)   # Llama 1/2 files carry it; loaders ignore it
+    return sd
+
+
+def meta_params(model, multiple_of: int, ffn_dim_multiplier: float | None = None, vocab_size: int = -1) -> dict:
+    cfg = model.config
+    params = {"dim": cfg.hidden_size, "n_layers": cfg.num_hidden_layers, "n_heads": cfg.num_attention_heads,
+              "n_kv_heads": cfg.num_key_value_heads, "vocab_size": vocab_size, "multiple_of": multiple_of,
+              "norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_parameters["rope_theta"],
+              "max_seq_len": cfg.max_position_embeddings}
+    if ffn_dim_multiplier is not None:
+        params["ffn_dim_multiplier"] = ffn_dim_multiplier
+    return params
+
+
+def split_for_model_parallel(sd: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
+    """Cut a Meta state dict into n shards the way fairscale's parallel layers hold it."""
+    shards = [{} for _ in range(n)]
+    for name, t in sd.items():
+        if t.ndim < 2:
+            parts = [t.clone() for _ in range(n)]
+        elif name.endswith(("wo.weight", "w2.weight")) or name == "tok_embeddings.weight":
+            parts = [p.clone() for p in t.chunk(n, dim=1)]
+        else:
+            parts = [p.clone() for p in t.chunk(n, dim=0)]
+        for shard, p in zip(shards, parts):
+            shard[name] = p
+    return shards
+
+
+def save_meta(model, folder: Path, sp_model: Path | None, n_shards: int = 1, multiple_of: int = 32,
+              ffn_dim_multiplier: float | None = None, dtype: torch.dtype = torch.float32,
+              write_vocab_size: bool = False) -> Path:
+    """params.json + consolidated.NN.pth (torch.save of Meta's layout) + tokenizer.model.
+
+    The model's intermediate_size must be Meta's: meta_hidden_dim(dim, multiple_of, ffn_dim_multiplier).
+    """
+    from npllama.config import meta_hidden_dim
+
+    cfg = model.config
+    want = meta_hidden_dim(cfg.hidden_size, multiple_of, ffn_dim_multiplier)
+    assert cfg.intermediate_size == want, f"Meta derives hidden_dim {want}, the model has {cfg.intermediate_size}"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    params = meta_params(model, multiple_of, ffn_dim_multiplier,
+                         cfg.vocab_size if write_vocab_size or sp_model is None else -1)
+    (folder / "params.json").write_text(json.dumps(params))
+    sd = {k: v.to(dtype) for k, v in meta_state_dict(model).items()}
+    for i, shard in enumerate(split_for_model_parallel(sd, n_shards)):
+        torch.save(shard, folder / f"consolidated.{i:02d}.pth")
+    if sp_model is not None:
+        (folder / "tokenizer.model").write_bytes(Path(sp_model).read_bytes())
+    return folder
+
+
+# -------------------------------------------------------------------------------- GGUF
+def gguf_vocab_from_bpe(tok) -> dict:
+    """A byte-level BPE tokenizers.Tokenizer as GGUF 'gpt2' tokenizer metadata."""
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for t, i in vocab.items():
+        tokens[i] = t
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    types = [3 if t in SPECIAL_BPE_TOKENS else 1 for t in tokens]
+    return {"model": "gpt2", "pre": "default", "tokens": tokens, "types": types, "merges": merges,
+            "bos": 1, "eos": 2, "add_bos": False, "chat_template": CHAT_TEMPLATE}
+
+
+def gguf_vocab_from_sentencepiece(sp_model: Path) -> dict:
+    """A SentencePiece model as GGUF 'llama' tokenizer metadata (as llama.cpp's converter writes it)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    tokens, scores, types = [], [], []
+    for i in range(sp.get_piece_size()):
+        tokens.append(sp.id_to_piece(i))
+        scores.append(sp.get_score(i))
+        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i)
+                     else 5 if sp.is_unused(i) else 1)
+    return {"model": "llama", "tokens": tokens, "scores": scores, "types": types, "bos": sp.bos_id(),
+            "eos": sp.eos_id(), "unk": sp.unk_id(), "add_bos": True}
+
+
+_GGUF_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+
+
+def save_gguf(model, path: Path, vocab: dict | None = None) -> Path:
+    """A llama-architecture GGUF with F32 tensors, q/k permuted to llama.cpp's interleaved layout."""
+    import gguf
+
+    cfg = model.config
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("npllama-tiny")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if vocab is not None:
+        w.add_tokenizer_model(vocab["model"])
+        if "pre" in vocab:
+            w.add_tokenizer_pre(vocab["pre"])
+        w.add_token_list(vocab["tokens"])
+        w.add_token_types(vocab["types"])
+        if "merges" in vocab:
+            w.add_token_merges(vocab["merges"])
+        if "scores" in vocab:
+            w.add_token_scores(vocab["scores"])
+        if "unk" in vocab:
+            w.add_unk_token_id(vocab["unk"])
+        w.add_bos_token_id(vocab["bos"])
+        w.add_eos_token_id(vocab["eos"])
+        w.add_add_bos_token(vocab["add_bos"])
+        if vocab.get("chat_template"):
+            w.add_chat_template(vocab["chat_template"])
+    for name, t in model.state_dict().items():
+        t = t.detach().float()
+        if name == "model.embed_tokens.weight":
+            new = "token_embd.weight"
+        elif name == "model.norm.weight":
+            new = "output_norm.weight"
+        elif name == "lm_head.weight":
+            if cfg.tie_word_embeddings:
+                continue
+            new = "output.weight"
+        else:
+            _, _, i, rest = name.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            new = f"blk.{i}.{_GGUF_LAYER[module]}.{kind}"
+            if module == "self_attn.q_proj":
+                t = to_interleaved(t, cfg.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                t = to_interleaved(t, cfg.num_key_value_heads)
+        w.add_tensor(new, np.ascontiguousarray(t.numpy(), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
