@@ -132,3 +132,21 @@ def parity_rtol(dtype, kind: str = "model", tensor_dtype=None) -> float:
 # P @ V and rounds the output to float16: each a half-ulp (4.9e-4) relative error, the second on
 # values of size up to max|v|. 5e-3 allows both with a few-fold margin. (Only on a CUDA machine.)
 ATTENTION_CUDA_FLOAT16_RTOL = 5e-3
+
+# ------------------------------------------------------------------------------ training (npllama train)
+# The loss the Torch trainer reports for a batch vs npllama's Transformer.loss of the same ids on
+# the same weights, relative. Logits are float32 by contract in both backends, whatever the weights'
+# dtype, and both losses are computed from them in float32: log-sum-exp over the vocabulary and a
+# mean over the batch, summed in different orders (torch's logsumexp vs NumPy's max/exp/sum), each
+# a few float32 roundings (eps 1.2e-7) of values of size ~1-10, plus the logits' own float32
+# parity error. Measured: 3.6e-8 relative on a loss of 6 (float64 weights). 1e-5 leaves ~100x.
+# No autocast here: a bfloat16 run is not compared with the reference.
+TRAIN_LOSS_RTOL = 1e-5
+
+# ------------------------------------------------------------------------------ checkpoint formats
+# A checkpoint loaded by npllama.formats (HF safetensors, Meta .pth, GGUF) vs transformers'
+# LlamaForCausalLM on the same weights, float32 logits, full sequence and cached decoding. The
+# weights are bit-identical after loading (bf16/f16 widen exactly; dequantisation is the same
+# formula), so only float32 reassociation in matmuls/softmax and the float32 rotary angles of
+# transformers remain: observed ~1e-6 on tiny models and the 30-layer default model.
+FORMAT_VS_TRANSFORMERS_RTOL = 1e-4

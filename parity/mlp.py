@@ -1,0 +1,36 @@
+"""The SwiGLU feed-forward block (Shazeer 2020), the Torch twin of npllama.mlp.
+
+Weights keep nn.Linear's (out, in) layout here (npllama stores the transpose): ``linear`` is
+``F.linear``, so a checkpoint's tensors are used as they are and autograd sees plain parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T + b.  x: (..., in); w: (out, in), nn.Linear's layout; b: (out,) -> (..., out)."""
+    return F.linear(x, w, b)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU / swish (Elfwing et al. 2017): x * sigmoid(x).
+
+    F.silu evaluates in float32 inside its kernel for half types and rounds once, and never
+    overflows: the same function as npllama's x * (1/2 + tanh(x/2)/2), at least as accurate.
+    """
+    return F.silu(x)
+
+
+def feed_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                 b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
+    """out = w2(silu(w1 x) * w3 x)   (Meta's FeedForward; HF: gate_proj = w1, up_proj = w3, down_proj = w2).
+
+    x: (batch, seq, dim); w13: (2 * hidden_dim, dim), w1 and w3 stacked (one product for both);
+    w2: (dim, hidden_dim) -> (batch, seq, dim)
+    """
+    gate_up = linear(x, w13, b13)                            # (batch, seq, 2 * hidden_dim)
+    gate, up = gate_up.chunk(2, dim=-1)                      # (batch, seq, hidden_dim) each
+    return linear(silu(gate) * up, w2, b2)                   # (batch, seq, dim)

@@ -1,0 +1,373 @@
+"""The LLaMA decoder in Torch, the twin of npllama.model: same functions, same names, same trace.
+
+    h = tok_embeddings[ids]
+    for each layer:
+        h = h + attention(attention_norm(h))      # rotary q/k, grouped kv heads, causal
+        h = h + feed_forward(ffn_norm(h))         # SwiGLU
+    logits = norm(h) @ output^T                    # output is tok_embeddings when tied
+
+The maths are functions (``attention``, ``transformer_block``, ``scaled_dot_product_attention``,
+``cross_entropy_loss``), one for one with npllama.model. The weights live in a tree of small
+``nn.Module`` containers named as Meta names them, so ``state_dict()`` gives back exactly the
+checkpoint names of npllama.model.param_shapes, in nn.Linear's (out, in) layout, and the
+parameters are ``nn.Parameter``\\ s that autograd can train (forward is differentiable end to end).
+
+Differences from npllama, all deliberate:
+- linear weights stay (out, in) and go through ``F.linear`` (npllama stores them transposed);
+- ``attention="auto"`` picks torch's fused ``sdpa`` (npllama picks naive or blockwise): every
+  implementation computes the same function, and the parity tests hold each to npllama's;
+- ``loss`` returns a 0-dim tensor (differentiable), not a float;
+- a loaded model's parameters do not require grad (inference); ``model.requires_grad_()`` turns
+  training on.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from npllama.config import ModelArgs
+from npllama.errors import InputError
+from npllama.model import check_params
+
+from .attention import flash_attention, naive_attention, sdpa_attention
+from .cache import KVCache
+from .mlp import feed_forward, linear
+from .norm import rms_norm
+from .rope import apply_rotary_emb, rope_cos_sin, rope_init
+
+Trace = Callable[[str, torch.Tensor], None]
+
+ATTENTION_IMPLS = ("naive", "flash", "sdpa", "auto")
+
+
+# ---------------------------------------------------------------------------- the blocks
+def attention(x: torch.Tensor, layer: "TransformerBlock", args: ModelArgs, cos: torch.Tensor,
+              sin: torch.Tensor, cache: KVCache | None, layer_idx: int, impl: str, tap: Trace) -> torch.Tensor:
+    """Multi-head attention with rotary q/k and grouped kv heads.
+
+    x: (batch, seq, dim); cos, sin: (seq, rotary_dim) -> (batch, seq, dim)
+    wq, wk and wv are one (out, in) = ((n_heads + 2 n_kv_heads) head_dim, dim) matrix, as in
+    npllama (and gpt-fast), so the three projections are one product; q and k rotate together.
+    """
+    b, seq, _ = x.shape
+    hd, nq, nkv, a = args.head_dim, args.n_heads, args.n_kv_heads, layer.attention
+    qkv = linear(x, a.wqkv.weight, a.wqkv.bias)                  # (batch, seq, (nq + 2 nkv) * hd)
+    qkv = qkv.view(b, seq, nq + 2 * nkv, hd).transpose(1, 2)     # (batch, nq + 2 nkv, seq, hd)
+    qk = apply_rotary_emb(qkv[:, : nq + nkv], cos, sin)          # (batch, nq + nkv, seq, hd)
+    q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]          # (batch, nq | nkv | nkv, seq, hd)
+    tap(f"layers.{layer_idx}.attention.q", q)
+    tap(f"layers.{layer_idx}.attention.k", k)
+    tap(f"layers.{layer_idx}.attention.v", v)
+    if cache is not None:
+        k, v = cache.update(layer_idx, k, v)                     # (batch, nkv, kv_len, hd)
+    out = scaled_dot_product_attention(q, k, v, impl)           # (batch, nq, seq, hd)
+    tap(f"layers.{layer_idx}.attention.scores_v", out)
+    out = out.transpose(1, 2).reshape(b, seq, nq * hd)          # (batch, seq, nq * hd)
+    return linear(out, a.wo.weight, a.wo.bias)                   # (batch, seq, dim)
+
+
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str) -> torch.Tensor:
+    """Causal attention by the named implementation; all compute the same function.
+
+    q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim)
+    -> (batch, n_heads, q_len, head_dim). impl: "naive" (scores materialised, as npllama),
+    "flash" (blockwise, online softmax), "sdpa" (torch's fused kernel), "auto" (= "sdpa").
+    """
+    if impl == "auto":
+        impl = "sdpa"
+    if impl == "naive":
+        return naive_attention(q, k, v, causal=True)
+    if impl == "flash":
+        return flash_attention(q, k, v, causal=True)
+    if impl == "sdpa":
+        return sdpa_attention(q, k, v, causal=True)
+    raise InputError(f"unknown attention implementation {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
+
+
+def transformer_block(h: torch.Tensor, layer: "TransformerBlock", args: ModelArgs, cos: torch.Tensor,
+                      sin: torch.Tensor, cache: KVCache | None, layer_idx: int, impl: str,
+                      tap: Trace) -> torch.Tensor:
+    """One pre-norm decoder layer. h: (batch, seq, dim) -> (batch, seq, dim)."""
+    p = f"layers.{layer_idx}."
+    x = rms_norm(h, layer.attention_norm.weight, layer.attention_norm.eps)
+    tap(p + "attention_norm", x)
+    a = attention(x, layer, args, cos, sin, cache, layer_idx, impl, tap)
+    tap(p + "attention", a)
+    h = h + a
+    tap(p + "attention_residual", h)
+    x = rms_norm(h, layer.ffn_norm.weight, layer.ffn_norm.eps)
+    tap(p + "ffn_norm", x)
+    m = layer.feed_forward
+    f = feed_forward(x, m.w13.weight, m.w2.weight, m.w13.bias, m.w2.bias)
+    tap(p + "feed_forward", f)
+    h = h + f
+    tap(p + "ffn_residual", h)
+    return h
+
+
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy, as transformers' LlamaForCausalLM computes it (0-dim tensor).
+
+    logits: (batch, seq, vocab); labels: (batch, seq), aligned with the input ids: position t
+    predicts labels[t + 1]. Labels equal to ignore_index (-100) are left out of the mean; when
+    every label is ignored the result is nan, as in npllama.
+    """
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))  # (batch, seq-1, vocab)
+    targets = torch.as_tensor(labels, device=logits.device)[:, 1:]                 # (batch, seq-1)
+    keep = targets != ignore_index
+    log_z = torch.logsumexp(logits, dim=-1)                                        # (batch, seq-1)
+    picked = torch.gather(logits, -1, torch.where(keep, targets, 0)[..., None])[..., 0]
+    return ((log_z - picked) * keep).sum() / keep.sum()
+
+
+def _no_tap(name: str, x: torch.Tensor) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------- the weights
+def _param(t: torch.Tensor | None, requires_grad: bool) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t, requires_grad=requires_grad)
+
+
+class Linear(nn.Module):
+    """The parameters of one projection: weight (out, in), as nn.Linear, and an optional bias (out,)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, requires_grad: bool = False):
+        super().__init__()
+        self.weight = _param(weight, requires_grad)
+        self.register_parameter("bias", _param(bias, requires_grad))
+
+
+class RMSNorm(nn.Module):
+    """The gain of one RMSNorm (dim,), and its eps (a plain attribute, as in Meta's RMSNorm)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, requires_grad: bool = False):
+        super().__init__()
+        self.weight = _param(weight, requires_grad)
+        self.eps = eps
+
+
+class Embedding(nn.Module):
+    """The token embedding table (vocab, dim)."""
+
+    def __init__(self, weight: torch.Tensor, requires_grad: bool = False):
+        super().__init__()
+        self.weight = _param(weight, requires_grad)
+
+
+class Attention(nn.Module):
+    """wqkv (wq, wk, wv stacked along "out") and wo of one layer (HF: q|k|v_proj, o_proj)."""
+
+    def __init__(self, wqkv: Linear, wo: Linear):
+        super().__init__()
+        self.wqkv, self.wo = wqkv, wo
+
+
+class FeedForward(nn.Module):
+    """w13 (w1, w3 stacked along "out") and w2 of one layer's SwiGLU (HF: gate|up_proj, down_proj)."""
+
+    def __init__(self, w13: Linear, w2: Linear):
+        super().__init__()
+        self.w13, self.w2 = w13, w2
+
+
+class TransformerBlock(nn.Module):
+    """One layer's weights: attention_norm, attention, ffn_norm, feed_forward."""
+
+    def __init__(self, attention_norm: RMSNorm, attention: Attention, ffn_norm: RMSNorm,
+                 feed_forward: FeedForward):
+        super().__init__()
+        self.attention_norm, self.attention = attention_norm, attention
+        self.ffn_norm, self.feed_forward = ffn_norm, feed_forward
+
+
+# ---------------------------------------------------------------------------- the model
+class Transformer(nn.Module):
+    """A LLaMA-family model in Torch: ``model(ids)`` and ``model(ids, cache=cache)`` give logits.
+
+    params: checkpoint names -> NumPy arrays or tensors in (out, in) layout (as npllama's loaders
+    and npllama.Transformer.state_dict give them). They are copied to ``device`` in ``dtype``.
+    """
+
+    def __init__(self, args: ModelArgs, params: Mapping[str, "np.ndarray | torch.Tensor"], tokenizer=None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 source: str = "checkpoint", requires_grad: bool = False):
+        super().__init__()
+        check_params(args, params, source)
+        self.config = args
+        self.tokenizer = tokenizer
+        fused = fuse_params(args, params)
+
+        def tensor(name: str) -> torch.Tensor | None:
+            if name not in fused:
+                return None
+            a = fused[name]
+            a = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a.detach()
+            return a.to(device=device, dtype=dtype, copy=True).contiguous()
+
+        def lin(name: str) -> Linear:
+            return Linear(tensor(name + ".weight"), tensor(name + ".bias"), requires_grad)
+
+        self.tok_embeddings = Embedding(tensor("tok_embeddings.weight"), requires_grad)   # (vocab, dim)
+        self.layers = nn.ModuleList()
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            self.layers.append(TransformerBlock(
+                RMSNorm(tensor(p + "attention_norm.weight"), args.norm_eps, requires_grad),
+                Attention(lin(p + "attention.wqkv"), lin(p + "attention.wo")),
+                RMSNorm(tensor(p + "ffn_norm.weight"), args.norm_eps, requires_grad),
+                FeedForward(lin(p + "feed_forward.w13"), lin(p + "feed_forward.w2"))))
+        self.norm = RMSNorm(tensor("norm.weight"), args.norm_eps, requires_grad)           # (dim,)
+        if not args.tie_word_embeddings:
+            self.output = Linear(tensor("output.weight"), None, requires_grad)             # (vocab, dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The LM head (vocab, dim): the embedding table itself when tied."""
+        return self.tok_embeddings.weight if self.config.tie_word_embeddings else self.output.weight
+
+    # -------------------------------------------------------------- the call
+    def forward(self, ids, cache: KVCache | None = None, *, attention: str = "auto",
+                trace: Trace | None = None) -> torch.Tensor:
+        """ids: (batch, seq) integer token ids -> logits (batch, seq, vocab), float32, on the device.
+
+        With a cache, the ids continue the sequences the cache holds (positions cache.length ...),
+        the cache is extended, and only the new positions' logits are returned.
+        trace(name, tensor), if given, sees the output of every op under npllama's names.
+        """
+        args, tap = self.config, trace or _no_tap
+        if attention not in ATTENTION_IMPLS:
+            raise InputError(f"unknown attention implementation {attention!r}; "
+                             f"choose one of {', '.join(ATTENTION_IMPLS)}")
+        ids = self.check_ids(ids)
+        b, seq = ids.shape
+        start = 0
+        if cache is not None:
+            if cache.batch_size != b:
+                raise InputError(f"the cache holds {cache.batch_size} sequences but ids has {b} rows")
+            start = cache.length
+            cache.reserve(seq)
+        inv_freq, scaling = rope_init(args, start + seq, device=self.device)  # npllama's float64 table
+        positions = torch.arange(start, start + seq, device=self.device)
+        cos, sin = rope_cos_sin(inv_freq, positions, scaling, self.dtype)     # (seq, rotary_dim)
+        h = F.embedding(ids, self.tok_embeddings.weight)                      # (batch, seq, dim)
+        tap("tok_embeddings", h)
+        for i, layer in enumerate(self.layers):
+            h = transformer_block(h, layer, args, cos, sin, cache, i, attention, tap)
+        if cache is not None:
+            cache.advance(seq)
+        h = rms_norm(h, self.norm.weight, self.norm.eps)
+        tap("norm", h)
+        logits = linear(h, self.output_weight).float()                        # (batch, seq, vocab)
+        tap("logits", logits)
+        return logits
+
+    def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
+        """An empty static KV cache for batch_size sequences of up to max_seq_len (default: the
+        context window; it is allocated at once, so name a smaller one when you know it)."""
+        return KVCache(self.config, batch_size, max_seq_len, dtype=self.dtype, device=self.device)
+
+    def loss(self, ids, labels=None, ignore_index: int = -100) -> torch.Tensor:
+        """Next-token cross-entropy of ids (labels default to ids), a differentiable 0-dim tensor."""
+        ids = self.check_ids(ids)
+        labels = ids if labels is None else torch.as_tensor(labels, device=self.device)
+        return cross_entropy_loss(self(ids), labels, ignore_index)
+
+    def check_ids(self, ids) -> torch.Tensor:
+        """Token ids as an int64 (batch, seq) tensor on the model's device, or an InputError.
+
+        The range check reads the ids, so it is skipped for ids already on an accelerator (the
+        decode loop's own tokens): it would cost a device-to-host sync per token.
+        """
+        if isinstance(ids, torch.Tensor):
+            t = ids
+        else:
+            arr = np.asarray(ids)
+            if arr.size and not np.issubdtype(arr.dtype, np.integer):
+                raise InputError(f"ids must be integers, got {arr.dtype}")
+            t = torch.from_numpy(arr.astype(np.int64, copy=False)) if arr.size else torch.zeros(arr.shape, dtype=torch.int64)
+        if t.ndim == 1:
+            t = t[None, :]
+        if t.ndim != 2 or t.shape[0] == 0 or t.shape[1] == 0:
+            raise InputError(f"ids must be a non-empty (batch, seq) array of token ids, got shape {tuple(t.shape)}")
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise InputError(f"ids must be integers, got {t.dtype}")
+        if t.device.type == "cpu":
+            bad = (t < 0) | (t >= self.config.vocab_size)
+            if bad.any():
+                raise InputError(f"token id {int(t[bad][0])} lies outside the vocabulary "
+                                 f"(0..{self.config.vocab_size - 1})")
+        return t.to(device=self.device, dtype=torch.int64)
+
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The weights in checkpoint names and (out, in) layout, as npllama.Transformer.state_dict:
+        wqkv and w13 are split back into wq, wk, wv and w1, w3 (views of the fused tensors)."""
+        sd = super().state_dict(prefix=prefix, keep_vars=keep_vars)
+        split = split_params(self.config, sd, prefix)
+        if destination is None:
+            return split
+        destination.update(split)
+        return destination
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load weights in checkpoint names (as state_dict gives them) or in the fused names."""
+        return super().load_state_dict(fuse_params(self.config, state_dict), strict=strict, assign=assign)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# ---------------------------------------------------------------------------- fused names
+FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+         "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
+
+
+def fuse_params(args: ModelArgs, params: Mapping, prefix: str = "") -> dict:
+    """Checkpoint names -> the model's: wq|wk|wv -> attention.wqkv, w1|w3 -> feed_forward.w13
+    (stacked along "out", rows in that order); other names, and names already fused, pass."""
+    out = dict(params)
+    for i in range(args.n_layers):
+        p = f"{prefix}layers.{i}."
+        for fused, parts in FUSED.items():
+            for kind in ("weight", "bias"):
+                names = [f"{p}{part}.{kind}" for part in parts]
+                if all(n in out for n in names):
+                    tensors = [out.pop(n) for n in names]
+                    cat = np.concatenate if isinstance(tensors[0], np.ndarray) else torch.cat
+                    out[f"{p}{fused}.{kind}"] = cat(tensors, 0)
+    return out
+
+
+def split_params(args: ModelArgs, params: Mapping, prefix: str = "") -> dict:
+    """The inverse of fuse_params: views of the fused tensors under checkpoint names, in order."""
+    sizes = {"attention.wqkv": [args.n_heads * args.head_dim] + [args.n_kv_heads * args.head_dim] * 2,
+             "feed_forward.w13": [args.hidden_dim] * 2}
+    out = {}
+    for name, value in params.items():
+        rest = name[len(prefix):]
+        layer_part = rest.split(".", 2)
+        key = None
+        if layer_part[0] == "layers" and len(layer_part) == 3:
+            module, _, kind = layer_part[2].rpartition(".")
+            if module in FUSED:
+                key = module
+        if key is None:
+            out[name] = value
+            continue
+        base = f"{prefix}layers.{layer_part[1]}."
+        for part, piece in zip(FUSED[key], torch.split(value, sizes[key], dim=0)):
+            out[f"{base}{part}.{kind}"] = piece
+    return out
