@@ -6,6 +6,11 @@ MQA is n_kv_heads = 1. Rather than copying k and v n_rep times (Meta's ``repeat_
 here views the queries as (batch, n_kv_heads, n_rep, ...) so that each kv head broadcasts over its
 group; ``repeat_kv`` is kept to state the equivalence.
 
+Two implementations compute the same function:
+- ``naive_attention`` writes the (q_len, kv_len) score matrix of every head down, as the paper does;
+- ``flash_attention`` (Dao et al. 2022, "FlashAttention") walks tiles of queries and keys with an
+  online softmax, so its memory grows with the sequence, not with its square (docs/flash_attention.md).
+
 Positions. q holds the *last* q_len of the kv_len positions (decoding after a cache): query i sits
 at absolute position kv_len - q_len + i and sees key j iff j <= kv_len - q_len + i.
 """
@@ -13,6 +18,8 @@ at absolute position kv_len - q_len + i and sees key j iff j <= kv_len - q_len +
 from __future__ import annotations
 
 import numpy as np
+
+from .errors import InputError
 
 
 def repeat_kv(x: np.ndarray, n_rep: int) -> np.ndarray:
@@ -30,9 +37,15 @@ def causal_mask(q_len: int, kv_len: int) -> np.ndarray:
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """exp(x - max) / sum(exp(x - max)): the max is subtracted for range, not for maths."""
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    """exp(x - max) / sum(exp(x - max)): the max is subtracted for range, not for maths.
+
+    A row that is all -inf (every key masked) gives zeros, not NaN from -inf - -inf, as torch's
+    scaled_dot_product_attention does.
+    """
+    m = x.max(axis=axis, keepdims=True)
+    e = np.exp(x - np.where(m == -np.inf, 0, m))
+    s = e.sum(axis=axis, keepdims=True)
+    return e / np.where(s == 0, 1, s)
 
 
 def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True) -> np.ndarray:
@@ -52,3 +65,97 @@ def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = 
     probs = softmax(scores.astype(np.promote_types(q.dtype, np.float32)), axis=-1).astype(q.dtype)
     out = probs.reshape(b, n_kv_heads, n_rep * q_len, kv_len) @ v   # (b, n_kv, n_rep*q_len, d)
     return out.reshape(b, n_heads, q_len, d)
+
+
+# Default tile sizes. On a 2-core CPU with a 1 MiB L2 cache per core, a tile of 128 queries by 512
+# keys (for every head at once: 9 heads x 128 x 512 float32 is 2.4 MB) keeps the score tile near
+# the caches while leaving few enough tiles that Python's loop costs little (bench/RESULTS.md).
+BLOCK_Q = 128
+BLOCK_K = 512
+
+
+def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True,
+                    block_q: int = BLOCK_Q, block_k: int = BLOCK_K, return_lse: bool = False):
+    """Exact attention, tile by tile, with an online softmax: the FlashAttention algorithm.
+
+    Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness",
+    with the loop order of Dao 2023, "FlashAttention-2" (query tiles outside, key tiles inside,
+    one division at the end); the running-max softmax is Milakov & Gimelshein 2018, "Online
+    normalizer calculation for softmax".
+
+    q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim)
+    -> out (batch, n_heads, q_len, head_dim), and lse (batch, n_heads, q_len) if return_lse.
+
+    For a tile of block_q queries, the keys are read block_k at a time, and each query row keeps
+
+        m    the largest score seen so far                     (running maximum)
+        l    sum_j exp(s_j - m) over the keys seen so far      (running sum)
+        acc  sum_j exp(s_j - m) v_j over the keys seen so far  (unnormalised output)
+
+    A new tile of scores s may raise the maximum to m' = max(m, max_j s_j). Everything summed so
+    far was taken relative to m; multiplying it by alpha = exp(m - m') makes it relative to m':
+
+        l   <- alpha * l   + sum_j exp(s_j - m')
+        acc <- alpha * acc + sum_j exp(s_j - m') v_j
+
+    so after the last tile acc / l = sum_j exp(s_j) v_j / sum_j exp(s_j) = softmax(s) V, exactly
+    (only rounding differs), and lse = m + log(l) = log sum_j exp(s_j). Beyond q, k, v and the
+    output, memory holds one (block_q, block_k) tile of scores per head and O(q_len x head_dim)
+    accumulators, never a (q_len, kv_len) matrix.
+
+    Causal: a key tile that lies wholly after the tile's last query is never read (about half of
+    the tiles when q_len == kv_len), and only tiles that cross the diagonal are masked. A query
+    that sees no key at all (possible only if causal and q_len > kv_len) gets zeros and lse -inf.
+    Block sizes need not divide the lengths: the last tile is simply shorter.
+    """
+    b, n_heads, q_len, d = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    if n_heads % n_kv_heads:
+        raise InputError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise InputError(f"{name} must be a positive integer, got {size!r}")
+    n_rep = n_heads // n_kv_heads
+    offset = kv_len - q_len                          # query i sits at absolute position offset + i
+    acc_dtype = np.promote_types(q.dtype, np.float32)  # m, l, acc: float32 at least, as naive's softmax
+    scale = (1.0 / np.sqrt(d)).astype(q.dtype)
+    qg = q.reshape(b, n_kv_heads, n_rep, q_len, d)   # query heads grouped by their kv head
+    kt = np.swapaxes(k, -1, -2)[:, :, None]          # (b, n_kv_heads, 1, d, kv_len): shared by the group
+    vg = v[:, :, None]                               # (b, n_kv_heads, 1, kv_len, d)
+    out = np.empty((b, n_kv_heads, n_rep, q_len, d), q.dtype)
+    lse = np.empty((b, n_kv_heads, n_rep, q_len), acc_dtype)
+
+    for i0 in range(0, q_len, block_q):              # one tile of queries: positions offset+i0 .. offset+i1-1
+        i1 = min(i0 + block_q, q_len)
+        qi = qg[..., i0:i1, :]                                      # (b, n_kv, n_rep, bq, d)
+        m = np.full(qi.shape[:-1] + (1,), -np.inf, acc_dtype)       # running max   (b, n_kv, n_rep, bq, 1)
+        l = np.zeros_like(m)                                        # running sum   (b, n_kv, n_rep, bq, 1)
+        acc = np.zeros(qi.shape, acc_dtype)                         # running p @ v (b, n_kv, n_rep, bq, d)
+        # Causal skip: the tile's last query sees keys up to position offset + i1 - 1, no further.
+        kv_end = min(kv_len, max(0, offset + i1)) if causal else kv_len
+
+        for j0 in range(0, kv_end, block_k):         # one tile of keys: positions j0 .. j1-1
+            j1 = min(j0 + block_k, kv_end)
+            s = qi @ kt[..., j0:j1]                                 # (b, n_kv, n_rep, bq, bk)
+            s *= scale
+            s = s.astype(acc_dtype, copy=False)
+            if causal and j1 - 1 > offset + i0:      # the tile crosses the diagonal: hide later keys
+                visible = np.arange(j0, j1)[None, :] <= np.arange(offset + i0, offset + i1)[:, None]
+                s = np.where(visible, s, -np.inf)
+            m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
+            m_ref = np.where(m_new == -np.inf, 0, m_new)            # a row with no key yet: any finite value
+            alpha = np.exp(m - m_ref)                               # rescales what was summed against m
+            s -= m_ref
+            p = np.exp(s, out=s)                                    # exp(s_j - m'), in the scores' memory
+            l *= alpha
+            l += p.sum(axis=-1, keepdims=True)
+            acc *= alpha
+            acc += p @ vg[..., j0:j1, :]
+            m = m_new
+
+        out[..., i0:i1, :] = acc / np.where(l == 0, 1, l)           # rows that saw no key stay 0
+        with np.errstate(divide="ignore"):
+            lse[..., i0:i1] = (m + np.log(l))[..., 0]               # -inf where l == 0
+
+    out = out.reshape(b, n_heads, q_len, d)
+    return (out, lse.reshape(b, n_heads, q_len)) if return_lse else out

@@ -32,7 +32,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from .attention import naive_attention
+from .attention import flash_attention, naive_attention
 from .cache import KVCache
 from .config import ModelArgs
 from .errors import CheckpointError, InputError
@@ -73,6 +73,9 @@ def param_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 def check_params(args: ModelArgs, params: Mapping[str, np.ndarray], source: str = "checkpoint") -> None:
     """Raise CheckpointError naming the first missing, unexpected or misshapen tensor."""
+    if args.n_layers > len(params):   # each layer has 9 tensors; do not list names for a billion layers
+        raise CheckpointError(f"{source}: the config asks for {args.n_layers} layers, but the checkpoint "
+                              f"holds only {len(params)} tensors; the checkpoint and its config do not match")
     expected = param_shapes(args)
     for name, shape in expected.items():
         if name not in params:
@@ -138,7 +141,6 @@ def scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, im
     if impl == "naive":
         return naive_attention(q, k, v, causal=True)
     if impl == "flash":
-        from .attention import flash_attention
         return flash_attention(q, k, v, causal=True)
     raise InputError(f"unknown attention implementation {impl!r}; choose 'naive', 'flash' or 'auto'")
 

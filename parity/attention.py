@@ -1,0 +1,147 @@
+"""Scaled dot-product attention in Torch, the twin of npllama.attention, plus torch's fused kernel.
+
+Same names, same shapes, same conventions as npllama.attention:
+- grouped heads (GQA/MQA): query head h reads kv head h // n_rep, and k, v are never copied per
+  query head (the queries are grouped by kv head instead; ``repeat_kv`` states the equivalence);
+- q holds the *last* q_len of the kv_len positions: query i sees key j iff j <= kv_len - q_len + i
+  ("bottom-right" causal alignment);
+- a query that sees no key gets zeros (and lse -inf), never NaN.
+
+``naive_attention`` and ``flash_attention`` are line-for-line translations of the NumPy reference,
+kept readable so the parity tests compare the algorithm, not just the function.
+``sdpa_attention`` is the fast path: ``torch.nn.functional.scaled_dot_product_attention``, which
+dispatches to a fused flash kernel (CUDA, and CPU) when it can.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from npllama.attention import BLOCK_K, BLOCK_Q
+from npllama.errors import InputError
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, n_kv_heads, kv_len, head_dim) -> (batch, n_kv_heads * n_rep, kv_len, head_dim).
+
+    Head h of the result is kv head h // n_rep (repeat_interleave order, not tile).
+    """
+    return torch.repeat_interleave(x, n_rep, dim=1)
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean (q_len, kv_len): True where query i may see key j, i.e. j <= kv_len - q_len + i."""
+    offset = kv_len - q_len
+    return (torch.arange(kv_len, device=device)[None, :]
+            <= (torch.arange(q_len, device=device)[:, None] + offset))
+
+
+def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """exp(x - max) / sum(exp(x - max)); a row that is all -inf gives zeros, not NaN."""
+    m = x.amax(dim=dim, keepdim=True)
+    e = torch.exp(x - torch.where(m == -math.inf, 0.0, m))
+    s = e.sum(dim=dim, keepdim=True)
+    return e / torch.where(s == 0, 1.0, s)
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + mask) V, materialising every (q_len, kv_len) score matrix.
+
+    q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim)
+    -> (batch, n_heads, q_len, head_dim).
+    """
+    b, n_heads, q_len, d = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    n_rep = n_heads // n_kv_heads
+    qg = q.reshape(b, n_kv_heads, n_rep * q_len, d)        # each kv head's group of queries, stacked
+    scores = (qg @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d))   # (b, n_kv, n_rep*q_len, kv_len)
+    scores = scores.reshape(b, n_kv_heads, n_rep, q_len, kv_len)
+    if causal and q_len > 1:                  # a single last-position query sees every key
+        scores = torch.where(causal_mask(q_len, kv_len, q.device), scores, -math.inf)
+    probs = softmax(scores.to(torch.promote_types(q.dtype, torch.float32)), dim=-1).to(q.dtype)
+    out = probs.reshape(b, n_kv_heads, n_rep * q_len, kv_len) @ v   # (b, n_kv, n_rep*q_len, d)
+    return out.reshape(b, n_heads, q_len, d)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    block_q: int = BLOCK_Q, block_k: int = BLOCK_K, return_lse: bool = False):
+    """Exact attention tile by tile with an online softmax (Dao et al. 2022, "FlashAttention").
+
+    The algorithm of npllama.attention.flash_attention, step for step (see its docstring and
+    docs/flash_attention.md): per query row a running max m, running sum l and unnormalised
+    output acc; each key tile rescales them by alpha = exp(m - m') and adds its own terms.
+
+    q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim)
+    -> out (batch, n_heads, q_len, head_dim), and lse (batch, n_heads, q_len) if return_lse.
+    """
+    b, n_heads, q_len, d = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    if n_heads % n_kv_heads:
+        raise InputError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise InputError(f"{name} must be a positive integer, got {size!r}")
+    n_rep = n_heads // n_kv_heads
+    offset = kv_len - q_len                          # query i sits at absolute position offset + i
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    scale = 1.0 / math.sqrt(d)
+    qg = q.reshape(b, n_kv_heads, n_rep, q_len, d)   # query heads grouped by their kv head
+    kt = k.transpose(-1, -2)[:, :, None]             # (b, n_kv_heads, 1, d, kv_len): shared by the group
+    vg = v[:, :, None]                               # (b, n_kv_heads, 1, kv_len, d)
+    out = torch.empty((b, n_kv_heads, n_rep, q_len, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, n_kv_heads, n_rep, q_len), dtype=acc_dtype, device=q.device)
+
+    for i0 in range(0, q_len, block_q):              # one tile of queries
+        i1 = min(i0 + block_q, q_len)
+        qi = qg[..., i0:i1, :]                                       # (b, n_kv, n_rep, bq, d)
+        m = torch.full(qi.shape[:-1] + (1,), -math.inf, dtype=acc_dtype, device=q.device)  # running max
+        l = torch.zeros_like(m)                                      # running sum
+        acc = torch.zeros(qi.shape, dtype=acc_dtype, device=q.device)  # running p @ v
+        kv_end = min(kv_len, max(0, offset + i1)) if causal else kv_len   # causal skip
+
+        for j0 in range(0, kv_end, block_k):         # one tile of keys
+            j1 = min(j0 + block_k, kv_end)
+            s = (qi @ kt[..., j0:j1]) * scale                        # (b, n_kv, n_rep, bq, bk)
+            s = s.to(acc_dtype)
+            if causal and j1 - 1 > offset + i0:      # the tile crosses the diagonal
+                visible = (torch.arange(j0, j1, device=q.device)[None, :]
+                           <= torch.arange(offset + i0, offset + i1, device=q.device)[:, None])
+                s = torch.where(visible, s, -math.inf)
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            m_ref = torch.where(m_new == -math.inf, 0.0, m_new)      # a row with no key yet
+            alpha = torch.exp(m - m_ref)                             # rescales what was summed against m
+            p = torch.exp(s - m_ref)
+            l = alpha * l + p.sum(dim=-1, keepdim=True)
+            acc = alpha * acc + p @ vg[..., j0:j1, :].to(acc_dtype)
+            m = m_new
+
+        out[..., i0:i1, :] = (acc / torch.where(l == 0, 1.0, l)).to(q.dtype)   # no key seen: 0
+        lse[..., i0:i1] = (m + torch.log(l))[..., 0]                 # -inf where l == 0
+
+    out = out.reshape(b, n_heads, q_len, d)
+    return (out, lse.reshape(b, n_heads, q_len)) if return_lse else out
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """The same function through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim)
+    -> (batch, n_heads, q_len, head_dim).
+
+    Grouped heads go to the kernel as they are (``enable_gqa=True``), not repeated. SDPA's
+    ``is_causal`` aligns the mask top-left (query i sees keys j <= i), which is npllama's
+    bottom-right alignment only when q_len == kv_len; that case (prefill) uses ``is_causal`` and
+    so torch's flash kernel. A single query after a cache sees every key and needs no mask. Any
+    other q_len < kv_len (a chunk after a cache) gets npllama's bottom-right mask explicitly.
+    """
+    q_len, kv_len = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if not causal or (q_len == 1 and kv_len >= 1):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if q_len == kv_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = causal_mask(q_len, kv_len, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
