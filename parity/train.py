@@ -1,0 +1,747 @@
+"""Training a LLaMA-family model on a text file with the Torch backend (``npllama train``).
+
+The model is parity.model.Transformer, the op-for-op twin of npllama's, so the loss it reports is
+npllama.model.cross_entropy_loss of the same batch (tests/test_train.py holds the two equal). The
+recipe is the usual one for small decoders (nanoGPT, the LLaMA paper's section 2.2, scaled down):
+
+    AdamW (Loshchilov & Hutter 2019), betas (0.9, 0.95), weight decay on matrices only
+    learning rate: linear warm-up, then cosine decay to min_lr (Loshchilov & Hutter 2017)
+    gradient clipping at global norm 1.0, gradient accumulation over micro-batches
+    bfloat16 autocast on CUDA (float32 master weights); plain float32 on the CPU
+
+A run lives in one folder:
+
+    OUT/tokenizer.model            sentencepiece model, trained on the data unless one was given
+    OUT/step-000600/               a checkpoint: a Hugging Face folder npllama.load reads
+        config.json  model.safetensors  tokenizer.model
+        trainer/optimizer.safetensors   AdamW moments + step, torch's RNG state
+        trainer/state.json              step, hyper-parameters, data files, loss history
+    OUT/latest -> step-000600      symbolic link to the newest checkpoint
+    OUT/loss.png                   the loss curve (train, eval, unigram baseline)
+    OUT/samples.txt                text sampled from the final model
+
+Checkpoints are written whole under a temporary name and renamed into place
+(npllama.convert.write_folder), so a crash or a kill mid-write leaves the previous one intact;
+resuming takes the newest complete ``step-*`` folder. Runs are deterministic on the CPU: the
+initial weights come from npllama.model.init_params(seed), and the batch of step s, micro-batch m is
+a pure function of (seed, s, m) (windows at offsets drawn by numpy's PCG64 seeded with [seed, s, m]),
+so there is no data-loader state to save; the learning rate is a pure function of the step. A run
+resumed from step k therefore reproduces the uninterrupted run's parameters bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import click
+import numpy as np
+import torch
+
+from npllama.config import ModelArgs
+from npllama.convert import save_checkpoint, safetensors_bytes
+from npllama.errors import CheckpointError, ConfigError, InputError, TokenizerError
+from npllama.io import atomic_write
+from npllama.model import init_params
+
+from . import resolve_device, resolve_dtype
+from .model import Transformer, fuse_params, split_params
+
+STEP_PREFIX = "step-"
+
+
+# ---------------------------------------------------------------------------- hyper-parameters
+@dataclass
+class TrainConfig:
+    """Everything that decides the result of a run (saved with every checkpoint)."""
+    steps: int = 1000             # optimizer steps of the schedule
+    batch_size: int = 16          # sequences per micro-batch
+    seq_len: int = 256            # ids per training sequence, BOS included (seq_len - 1 predictions)
+    grad_accum: int = 1           # micro-batches per optimizer step
+    lr: float = 2e-3              # peak learning rate
+    min_lr: float = 2e-4          # learning rate at the end of the cosine
+    warmup: int = 50              # steps of linear warm-up
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0        # global gradient norm (0: off)
+    seed: int = 0
+    dtype: str = "float32"        # master weights
+    autocast: str = "auto"        # "auto" (bfloat16 on CUDA, off on CPU), "bfloat16", "off"
+    eval_every: int = 100         # steps between evaluations (0: only at the end)
+    eval_batches: int = 8         # batches of the validation text per evaluation
+    save_every: int = 200         # steps between checkpoints (0: only at the end)
+    keep: int = 2                 # checkpoints kept (older ones are deleted)
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep"):
+            if getattr(self, name) <= 0:
+                raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("warmup", "eval_every", "save_every", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise InputError(f"--min-lr ({self.min_lr}) must lie between 0 and --lr ({self.lr})")
+        if self.autocast not in ("auto", "bfloat16", "off"):
+            raise InputError(f"--autocast must be auto, bfloat16 or off, got {self.autocast!r}")
+        resolve_dtype(self.dtype)
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------- tokenizer and data
+def train_tokenizer(text_path: str | os.PathLike, vocab_size: int, out_path: str | os.PathLike) -> Path:
+    """Train a sentencepiece BPE model (Kudo & Richardson 2018) on a text file; write it atomically.
+
+    Byte fallback (no unknown tokens), digits split, whitespace and newlines kept as they are
+    (newline is a piece of its own, so verse keeps its lines), no normaliser: decode(encode(t)) == t.
+    Ids 0, 1, 2 are <unk>, <s>, </s>.
+    """
+    import io
+
+    import sentencepiece as spm
+    text = read_text(text_path)
+    if vocab_size < 260 + 3:
+        raise InputError(f"--vocab-size {vocab_size} is too small: the 256 byte pieces and the "
+                         f"special tokens alone need 259; use 512 or more")
+    proto = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(text.split("\n")), model_writer=proto, vocab_size=vocab_size,
+            model_type="bpe", character_coverage=1.0, byte_fallback=True, split_digits=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            user_defined_symbols=["\n"], allow_whitespace_only_pieces=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, num_threads=1,
+            max_sentence_length=1 << 16)
+    except RuntimeError as e:
+        raise TokenizerError(f"sentencepiece could not train a {vocab_size}-piece vocabulary on {text_path}: {e}; "
+                             f"try a smaller --vocab-size") from None
+    with atomic_write(out_path) as f:
+        f.write(proto.getvalue())
+    return Path(out_path)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A sentencepiece processor from a .model file, or a TokenizerError."""
+    import sentencepiece as spm
+    try:
+        return spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise TokenizerError(f"{path}: not a sentencepiece model ({e})") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such text file") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text ({e})") from None
+    if not text.strip():
+        raise InputError(f"{path}: the text file is empty")
+    return text
+
+
+def encode_file(sp, path: str | os.PathLike) -> np.ndarray:
+    """The whole text file as one stream of token ids: (n_tokens,) int32."""
+    return np.asarray(sp.encode(read_text(path)), dtype=np.int32)
+
+
+def split_tokens(tokens: np.ndarray, seq_len: int, fraction: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out the last ``fraction`` of a token stream (at least one window) for evaluation."""
+    n_valid = max(int(len(tokens) * fraction), seq_len + 1)
+    if len(tokens) - n_valid < seq_len + 1:
+        raise InputError(f"the text has {len(tokens)} tokens: too few for --seq-len {seq_len} "
+                         f"with a held-out part; give more text, a --valid file or a shorter --seq-len")
+    return tokens[:-n_valid], tokens[-n_valid:]
+
+
+def window(tokens: np.ndarray, start: int, seq_len: int, bos: int | None) -> np.ndarray:
+    """One training sequence of seq_len ids: [BOS] + the next seq_len - 1 tokens from start (or,
+    without BOS, seq_len tokens). Every window starts from BOS, as generation prompts do."""
+    if bos is None:
+        return tokens[start: start + seq_len]
+    return np.concatenate([[bos], tokens[start: start + seq_len - 1]])
+
+
+def get_batch(tokens: np.ndarray, step: int, micro: int, cfg: TrainConfig, bos: int | None = None) -> np.ndarray:
+    """The training windows of optimizer step ``step``, micro-batch ``micro``: (batch_size, seq_len) int64.
+
+    A pure function of (cfg.seed, step, micro): the offsets are drawn by PCG64 seeded with that
+    triple, so a resumed run sees exactly the batches the uninterrupted one would have.
+    """
+    span = cfg.seq_len - (bos is not None)          # tokens of the text in one window
+    high = len(tokens) - span
+    if high < 0:
+        raise InputError(f"the training text has {len(tokens)} tokens, fewer than one --seq-len window "
+                         f"({span}); give more text or a shorter --seq-len")
+    rng = np.random.default_rng([cfg.seed, step, micro])
+    starts = rng.integers(0, high + 1, size=cfg.batch_size)
+    return np.stack([window(tokens, s, cfg.seq_len, bos) for s in starts]).astype(np.int64)
+
+
+def eval_windows(tokens: np.ndarray, cfg: TrainConfig, bos: int | None = None) -> list[np.ndarray]:
+    """Fixed evaluation batches: up to eval_batches x batch_size windows evenly spread over the tokens."""
+    span = cfg.seq_len - (bos is not None)
+    high = len(tokens) - span
+    if high < 0:
+        raise InputError(f"the validation text has {len(tokens)} tokens, fewer than one --seq-len window "
+                         f"({span}); give a longer --valid text or a shorter --seq-len")
+    starts = np.unique(np.linspace(0, high, cfg.eval_batches * cfg.batch_size).astype(np.int64))
+    windows = np.stack([window(tokens, s, cfg.seq_len, bos) for s in starts]).astype(np.int64)
+    return [windows[i: i + cfg.batch_size] for i in range(0, len(windows), cfg.batch_size)]
+
+
+def unigram_loss(train_tokens: np.ndarray, eval_tokens: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of eval_tokens under the train tokens' unigram frequencies
+    (add-one smoothed): the loss of a model that ignores context, the bar training must clear."""
+    counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[eval_tokens].mean())
+
+
+# ---------------------------------------------------------------------------- the step
+def autocast_context(device: torch.device, mode: str):
+    """bfloat16 autocast on CUDA (or where asked), nothing otherwise."""
+    enabled = mode == "bfloat16" or (mode == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def batch_loss(model: Transformer, ids: np.ndarray, autocast: str = "off") -> torch.Tensor:
+    """The loss the trainer reports and differentiates: mean next-token cross-entropy of ids.
+
+    ids: (batch, seq_len) -> 0-dim tensor; npllama's Transformer.loss(ids) on the same weights
+    computes the same number (positions 0 .. seq_len - 2 predict ids 1 .. seq_len - 1).
+    """
+    with autocast_context(model.device, autocast):
+        return model.loss(torch.from_numpy(ids).to(model.device))
+
+
+def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linear weights, embeddings) and none on norm gains or biases."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=False)
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def optimizer_tensors(model: Transformer, opt: torch.optim.AdamW) -> dict[str, np.ndarray]:
+    """AdamW's state as named arrays in checkpoint names: {name}.exp_avg, {name}.exp_avg_sq, and
+    "step" (every parameter takes every step). The model's fused tensors (wqkv, w13) are split
+    back into wq, wk, wv, w1, w3 as parity.model.split_params does for the weights, so the file does
+    not depend on how the Torch model groups its parameters."""
+    params = dict(model.named_parameters())
+    out: dict[str, np.ndarray] = {}
+    for key in MOMENTS:
+        moments = {n: opt.state[p][key] for n, p in params.items() if p in opt.state}
+        for name, t in split_params(model.config, moments).items():
+            out[f"{name}.{key}"] = t.detach().cpu().numpy()
+    steps = {float(s["step"]) for s in opt.state.values()}
+    if steps:
+        out["step"] = np.array([max(steps)], dtype=np.float32)
+    return out
+
+
+def load_optimizer_tensors(model: Transformer, opt: torch.optim.AdamW, tensors: Mapping[str, np.ndarray]) -> None:
+    """Put saved AdamW moments and the step back (the inverse of optimizer_tensors)."""
+    moments = {key: fuse_params(model.config, {n[: -len(key) - 1]: torch.from_numpy(np.array(v))
+                                               for n, v in tensors.items() if n.endswith("." + key)})
+               for key in MOMENTS}
+    if "step" not in tensors:
+        raise CheckpointError("the optimizer state has no step; it was not written by npllama train")
+    step = float(np.asarray(tensors["step"]).reshape(-1)[0])
+    for name, p in model.named_parameters():
+        if name not in moments["exp_avg"] or name not in moments["exp_avg_sq"]:
+            raise CheckpointError(f"the optimizer state lacks the moments of {name}; the checkpoint does "
+                                  f"not belong to this model")
+        opt.state[p] = {"step": torch.tensor(step, dtype=torch.float32),
+                        **{k: moments[k][name].to(device=p.device, dtype=p.dtype).clone() for k in MOMENTS}}
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def checkpoint_steps(out: Path) -> list[int]:
+    """Steps of the complete checkpoints in a run folder, oldest first (temporary folders ignored)."""
+    steps = []
+    if out.is_dir():
+        for child in out.iterdir():
+            if child.is_dir() and not child.is_symlink() and child.name.startswith(STEP_PREFIX):
+                try:
+                    steps.append(int(child.name[len(STEP_PREFIX):]))
+                except ValueError:
+                    pass
+    return sorted(steps)
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / f"{STEP_PREFIX}{step:06d}"
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint of a run folder, or None."""
+    steps = checkpoint_steps(Path(out))
+    return checkpoint_dir(Path(out), steps[-1]) if steps else None
+
+
+def point_latest(out: Path, target: Path) -> None:
+    """Make OUT/latest a symbolic link to target, replaced atomically (readers see old or new)."""
+    link = out / "latest"
+    tmp = out / f".latest.tmp-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target.name, tmp)
+    os.replace(tmp, link)
+
+
+def remove_stale(out: Path) -> None:
+    """Delete the temporary folders a killed run left behind (never a complete checkpoint)."""
+    for child in out.iterdir() if out.is_dir() else ():
+        if child.name.startswith(f".{STEP_PREFIX}") and (".tmp-" in child.name or ".old-" in child.name):
+            shutil.rmtree(child, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- the run
+class Run:
+    """One training run: model, optimizer, data, state, and the folder they are saved in."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, args: ModelArgs, params: Mapping[str, np.ndarray],
+                 tokenizer_path: Path, train_tokens: np.ndarray, valid_tokens: np.ndarray,
+                 state: dict[str, Any], device: torch.device, bos: int | None):
+        self.out, self.cfg, self.args = out, cfg, args
+        self.tokenizer_path, self.train_tokens, self.valid_tokens = tokenizer_path, train_tokens, valid_tokens
+        self.state, self.device = state, device
+        self.model = Transformer(args, params, dtype=resolve_dtype(cfg.dtype), device=device, requires_grad=True)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.bos = bos
+        self.eval_batches = eval_windows(valid_tokens, cfg, bos)
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over grad_accum micro-batches; returns what the progress bar shows."""
+        cfg, model, step = self.cfg, self.model, self.step
+        start = time.perf_counter()
+        lr = learning_rate(step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            loss = batch_loss(model, get_batch(self.train_tokens, step, micro, cfg, self.bos), cfg.autocast)
+            (loss / cfg.grad_accum).backward()
+            total += float(loss.detach())
+        norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip
+                else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        record = {"step": step, "loss": total / cfg.grad_accum, "lr": lr, "grad_norm": float(norm),
+                  "seconds": seconds, "tokens_per_s": cfg.grad_accum * cfg.batch_size * cfg.seq_len / seconds}
+        self.state["history"].append(record)
+        self.state["step"] = step + 1
+        self.state["tokens_seen"] += cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        self.state["train_seconds"] += seconds
+        return record
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation windows (each batch weighted by its windows)."""
+        self.model.eval()
+        losses = [float(batch_loss(self.model, b, self.cfg.autocast)) * len(b) for b in self.eval_batches]
+        loss = sum(losses) / sum(len(b) for b in self.eval_batches)
+        evals = self.state["evals"]
+        if evals and evals[-1]["step"] == self.step:
+            evals.pop()                        # evaluated twice at one step (--minutes probe): keep one
+        evals.append({"step": self.step, "loss": loss})
+        return loss
+
+    def save(self) -> Path:
+        """Write the checkpoint of the current step (whole folder, atomically); prune old ones."""
+        params = {k: v.detach().cpu().numpy() for k, v in self.model.state_dict().items()}   # checkpoint names
+        opt = optimizer_tensors(self.model, self.optimizer)
+        opt["torch_rng_state"] = torch.get_rng_state().numpy()
+        state = json.dumps(self.state, indent=1).encode()
+        folder = checkpoint_dir(self.out, self.step)
+        dtype = np.float64 if self.cfg.dtype == "float64" else np.float32
+        save_checkpoint(folder, self.args, params, extra={
+            "tokenizer.model": self.tokenizer_path,
+            "trainer/optimizer.safetensors": safetensors_bytes(opt),
+            "trainer/state.json": state}, overwrite=True, dtype=dtype)
+        point_latest(self.out, folder)
+        for old in checkpoint_steps(self.out)[:-self.cfg.keep]:
+            shutil.rmtree(checkpoint_dir(self.out, old), ignore_errors=True)
+        write_plot(self.out / "loss.png", self.state)
+        return folder
+
+
+def write_plot(path: Path, state: Mapping[str, Any]) -> bool:
+    """The loss curve as a PNG (atomically): training loss per step, evaluation loss, unigram baseline.
+
+    Returns False (and draws nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    import io
+    hist, evals = state["history"], state["evals"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    if hist:
+        steps = np.array([h["step"] + 1 for h in hist])
+        loss = np.array([h["loss"] for h in hist])
+        ax.plot(steps, loss, lw=0.6, alpha=0.45, color="tab:blue", label="train loss (per step)")
+        k = min(len(loss), 20)
+        if k > 1:
+            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1:], smooth, lw=1.4, color="tab:blue", label=f"train loss ({k}-step mean)")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], "o-", ms=3.5, color="tab:orange",
+                label="eval loss (held-out text)")
+    if state.get("unigram_loss") is not None:
+        ax.axhline(state["unigram_loss"], ls="--", color="gray", label=f"unigram baseline ({state['unigram_loss']:.2f})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title(f"{Path(state.get('name', 'run')).name}: {state.get('parameters', 0):,} parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    with atomic_write(path) as f:
+        f.write(buf.getvalue())
+    return True
+
+
+# ---------------------------------------------------------------------------- setting a run up
+def model_args_from_json(path: str | os.PathLike, vocab_size: int, bos: int, eos: int) -> ModelArgs:
+    """A model config from a Hugging Face style config.json; the tokenizer fixes the vocabulary."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object of Hugging Face config keys")
+    if cfg.get("vocab_size") not in (None, vocab_size):
+        raise ConfigError(f"{path}: vocab_size {cfg['vocab_size']} differs from the tokenizer's {vocab_size}; "
+                          f"leave vocab_size out (the tokenizer sets it) or match it")
+    cfg = {**cfg, "vocab_size": vocab_size, "bos_token_id": bos, "eos_token_id": eos}
+    return ModelArgs.from_hf(cfg)
+
+
+def read_checkpoint_state(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """trainer/state.json and trainer/optimizer.safetensors of a checkpoint."""
+    from safetensors.numpy import load_file
+    try:
+        state = json.loads((folder / "trainer" / "state.json").read_text())
+        opt = load_file(str(folder / "trainer" / "optimizer.safetensors"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder}: cannot read the trainer state ({e}); it is not a checkpoint "
+                              f"written by npllama train") from None
+    return state, opt
+
+
+def load_params(path: str | os.PathLike) -> tuple[ModelArgs, dict[str, np.ndarray]]:
+    """Config and float32 weights of any checkpoint npllama.load reads (no tokenizer needed)."""
+    from npllama.formats import load
+    model = load(str(path), progress=False)
+    return model.config, {k: np.array(v) for k, v in model.state_dict().items()}
+
+
+def setup(out: str | os.PathLike, data: str | os.PathLike | None = None, valid: str | os.PathLike | None = None,
+          config: str | os.PathLike | None = None, init: str | os.PathLike | None = None,
+          tokenizer: str | os.PathLike | None = None, vocab_size: int = 2048, resume: bool = False,
+          cfg: TrainConfig | None = None, overrides: Mapping[str, Any] | None = None,
+          device: str = "cpu", log: Callable[[str], None] = print) -> Run:
+    """Prepare a run: a fresh one (from --config or --init) or the continuation of OUT's latest checkpoint.
+
+    On resume every setting comes from the checkpoint's state, except those in ``overrides``.
+    """
+    out = Path(out)
+    dev = resolve_device(device)
+    latest = latest_checkpoint(out)
+    if resume:
+        if latest is None:
+            raise CheckpointError(f"{out}: no checkpoint to resume from (no {STEP_PREFIX}* folder); "
+                                  f"start a run without --resume")
+        remove_stale(out)
+        state, opt = read_checkpoint_state(latest)
+        saved = dict(state["train_config"])
+        saved.update(overrides or {})
+        cfg = TrainConfig(**saved)
+        cfg.validate()
+        files = state["data"]
+        data, valid = files["train"], files.get("valid")
+        args, params = load_params(latest)
+        tokenizer_path = out / "tokenizer.model"          # the checkpoint's copy, which pruning may delete
+        with atomic_write(tokenizer_path) as f:
+            f.write((latest / "tokenizer.model").read_bytes())
+        log(f"resuming {latest} at step {state['step']}")
+    else:
+        if latest is not None:
+            raise CheckpointError(f"{out} already holds checkpoints ({latest.name}); pass --resume to continue "
+                                  f"that run, or choose another --out")
+        if (config is None) == (init is None):
+            raise InputError("give exactly one of --config (a fresh model) and --init (start from a checkpoint)")
+        if data is None:
+            raise InputError("--data is required: the text file to train on")
+        cfg = cfg or TrainConfig()
+        cfg.validate()
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale(out)
+        tokenizer_path = out / "tokenizer.model"
+        if tokenizer is not None:
+            if Path(tokenizer).resolve() != tokenizer_path.resolve():
+                shutil.copyfile(tokenizer, tokenizer_path)
+        elif init is not None and (Path(init) / "tokenizer.model").is_file():
+            shutil.copyfile(Path(init) / "tokenizer.model", tokenizer_path)
+        elif init is not None:
+            raise TokenizerError(f"{init} has no tokenizer.model; name one with --tokenizer")
+        else:
+            log(f"training a {vocab_size}-piece sentencepiece tokenizer on {data}")
+            train_tokenizer(data, vocab_size, tokenizer_path)
+        state = {"step": 0, "tokens_seen": 0, "train_seconds": 0.0, "history": [], "evals": [],
+                 "train_config": dataclasses.asdict(cfg), "name": str(out),
+                 "data": {"train": str(data), "valid": None if valid is None else str(valid)},
+                 "init": None if init is None else str(init), "config": None if config is None else str(config)}
+        opt = None
+    sp = load_tokenizer(tokenizer_path)
+    if not resume:
+        if config is not None:
+            args = model_args_from_json(config, sp.get_piece_size(), sp.bos_id(), sp.eos_id())
+        else:
+            args, params = load_params(init)
+            if args.vocab_size != sp.get_piece_size():
+                raise TokenizerError(f"{init}: the model's vocabulary ({args.vocab_size}) is not the "
+                                     f"tokenizer's ({sp.get_piece_size()})")
+    if cfg.seq_len > args.max_seq_len or cfg.seq_len < 2:
+        raise InputError(f"--seq-len {cfg.seq_len} must lie between 2 and the model's context window "
+                         f"({args.max_seq_len})")
+    tokens = encode_file(sp, data)
+    if valid is not None:
+        train_tokens, valid_tokens = tokens, encode_file(sp, valid)
+    else:
+        train_tokens, valid_tokens = split_tokens(tokens, cfg.seq_len)
+    torch.manual_seed(cfg.seed)
+    if not resume and config is not None:
+        params = init_params(args, seed=cfg.seed)
+    state["unigram_loss"] = unigram_loss(train_tokens, valid_tokens, args.vocab_size)
+    bos = sp.bos_id() if sp.bos_id() >= 0 else None
+    run = Run(out, cfg, args, params, tokenizer_path, train_tokens, valid_tokens, state, dev, bos)
+    state["parameters"] = run.model.num_parameters()
+    state["train_config"] = dataclasses.asdict(cfg)
+    if opt is not None:
+        load_optimizer_tensors(run.model, run.optimizer, opt)
+        if "torch_rng_state" in opt:
+            torch.set_rng_state(torch.from_numpy(np.array(opt["torch_rng_state"])))
+    return run
+
+
+# ---------------------------------------------------------------------------- the loop
+def fit_steps(run: Run, budget_s: float, elapsed_s: float, reserve_s: float | None = None) -> int:
+    """Fix cfg.steps so that the run ends within budget_s seconds of wall time (``--minutes``).
+
+    Called once, a few steps into the warm-up (where the schedule does not yet depend on the total):
+    times one evaluation and one checkpoint, takes the median seconds per step so far, and keeps
+    reserve_s (default: 5% of the budget, at most 20 s) for the final evaluation, checkpoint and sample. The chosen count is saved with the
+    run, so a resumed or repeated run (``--steps N``) follows the same schedule.
+    """
+    cfg, state = run.cfg, run.state
+    reserve_s = min(20.0, 0.05 * budget_s) if reserve_s is None else reserve_s
+    t = time.perf_counter()
+    run.evaluate()
+    t_eval = time.perf_counter() - t
+    t = time.perf_counter()
+    run.save()
+    t_save = time.perf_counter() - t
+    recent = [h["seconds"] for h in state["history"][-10:]][1:] or [state["history"][-1]["seconds"]]
+    per_step = float(np.median(recent))            # the first step (allocations, warm caches) left out
+    per_step += (t_eval / cfg.eval_every if cfg.eval_every else 0) + (t_save / cfg.save_every if cfg.save_every else 0)
+    left = budget_s - elapsed_s - t_eval - t_save - reserve_s
+    cfg.steps = max(run.step + 1, run.step + int(left / per_step))
+    state["train_config"]["steps"] = cfg.steps
+    state["fitted"] = {"budget_s": budget_s, "seconds_per_step": per_step, "eval_s": t_eval, "save_s": t_save,
+                       "reserve_s": reserve_s, "at_step": run.step, "steps": cfg.steps}
+    return cfg.steps
+
+
+def train(run: Run, stop_after: int | None = None, time_limit: float | None = None,
+          minutes: float | None = None, started: float | None = None,
+          progress: bool = True, log: Callable[[str], None] = print) -> Run:
+    """Run optimizer steps until cfg.steps (or stop_after steps, or time_limit seconds), evaluating
+    and saving as configured; always saves and evaluates at the point where it stops.
+
+    minutes: fit cfg.steps to a wall-time budget counted from ``started`` (perf_counter; default
+    now), measured a few steps in (fit_steps). The budget is also a hard limit: should the machine
+    slow down, the run stops early enough for the final evaluation, checkpoint and sample to fit.
+    """
+    from tqdm import tqdm
+    cfg = run.cfg
+    started = time.perf_counter() if started is None else started
+    probe = None
+    if minutes is not None:
+        probe = run.step + max(1, min(20, cfg.warmup))
+        budget = minutes * 60
+        time_limit = budget if time_limit is None else min(time_limit, budget)
+    end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+    bar = tqdm(total=end, initial=run.step, disable=not progress, unit="step", dynamic_ncols=True,
+               file=sys.stderr, desc=run.out.name)
+    last_eval = run.state["evals"][-1]["loss"] if run.state["evals"] else float("nan")
+    try:
+        while run.step < end:
+            rec = run.train_step()
+            step = run.step
+            if step == probe:
+                fit_steps(run, budget, time.perf_counter() - started)
+                end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
+                f = run.state["fitted"]
+                time_limit = min(time_limit, budget - f["eval_s"] - f["save_s"] - f["reserve_s"])
+                bar.total = end
+                log(f"\n--minutes {minutes:g}: {run.state['fitted']['seconds_per_step']:.2f} s per step "
+                    f"-> --steps {cfg.steps}")
+                last_eval = run.state["evals"][-1]["loss"]
+            timed_out = time_limit is not None and time.perf_counter() - started > time_limit
+            finishing = step >= end or timed_out
+            if (cfg.eval_every and step % cfg.eval_every == 0) or finishing:
+                last_eval = run.evaluate()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", eval=f"{last_eval:.3f}", lr=f"{rec['lr']:.1e}",
+                            tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
+            bar.update(1)
+            if (cfg.save_every and step % cfg.save_every == 0) or finishing:
+                run.save()
+            if timed_out:
+                log(f"time limit reached at step {step} of {cfg.steps}; `--resume` continues the run")
+                break
+    finally:
+        bar.close()
+    return run
+
+
+def sample_text(run: Run, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_p: float = 0.95,
+                seed: int = 0) -> str:
+    """Text sampled from the trained model after prompt (parity.generate, nucleus sampling)."""
+    from .generate import generate
+    from .sampling import SamplingSettings
+    sp = load_tokenizer(run.tokenizer_path)
+    ids = ([run.bos] if run.bos is not None else []) + sp.encode(prompt)
+    budget = max(0, min(max_new_tokens, run.args.max_seq_len - len(ids)))
+    run.model.eval()
+    new = list(generate(run.model, ids, budget, SamplingSettings(temperature, 0, top_p), seed,
+                        stop_ids=[sp.eos_id()]))
+    return sp.decode([i for i in ids + new if i != run.bos])
+
+
+def summary(run: Run) -> str:
+    s = run.state
+    final = s["evals"][-1]["loss"] if s["evals"] else float("nan")
+    recent = [h["loss"] for h in s["history"][-20:]]
+    speed = s["tokens_seen"] / s["train_seconds"] if s["train_seconds"] else 0.0
+    return (f"{run.out}: step {s['step']}/{run.cfg.steps}, {s['parameters']:,} parameters, "
+            f"{s['tokens_seen']:,} tokens in {s['train_seconds'] / 60:.1f} min ({speed:,.0f} tokens/s); "
+            f"train loss {np.mean(recent) if recent else float('nan'):.3f} (last 20 steps), "
+            f"eval loss {final:.3f} (perplexity {math.exp(final) if final == final else float('nan'):.1f}), "
+            f"unigram baseline {s['unigram_loss']:.3f}")
+
+
+# ---------------------------------------------------------------------------- command line
+D = TrainConfig()   # the command line's defaults
+
+
+@click.command(name="train", help="Train a model on a text file with the Torch backend. A fresh model comes from "
+               "--config (a Hugging Face style config.json; the tokenizer sets vocab_size), or start from a "
+               "checkpoint's weights with --init (e.g. uptraining a model `npllama convert` made). Checkpoints "
+               "land in OUT/step-*/ (Hugging Face folders; OUT/latest points to the newest); --resume continues "
+               "OUT's run where it stopped, to the same result.")
+@click.option("--data", type=click.Path(dir_okay=False), help="UTF-8 text file to train on.")
+@click.option("--valid", type=click.Path(exists=True, dir_okay=False),
+              help="Held-out text for the evaluation loss (default: the last 5% of --data).")
+@click.option("--config", "config", type=click.Path(dir_okay=False), help="Model config JSON (fresh weights).")
+@click.option("--init", "init", type=click.Path(exists=True), help="Checkpoint whose weights to start from.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue OUT's latest checkpoint (options given override the saved ones).")
+@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False),
+              help="A sentencepiece .model to use (default: the --init checkpoint's, or train one on --data).")
+@click.option("--vocab-size", type=int, default=2048, show_default=True, help="Pieces of the tokenizer trained on --data.")
+@click.option("--steps", type=int, default=D.steps, show_default=True, help="Optimizer steps (the schedule's length).")
+@click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Sequences per micro-batch.")
+@click.option("--seq-len", type=int, default=D.seq_len, show_default=True, help="Tokens per sequence.")
+@click.option("--grad-accum", type=int, default=D.grad_accum, show_default=True, help="Micro-batches per step.")
+@click.option("--lr", type=float, default=D.lr, show_default=True, help="Peak learning rate.")
+@click.option("--min-lr", type=float, default=D.min_lr, show_default=True, help="Final learning rate of the cosine.")
+@click.option("--warmup", type=int, default=D.warmup, show_default=True, help="Linear warm-up steps.")
+@click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True)
+@click.option("--grad-clip", type=float, default=D.grad_clip, show_default=True, help="Max global gradient norm (0: off).")
+@click.option("--seed", type=int, default=D.seed, show_default=True)
+@click.option("--dtype", default=D.dtype, show_default=True, help="Master weights: float32 or float64.")
+@click.option("--autocast", type=click.Choice(["auto", "bfloat16", "off"]), default=D.autocast, show_default=True,
+              help="auto: bfloat16 autocast on CUDA, none on CPU.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--eval-every", type=int, default=D.eval_every, show_default=True, help="Steps between evaluations.")
+@click.option("--eval-batches", type=int, default=D.eval_batches, show_default=True)
+@click.option("--save-every", type=int, default=D.save_every, show_default=True, help="Steps between checkpoints.")
+@click.option("--keep", type=int, default=D.keep, show_default=True, help="Checkpoints to keep.")
+@click.option("--minutes", type=float, default=None,
+              help="Fit --steps to this wall-time budget (measured a few steps in; the whole command, "
+                   "tokenizer and sample included, ends within it).")
+@click.option("--time-limit", type=float, default=None, help="Stop (and save) after this many minutes.")
+@click.option("--sample-prompt", default="\n", show_default="a newline", help="Prompt of the sample printed at the end.")
+@click.option("--sample-tokens", type=int, default=200, show_default=True, help="Tokens to sample at the end (0: none).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def train_command(ctx, data, valid, config, init, out, resume, tokenizer, vocab_size, minutes, time_limit,
+                  sample_prompt, sample_tokens, quiet, device, **hyper):
+    started = time.perf_counter()
+    threads = os.environ.get("NPLLAMA_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    hyper = {k: v for k, v in hyper.items() if k in fields}
+    if resume:
+        given = {k: v for k, v in hyper.items()
+                 if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+        for name in ("data", "valid", "config", "init", "tokenizer", "minutes"):
+            if ctx.params.get(name):
+                raise click.UsageError(f"--{name} cannot change on --resume: the run continues on what it began with")
+        run = setup(out, resume=True, overrides=given, device=device, log=click.echo)
+    else:
+        cfg = TrainConfig(**hyper)
+        run = setup(out, data, valid, config, init, tokenizer, vocab_size, cfg=cfg, device=device,
+                    log=click.echo)
+    s = run.state
+    click.echo(f"{s['parameters']:,} parameters; {len(run.train_tokens):,} training tokens, "
+               f"{len(run.valid_tokens):,} held out; unigram baseline {s['unigram_loss']:.3f} nats/token; "
+               f"{run.cfg.batch_size * run.cfg.grad_accum * run.cfg.seq_len:,} tokens per step on {run.device}")
+    train(run, time_limit=None if time_limit is None else time_limit * 60, minutes=minutes, started=started,
+          progress=not quiet, log=click.echo)
+    click.echo(summary(run))
+    if sample_tokens > 0:
+        text = sample_text(run, sample_prompt.replace("\\n", "\n"), sample_tokens)
+        with atomic_write(run.out / "samples.txt", "w") as f:
+            f.write(text + "\n")
+        click.echo("---- sample (temperature 0.8, top-p 0.95) ----")
+        click.echo(text)
+        click.echo("----")
+    click.echo(f"checkpoint: {run.out / 'latest'}   loss curve: {run.out / 'loss.png'}")
