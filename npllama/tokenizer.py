@@ -128,9 +128,13 @@ class Tokenizer:
         """
         from tokenizers import Tokenizer as HFTokenizer
 
+        _refuse_crashing_bpe(Path(path))
         try:
             tok = HFTokenizer.from_file(str(path))
-        except Exception as e:  # the library raises plain Exceptions for bad files
+            probe = tok.encode("", add_special_tokens=True).ids
+        except BaseException as e:  # plain Exceptions for bad files; a Rust panic is a BaseException
+            if not _library_failure(e):
+                raise
             raise TokenizerError(f"{path}: not a readable tokenizer.json ({e}); re-save it with "
                                  f"transformers or tokenizers") from None
         if bos_id is None and bos_token is not None:
@@ -139,7 +143,7 @@ class Tokenizer:
         if not eos_ids and eos_token is not None and tok.token_to_id(eos_token) is not None:
             eos_ids = (tok.token_to_id(eos_token),)
         if add_bos is None:  # does the template processor put BOS first?
-            add_bos = bos_id is not None and tok.encode("", add_special_tokens=True).ids[:1] == [bos_id]
+            add_bos = bos_id is not None and probe[:1] == [bos_id]
         return cls(_TokenizersBackend(tok), bos_id=bos_id, eos_ids=eos_ids, chat_template=chat_template,
                    add_bos=add_bos, source=str(path))
 
@@ -256,7 +260,8 @@ class _TokenizersBackend(_Backend):
 
     def __init__(self, tok):
         self.tok = tok
-        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        # one past the largest id (not the number of entries: a vocabulary may have holes)
+        self.vocab_size = max(tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         self.special_ids = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
 
     def encode(self, text: str) -> list[int]:
@@ -320,6 +325,32 @@ class _SentencePieceBackend(_Backend):
 
     def id_to_token(self, i: int) -> str:
         return self.sp.IdToPiece(i)
+
+
+def _library_failure(e: BaseException) -> bool:
+    """An error the tokenizers library raised about its input: an Exception, or a Rust panic."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
+def _refuse_crashing_bpe(path: Path) -> None:
+    """Refuse a tokenizer.json that crashes the tokenizers library itself, before handing it over.
+
+    A BPE model with a continuing_subword_prefix cuts that many bytes off merges that may not
+    carry it; tokenizers then panics inside a multi-byte character and aborts the interpreter,
+    which no except clause can catch. Llama-family tokenizers never set it.
+    """
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise TokenizerError(f"{path}: not a readable tokenizer.json ({e}); re-save it with "
+                             f"transformers or tokenizers") from None
+    model = data.get("model") if isinstance(data, dict) else None
+    if isinstance(model, dict) and model.get("continuing_subword_prefix"):
+        raise TokenizerError(f"{path}: the BPE model sets continuing_subword_prefix "
+                             f"{model['continuing_subword_prefix']!r}, which Llama-family tokenizers never use "
+                             f"(and which can crash the tokenizers library); is this the model's tokenizer?")
 
 
 def _refuse_tiktoken(path: Path) -> None:

@@ -197,7 +197,8 @@ def read_torch_zip(path: Path) -> dict[str, np.ndarray]:
         prefix = pickles[0][: -len("data.pkl")]
         try:
             if prefix + "byteorder" in archive.namelist():
-                order = read_member(archive, prefix + "byteorder", str(path), limit=16).decode("ascii", "replace").strip()
+                order = read_member(archive, prefix + "byteorder", str(path), limit=16)
+                order = order.decode("ascii", "replace").strip()
                 if order != "little":
                     raise CheckpointError(f"{path}: byte order {order!r}; npllama reads little-endian files only")
             raw = read_member(archive, pickles[0], str(path))
