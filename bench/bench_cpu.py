@@ -1,4 +1,4 @@
-"""CPU speed of the default model: NumPy reference vs transformers (vs the Torch backend).
+"""CPU speed of the default model: NumPy reference vs transformers vs the Torch backend.
 
 Measures, in one run on this machine, with the same weights (the default GGUF dequantised to
 float32 by each library):
@@ -6,7 +6,17 @@ float32 by each library):
   - decode tokens/s (greedy, one token at a time with a KV cache, after that prompt),
   - the memory-bandwidth bound for decode: bytes of weights read per token / measured bandwidth.
 
-    .venv/bin/python bench/bench_cpu.py [--tokens 64] [--repeats 3] [--skip-transformers] [--skip-torch]
+The bandwidth is the best of two streaming reads of 1 GiB (far past every cache): a BLAS dot
+product (one thread) and a matrix-vector product over a (65536, 4096) float32 matrix (every
+thread: the operation decode is made of). The "matmuls alone" row runs just the model's own
+matrix-vector products (every weight once, in the model's memory order, nothing else): what this
+BLAS reaches on matrices of these sizes, the floor under the NumPy decode step.
+
+Torch rows use the backend's fast path (parity.fast.FastDecoder): float32 eager, and bfloat16
+weights eager and compiled with torch.compile (inductor; the first call compiles, ~2 minutes on 2
+cores, and is not timed). A bfloat16 row reads half the bytes, so its bound is twice as high.
+
+    .venv/bin/python bench/bench_cpu.py [--tokens 64] [--repeats 3] [--skip-transformers] [--skip-torch] [--skip-compile]
 
 Run it on a quiet machine: two cores shared with another busy process halve every figure.
 """
@@ -29,17 +39,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PROMPT_LEN = 128
 
 
-def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: the best of several BLAS dot products over a large float32 vector
-    (the same kind of streaming read, through the same BLAS and threads, that decode does)."""
+def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
+    """Read bandwidth in bytes/s of two streaming reads over gib GiB of float32, best of repeats:
+    a BLAS dot product (one thread) and a matrix-vector product (BLAS's threads)."""
     a = np.ones(int(gib * 2**30) // 4, dtype=np.float32)
-    np.dot(a, a)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        np.dot(a, a)
-        best = min(best, time.perf_counter() - t)
-    return a.nbytes / best
+    w = a.reshape(-1, 4096)                          # (65536, 4096) for gib = 1
+    x = np.ones(w.shape[0], dtype=np.float32)
+    out = {}
+    for name, fn in (("dot", lambda: np.dot(a, a)), ("gemv", lambda: x @ w)):
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        out[name] = a.nbytes / best
+    return out
+
+
+def bench_matmuls(model, repeats):
+    """Seconds per token of the decode step's matrix-vector products alone, in the model's order."""
+    args = model.config
+    x = np.ones((1, 1, args.dim), np.float32)
+    xo = np.ones((1, 1, args.n_heads * args.head_dim), np.float32)
+    xh = np.ones((1, 1, args.hidden_dim), np.float32)
+
+    def step():
+        for layer in model.layers:
+            x @ layer["wqkv"]
+            xo @ layer["wo"]
+            x @ layer["w13"]
+            xh @ layer["w2"]
+        x @ model.output
+
+    step()
+    return min(timed(step, 1) for _ in range(10 * repeats))
 
 
 def timed(fn, repeats):
@@ -99,15 +133,15 @@ def bench_transformers(folder, name, prompt, n_tokens, repeats):
     return PROMPT_LEN / t_prefill, n_tokens / t_decode
 
 
-def bench_parity(np_model, prompt, n_tokens, repeats):
-    """The Torch backend's fast path (parity.fast.FastDecoder), float32, eager: q|k|v and w1|w3
-    fused, matrices stored (in, out) (MKL's faster layout for a matrix-vector product), a static
-    KV cache written in place, argmax on the device, no allocation or host sync per token."""
+def bench_parity(np_model, prompt, n_tokens, repeats, dtype="float32", compile=None):
+    """The Torch backend's fast path (parity.fast.FastDecoder) on the CPU: q|k|v and w1|w3 fused,
+    a static KV cache written in place, argmax on the device, no allocation or host sync per token.
+    Weights in MKL's faster layout for the dtype (float32: (in, out); bfloat16: (out, in))."""
     import torch
     import parity
     from parity.fast import FastDecoder
-    model = parity.from_numpy(np_model, device="cpu", dtype=torch.float32)
-    decoder = FastDecoder(model, batch_size=1, max_seq_len=PROMPT_LEN + n_tokens + 1)
+    model = parity.from_numpy(np_model, device="cpu", dtype=dtype)
+    decoder = FastDecoder(model, batch_size=1, max_seq_len=PROMPT_LEN + n_tokens + 1, compile=compile)
     del model                                   # the decoder keeps its own (fused) copy
     ids = prompt.tolist()
 
@@ -125,9 +159,11 @@ def bench_parity(np_model, prompt, n_tokens, repeats):
             pass
         return time.perf_counter() - t
 
-    decode()
+    t = time.perf_counter()
+    decode()                                    # warm-up (compiles, when asked to)
+    print(f"(Torch {dtype} {compile or 'eager'}: first decode run {time.perf_counter() - t:.0f} s)", file=sys.stderr)
     t_decode = statistics.median(decode() for _ in range(repeats))
-    return PROMPT_LEN / t_prefill, n_tokens / t_decode
+    return PROMPT_LEN / t_prefill, n_tokens / t_decode, decoder.weights.decode_bytes()
 
 
 def decode_bytes(model) -> int:
@@ -145,6 +181,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-torch", action="store_true")
+    ap.add_argument("--skip-compile", action="store_true", help="no torch.compile row (saves ~2 minutes)")
     args = ap.parse_args()
 
     import npllama
@@ -153,34 +190,47 @@ def main():
     model = npllama.load(path, progress=False)
     prompt = np.array((model.tokenizer.encode("The history of the city of Paris begins ") * 64)[:PROMPT_LEN])
 
-    bw = measure_bandwidth()
+    bws = measure_bandwidth()
+    bw = max(bws.values())
     nbytes = decode_bytes(model)
-    bound = bw / nbytes
-    rows = [("NumPy reference (npllama), float32", *bench_numpy(model, prompt, args.tokens, args.repeats))]
+    # (name, prefill tok/s or None, decode tok/s, bytes read per decode token)
+    rows = [("NumPy reference (npllama), float32", *bench_numpy(model, prompt, args.tokens, args.repeats), nbytes),
+            ("NumPy matmuls alone (the BLAS floor of the step above)", None,
+             1 / bench_matmuls(model, args.repeats), nbytes)]
     if not args.skip_torch:
         try:
             import torch
             torch.set_num_threads(os.cpu_count() or 1)
-            rows.append(("Torch backend (parity), float32, eager", *bench_parity(model, prompt, args.tokens, args.repeats)))
+            torch_rows = [("float32", None), ("bfloat16", None)] + ([] if args.skip_compile else [("bfloat16", "default")])
+            for dtype, mode in torch_rows:
+                how = "eager" if mode is None else "torch.compile"
+                rows.append((f"Torch backend (parity.fast), {dtype}, {how}",
+                             *bench_parity(model, prompt, args.tokens, args.repeats, dtype, mode)))
         except ImportError as e:
             print(f"(Torch backend skipped: {e})", file=sys.stderr)
     if not args.skip_transformers:
         import transformers
         rows.append((f"transformers {transformers.__version__}, float32, eager",
-                     *bench_transformers(str(path.parent), path.name, prompt, args.tokens, args.repeats)))
+                     *bench_transformers(str(path.parent), path.name, prompt, args.tokens, args.repeats), nbytes))
 
+    import torch
+    flags = "".join(f" --{f.replace('_', '-')}" for f in ("skip_transformers", "skip_torch", "skip_compile")
+                    if getattr(args, f))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"date: {datetime.date.today()}; numpy {np.__version__}")
-    print(f"command: .venv/bin/python bench/bench_cpu.py --tokens {args.tokens} --repeats {args.repeats}")
-    print(f"measured read bandwidth: {bw / 1e9:.1f} GB/s; bytes read per decode token: {nbytes / 1e6:.0f} MB; "
-          f"decode bound: {bound:.1f} tok/s\n")
-    print("| system | prefill 128 tokens, tok/s | decode, tok/s | decode / bound |")
-    print("|---|---|---|---|")
-    for name, pre, dec in rows:
-        print(f"| {name} | {pre:.0f} | {dec:.1f} | {dec / bound:.0%} |")
+          f"date: {datetime.date.today()}; numpy {np.__version__}, torch {torch.__version__}")
+    print(f"command: .venv/bin/python bench/bench_cpu.py --tokens {args.tokens} --repeats {args.repeats}{flags}")
+    print(f"measured read bandwidth: {bws['dot'] / 1e9:.1f} GB/s (dot, one thread), {bws['gemv'] / 1e9:.1f} GB/s "
+          f"(matrix-vector, all threads); bound uses {bw / 1e9:.1f} GB/s")
+    print(f"bytes read per decode token: {nbytes / 1e6:.0f} MB float32; decode bound: {bw / nbytes:.1f} tok/s\n")
+    print("| system | prefill 128 tokens, tok/s | decode, tok/s | bytes / token | decode / its bound |")
+    print("|---|---|---|---|---|")
+    for name, pre, dec, nb in rows:
+        pre_s = "-" if pre is None else f"{pre:.0f}"
+        print(f"| {name} | {pre_s} | {dec:.1f} | {nb / 1e6:.0f} MB | {dec / (bw / nb):.0%} |")
     np_dec = rows[0][2]
-    for name, _, dec in rows[1:]:
-        print(f"\nNumPy decode / {name.split(',')[0]}: {np_dec / dec:.2f}x")
+    print()
+    for name, _, dec, _ in rows[2:]:
+        print(f"NumPy decode / {name}: {np_dec / dec:.2f}x")
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = 
     scores = scores.reshape(b, n_kv_heads, n_rep, q_len, kv_len)
     if causal and q_len > 1:                  # a single last-position query sees every key
         scores = np.where(causal_mask(q_len, kv_len), scores, -np.inf)
-    probs = softmax(scores.astype(np.promote_types(q.dtype, np.float32)), axis=-1).astype(q.dtype)
+    probs = softmax(scores.astype(np.promote_types(q.dtype, np.float32), copy=False), axis=-1)
+    probs = probs.astype(q.dtype, copy=False)                # float32 softmax, back to q's dtype
     out = probs.reshape(b, n_kv_heads, n_rep * q_len, kv_len) @ v   # (b, n_kv, n_rep*q_len, d)
     return out.reshape(b, n_heads, q_len, d)
 

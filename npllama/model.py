@@ -20,10 +20,16 @@ Weights arrive from a loader (npllama.formats) as a flat dict in Meta's names an
     norm.weight                                (dim,)
     output.weight                              (vocab, dim), absent when tied
 
-``Transformer`` stores each linear weight transposed, (in, out), contiguous, so every projection
-is ``x @ w`` and decoding reads each matrix once in memory order; wq|wk|wv and w1|w3 are placed
-side by side so that each pair or triple of projections of the same input is one matrix product
-(``_prepare_layer``). ``state_dict()`` gives the checkpoint names and layout back.
+``Transformer`` holds each linear weight as an (in, out) array, so every projection is ``x @ w``;
+wq|wk|wv and w1|w3 are placed side by side so that each pair or triple of projections of the same
+input is one matrix product (``_prepare_layer``). ``state_dict()`` gives the checkpoint names and
+layout back.
+
+Memory order is a separate, load-time choice that changes no arithmetic: decoding is one
+matrix-vector product per weight, and which order OpenBLAS streams faster depends on the matrix's
+shape. ``IN_OUT_IN_MEMORY`` lists the matrices stored (in, out) row-major; the others (wqkv and
+w2) keep nn.Linear's (out, in) rows in memory and are used through a transposed view, which
+decodes SmolLM2-135M ~10% faster on this project's 2-core CPU (bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -42,8 +48,13 @@ from .rope import apply_rotary_emb, rope_cos_sin, rope_init
 
 Trace = Callable[[str, np.ndarray], None]
 
-# Sequences at least this long go through blockwise attention when attention="auto".
-FLASH_MIN_LEN = 1024
+# Matrices stored (in, out) row-major; every other one is an (in, out) view of (out, in) memory.
+IN_OUT_IN_MEMORY = frozenset({"wo", "w13", "output"})
+
+# Sequences at least this long go through blockwise attention when attention="auto": on the
+# 2-core CPU, one SmolLM2-135M layer's attention is 1.7x faster blockwise at 512 keys and even at
+# 256 (bench/RESULTS.md, "Crossover"); below that the tiles' Python loop costs more than it saves.
+FLASH_MIN_LEN = 512
 
 
 def param_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -196,12 +207,22 @@ class Transformer:
         self.tokenizer = tokenizer
         self.dtype = np.dtype(dtype)
         as_dtype = lambda a: np.ascontiguousarray(a, dtype=self.dtype)           # noqa: E731
-        as_in_out = lambda a: np.ascontiguousarray(np.asarray(a).T, dtype=self.dtype)  # noqa: E731
         self.tok_embeddings = as_dtype(params["tok_embeddings.weight"])          # (vocab, dim)
         self.norm = as_dtype(params["norm.weight"])                              # (dim,)
         out = params["tok_embeddings.weight"] if args.tie_word_embeddings else params["output.weight"]
-        self.output = as_in_out(out)                                             # (dim, vocab)
+        self.output = self._in_out("output", [out])                              # (dim, vocab)
         self.layers = [self._prepare_layer(params, f"layers.{i}.") for i in range(args.n_layers)]
+
+    def _in_out(self, name: str, weights: list[np.ndarray]) -> np.ndarray:
+        """nn.Linear weights (out_i, in) stacked along "out" -> one (in, sum out_i) matrix.
+
+        Stored (in, out) row-major if name is in IN_OUT_IN_MEMORY, else as the transposed view of
+        an (out, in) row-major array; either way ``x @ w`` computes the same numbers.
+        """
+        stacked = np.concatenate([np.asarray(w) for w in weights], axis=0)    # (out, in)
+        if name in IN_OUT_IN_MEMORY:
+            return np.ascontiguousarray(stacked.T, dtype=self.dtype)          # (in, out), C order
+        return np.ascontiguousarray(stacked, dtype=self.dtype).T              # (in, out), F order
 
     def _prepare_layer(self, params: Mapping[str, np.ndarray], p: str) -> dict[str, np.ndarray]:
         """One layer's weights in compute layout: (in, out) matrices, q|k|v and w1|w3 side by side.
@@ -209,8 +230,8 @@ class Transformer:
         wqkv: (dim, (n_heads + 2 n_kv_heads) * head_dim); wo: (n_heads * head_dim, dim);
         w13: (dim, 2 * hidden_dim); w2: (hidden_dim, dim). Biases fused the same way.
         """
-        def in_out(*names):            # concatenated along "out", transposed, contiguous
-            return np.ascontiguousarray(np.concatenate([params[p + n].T for n in names], axis=1), dtype=self.dtype)
+        def in_out(name, *names):
+            return self._in_out(name, [params[p + n] for n in names])
 
         def bias(*names):
             if p + names[0] not in params:
@@ -220,14 +241,14 @@ class Transformer:
         q, k, v = "attention.wq", "attention.wk", "attention.wv"
         layer = {
             "attention_norm": np.asarray(params[p + "attention_norm.weight"], dtype=self.dtype),
-            "wqkv": in_out(q + ".weight", k + ".weight", v + ".weight"),
+            "wqkv": in_out("wqkv", q + ".weight", k + ".weight", v + ".weight"),
             "bqkv": bias(q + ".bias", k + ".bias", v + ".bias"),
-            "wo": in_out("attention.wo.weight"),
+            "wo": in_out("wo", "attention.wo.weight"),
             "bo": bias("attention.wo.bias"),
             "ffn_norm": np.asarray(params[p + "ffn_norm.weight"], dtype=self.dtype),
-            "w13": in_out("feed_forward.w1.weight", "feed_forward.w3.weight"),
+            "w13": in_out("w13", "feed_forward.w1.weight", "feed_forward.w3.weight"),
             "b13": bias("feed_forward.w1.bias", "feed_forward.w3.bias"),
-            "w2": in_out("feed_forward.w2.weight"),
+            "w2": in_out("w2", "feed_forward.w2.weight"),
             "b2": bias("feed_forward.w2.bias"),
         }
         return {name: a for name, a in layer.items() if a is not None}

@@ -62,9 +62,10 @@ def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, in_out: bo
     """x @ W^T + b with W stored (out, in) as nn.Linear (in_out False), or x @ W + b with W
     stored transposed, (in, out) (in_out True). x: (..., in) -> (..., out).
 
-    Why two layouts: on a CPU, MKL's matrix-vector product reads an (in, out) matrix 2-3x faster
-    than an (out, in) one at batch 1 (measured on the LM head, bench/bench_cpu.py); on a GPU,
-    cuBLAS is at home with nn.Linear's layout, which gpt-fast and transformers use.
+    Why two layouts: on a CPU, MKL's float32 matrix-vector product reads an (in, out) matrix
+    faster than an (out, in) one at batch 1 (2x on the LM head, bench/bench_cpu.py), while its
+    bfloat16 one is 10-40x slower that way; on a GPU, cuBLAS is at home with nn.Linear's layout,
+    which gpt-fast and transformers use.
     """
     if not in_out:
         return linear(x, w, b)
@@ -112,7 +113,8 @@ class FastWeights(nn.Module):
 
     model: a parity.Transformer (its state_dict: checkpoint names, (out, in) layout); the weights
     keep its dtype and device. layout: "out_in" (nn.Linear's), "in_out" (transposed), or "auto":
-    in_out on a CPU, out_in elsewhere (see ``project``). With out_in, tied embeddings stay one tensor.
+    in_out for float32 and float64 on a CPU, out_in elsewhere (see ``project``). With out_in,
+    tied embeddings stay one tensor.
     """
 
     def __init__(self, model, layout: str = "auto"):
@@ -121,8 +123,9 @@ class FastWeights(nn.Module):
         self.tokenizer = getattr(model, "tokenizer", None)
         if layout not in ("auto", "out_in", "in_out"):
             raise InputError(f"unknown weight layout {layout!r}; choose 'auto', 'out_in' or 'in_out'")
-        device = next(iter(model.state_dict().values())).device
-        self.in_out = layout == "in_out" or (layout == "auto" and device.type == "cpu")
+        first = next(iter(model.state_dict().values()))
+        cpu_wide = first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
+        self.in_out = layout == "in_out" or (layout == "auto" and cpu_wide)
         with torch.no_grad():
             sd = {name: t.detach() for name, t in model.state_dict().items()}
             self.tok_embeddings = _frozen(sd["tok_embeddings.weight"])              # (vocab, dim)
