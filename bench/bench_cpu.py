@@ -6,9 +6,9 @@ float32 by each library):
   - decode tokens/s (greedy, one token at a time with a KV cache, after that prompt),
   - the memory-bandwidth bound for decode: bytes of weights read per token / measured bandwidth.
 
-The bandwidth is the best of two streaming reads of 1 GiB (far past every cache): a BLAS dot
-product (one thread) and a matrix-vector product over a (65536, 4096) float32 matrix (every
-thread: the operation decode is made of). The "matmuls alone" row runs just the model's own
+The bandwidth is the best of two streaming reads of 1 GiB (far past every cache), each measured
+at the start and at the end of the run: a BLAS dot product (one thread) and a matrix-vector
+product over a (65536, 4096) float32 matrix (every thread: the operation decode is made of). The "matmuls alone" row runs just the model's own
 matrix-vector products (every weight once, in the model's memory order, nothing else): what this
 BLAS reaches on matrices of these sizes, the floor under the NumPy decode step.
 
@@ -57,8 +57,19 @@ def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
     return out
 
 
-def bench_matmuls(model, repeats):
-    """Seconds per token of the decode step's matrix-vector products alone, in the model's order."""
+# Each system is a pair of callables: prefill() and decode() -> seconds of its n_tokens decode steps.
+# They are all built first, then timed in interleaved rounds (numpy, torch, ..., transformers, numpy,
+# ...): on a shared machine the speed drifts by tens of percent over minutes, and interleaving
+# makes the drift hit every system alike, so that the ratios of one run hold.
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def system_matmuls(model, prompt, n_tokens):
+    """The decode step's matrix-vector products alone, in the model's order and memory layout."""
     args = model.config
     x = np.ones((1, 1, args.dim), np.float32)
     xo = np.ones((1, 1, args.n_heads * args.head_dim), np.float32)
@@ -72,25 +83,15 @@ def bench_matmuls(model, repeats):
             xh @ layer["w2"]
         x @ model.output
 
-    step()
-    return min(timed(step, 1) for _ in range(10 * repeats))
+    def decode():                               # best step of n_tokens, scaled to n_tokens
+        return n_tokens * min(timed(step) for _ in range(n_tokens))
+
+    return None, decode
 
 
-def timed(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def bench_numpy(model, prompt, n_tokens, repeats):
+def system_numpy(model, prompt, n_tokens):
     def prefill():
         model(prompt[None], cache=model.new_cache(1))
-
-    prefill()
-    t_prefill = timed(prefill, repeats)
 
     def decode():
         cache = model.new_cache(1)
@@ -100,23 +101,18 @@ def bench_numpy(model, prompt, n_tokens, repeats):
             logits = model(np.array([[int(np.argmax(logits))]]), cache=cache)[0, -1]
         return time.perf_counter() - t
 
-    decode()
-    t_decode = statistics.median(decode() for _ in range(repeats))
-    return PROMPT_LEN / t_prefill, n_tokens / t_decode
+    return prefill, decode
 
 
-def bench_transformers(folder, name, prompt, n_tokens, repeats):
+def system_transformers(folder, name, prompt, n_tokens):
     import torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     ids = torch.tensor(prompt[None])
 
     @torch.inference_mode()
     def prefill():
         model(ids, use_cache=True)
-
-    prefill()
-    t_prefill = timed(prefill, repeats)
 
     @torch.inference_mode()
     def decode():
@@ -128,16 +124,13 @@ def bench_transformers(folder, name, prompt, n_tokens, repeats):
             past, logits = out.past_key_values, out.logits[0, -1]
         return time.perf_counter() - t
 
-    decode()
-    t_decode = statistics.median(decode() for _ in range(repeats))
-    return PROMPT_LEN / t_prefill, n_tokens / t_decode
+    return prefill, decode
 
 
-def bench_parity(np_model, prompt, n_tokens, repeats, dtype="float32", compile=None):
+def system_parity(np_model, prompt, n_tokens, dtype="float32", compile=None):
     """The Torch backend's fast path (parity.fast.FastDecoder) on the CPU: q|k|v and w1|w3 fused,
     a static KV cache written in place, argmax on the device, no allocation or host sync per token.
     Weights in MKL's faster layout for the dtype (float32: (in, out); bfloat16: (out, in))."""
-    import torch
     import parity
     from parity.fast import FastDecoder
     model = parity.from_numpy(np_model, device="cpu", dtype=dtype)
@@ -147,9 +140,6 @@ def bench_parity(np_model, prompt, n_tokens, repeats, dtype="float32", compile=N
 
     def prefill():
         decoder.prefill([ids])
-
-    prefill()
-    t_prefill = timed(prefill, repeats)
 
     def decode():
         chunks = decoder.stream([ids], n_tokens + 1, stop_ids=(), sync_every=n_tokens)
@@ -162,8 +152,7 @@ def bench_parity(np_model, prompt, n_tokens, repeats, dtype="float32", compile=N
     t = time.perf_counter()
     decode()                                    # warm-up (compiles, when asked to)
     print(f"(Torch {dtype} {compile or 'eager'}: first decode run {time.perf_counter() - t:.0f} s)", file=sys.stderr)
-    t_decode = statistics.median(decode() for _ in range(repeats))
-    return PROMPT_LEN / t_prefill, n_tokens / t_decode, decoder.weights.decode_bytes()
+    return prefill, decode, decoder.weights.decode_bytes()
 
 
 def decode_bytes(model) -> int:
@@ -178,7 +167,7 @@ def decode_bytes(model) -> int:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64, help="decode steps per measurement")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians are reported)")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-torch", action="store_true")
     ap.add_argument("--skip-compile", action="store_true", help="no torch.compile row (saves ~2 minutes)")
@@ -191,33 +180,51 @@ def main():
     prompt = np.array((model.tokenizer.encode("The history of the city of Paris begins ") * 64)[:PROMPT_LEN])
 
     bws = measure_bandwidth()
-    bw = max(bws.values())
     nbytes = decode_bytes(model)
-    # (name, prefill tok/s or None, decode tok/s, bytes read per decode token)
-    rows = [("NumPy reference (npllama), float32", *bench_numpy(model, prompt, args.tokens, args.repeats), nbytes),
-            ("NumPy matmuls alone (the BLAS floor of the step above)", None,
-             1 / bench_matmuls(model, args.repeats), nbytes)]
+    # name -> (prefill or None, decode, bytes read per decode token)
+    systems = {"NumPy reference (npllama), float32": (*system_numpy(model, prompt, args.tokens), nbytes),
+               "NumPy matmuls alone (the BLAS floor of the step above)":
+                   (*system_matmuls(model, prompt, args.tokens), nbytes)}
     if not args.skip_torch:
-        try:
-            import torch
-            torch.set_num_threads(os.cpu_count() or 1)
-            torch_rows = [("float32", None), ("bfloat16", None)] + ([] if args.skip_compile else [("bfloat16", "default")])
-            for dtype, mode in torch_rows:
-                how = "eager" if mode is None else "torch.compile"
-                rows.append((f"Torch backend (parity.fast), {dtype}, {how}",
-                             *bench_parity(model, prompt, args.tokens, args.repeats, dtype, mode)))
-        except ImportError as e:
-            print(f"(Torch backend skipped: {e})", file=sys.stderr)
+        import torch
+        torch.set_num_threads(os.cpu_count() or 1)
+        torch_rows = [("float32", None), ("bfloat16", None)] + ([] if args.skip_compile else [("bfloat16", "default")])
+        for dtype, mode in torch_rows:
+            how = "eager" if mode is None else "torch.compile"
+            systems[f"Torch backend (parity.fast), {dtype}, {how}"] = system_parity(model, prompt, args.tokens, dtype, mode)
     if not args.skip_transformers:
         import transformers
-        rows.append((f"transformers {transformers.__version__}, float32, eager",
-                     *bench_transformers(str(path.parent), path.name, prompt, args.tokens, args.repeats), nbytes))
+        systems[f"transformers {transformers.__version__}, float32, eager"] = (
+            *system_transformers(str(path.parent), path.name, prompt, args.tokens), nbytes)
 
-    import torch
+    samples = {name: ([], []) for name in systems}               # prefill seconds, decode seconds
+    for name, (prefill, decode, _) in systems.items():           # warm-up
+        if prefill is not None:
+            prefill()
+        decode()
+    for r in range(args.repeats):
+        for name, (prefill, decode, _) in systems.items():
+            if prefill is not None:
+                samples[name][0].append(timed(prefill))
+            samples[name][1].append(decode())
+        print(f"(round {r + 1} of {args.repeats} done)", file=sys.stderr)
+    rows = []
+    for name, (pre_s, dec_s) in samples.items():
+        pre = PROMPT_LEN / statistics.median(pre_s) if pre_s else None
+        rows.append((name, pre, args.tokens / statistics.median(dec_s), systems[name][2]))
+
+    # Bandwidth again at the end: on a shared machine it drifts, and the bound is the best seen.
+    bws = {k: max(v, bws_end) for (k, v), bws_end in zip(bws.items(), measure_bandwidth().values())}
+    bw = max(bws.values())
+    try:
+        import torch
+        versions = f"numpy {np.__version__}, torch {torch.__version__}"
+    except ImportError:
+        versions = f"numpy {np.__version__}"
     flags = "".join(f" --{f.replace('_', '-')}" for f in ("skip_transformers", "skip_torch", "skip_compile")
                     if getattr(args, f))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"date: {datetime.date.today()}; numpy {np.__version__}, torch {torch.__version__}")
+          f"date: {datetime.date.today()}; {versions}")
     print(f"command: .venv/bin/python bench/bench_cpu.py --tokens {args.tokens} --repeats {args.repeats}{flags}")
     print(f"measured read bandwidth: {bws['dot'] / 1e9:.1f} GB/s (dot, one thread), {bws['gemv'] / 1e9:.1f} GB/s "
           f"(matrix-vector, all threads); bound uses {bw / 1e9:.1f} GB/s")
