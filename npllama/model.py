@@ -192,6 +192,17 @@ def cross_entropy_loss(logits: np.ndarray, labels: np.ndarray, ignore_index: int
     return float(((log_z - picked) * keep).sum() / keep.sum())
 
 
+def check_token_ids(ids: np.ndarray, vocab_size: int, what: str = "ids") -> np.ndarray:
+    """ids (any shape) as int64, or an InputError naming the first non-integer or out-of-vocabulary id."""
+    where = "" if what == "ids" else f"{what}: "
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"{where}token ids must be integers, got {ids.dtype}")
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        raise InputError(f"{where}token id {int(ids[bad][0])} lies outside the vocabulary (0..{vocab_size - 1})")
+    return ids.astype(np.int64, copy=False)
+
+
 def _no_tap(name: str, x: np.ndarray) -> None:
     return None
 
@@ -302,13 +313,7 @@ class Transformer:
             arr = arr[None, :]
         if arr.ndim != 2 or arr.shape[1] == 0 or arr.shape[0] == 0:
             raise InputError(f"ids must be a non-empty (batch, seq) array of token ids, got shape {arr.shape}")
-        if not np.issubdtype(arr.dtype, np.integer):
-            raise InputError(f"ids must be integers, got {arr.dtype}")
-        bad = (arr < 0) | (arr >= self.config.vocab_size)
-        if bad.any():
-            raise InputError(f"token id {int(arr[bad][0])} lies outside the vocabulary "
-                             f"(0..{self.config.vocab_size - 1})")
-        return arr.astype(np.int64, copy=False)
+        return check_token_ids(arr, self.config.vocab_size)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The weights back in checkpoint names and (out, in) layout (views, no copies)."""

@@ -45,6 +45,7 @@ from torch import nn
 from npllama.config import ModelArgs
 from npllama.errors import InputError
 from npllama.generate import check_budget
+from npllama.model import check_token_ids
 
 from .mlp import linear, silu
 from .rope import rope_cos_sin, rope_init
@@ -484,13 +485,7 @@ class FastDecoder(nn.Module):
             arr = np.asarray(p)
             if arr.ndim != 1 or arr.size == 0:
                 raise InputError(f"prompt {i} must be a non-empty list of token ids, got shape {arr.shape}")
-            if not np.issubdtype(arr.dtype, np.integer):
-                raise InputError(f"prompt {i}: token ids must be integers, got {arr.dtype}")
-            bad = (arr < 0) | (arr >= self.config.vocab_size)
-            if bad.any():
-                raise InputError(f"prompt {i}: token id {int(arr[bad][0])} lies outside the vocabulary "
-                                 f"(0..{self.config.vocab_size - 1})")
-            out.append(arr.astype(np.int64).tolist())
+            out.append(check_token_ids(arr, self.config.vocab_size, f"prompt {i}").tolist())
         return out
 
     def _pad(self, prompts) -> tuple[np.ndarray, np.ndarray]:
