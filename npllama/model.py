@@ -192,9 +192,9 @@ def cross_entropy_loss(logits: np.ndarray, labels: np.ndarray, ignore_index: int
     return float(((log_z - picked) * keep).sum() / keep.sum())
 
 
-def check_token_ids(ids: np.ndarray, vocab_size: int, what: str = "ids") -> np.ndarray:
-    """ids (any shape) as int64, or an InputError naming the first non-integer or out-of-vocabulary id."""
-    where = "" if what == "ids" else f"{what}: "
+def check_token_ids(ids: np.ndarray, vocab_size: int, where: str = "") -> np.ndarray:
+    """ids (any shape) as int64, or an InputError (its message prefixed by where, e.g. "prompt 2: ")
+    naming the first non-integer or out-of-vocabulary id."""
     if not np.issubdtype(ids.dtype, np.integer):
         raise InputError(f"{where}token ids must be integers, got {ids.dtype}")
     bad = (ids < 0) | (ids >= vocab_size)

@@ -485,7 +485,7 @@ class FastDecoder(nn.Module):
             arr = np.asarray(p)
             if arr.ndim != 1 or arr.size == 0:
                 raise InputError(f"prompt {i} must be a non-empty list of token ids, got shape {arr.shape}")
-            out.append(check_token_ids(arr, self.config.vocab_size, f"prompt {i}").tolist())
+            out.append(check_token_ids(arr, self.config.vocab_size, f"prompt {i}: ").tolist())
         return out
 
     def _pad(self, prompts) -> tuple[np.ndarray, np.ndarray]:
