@@ -40,11 +40,15 @@ def causal_mask(q_len: int, kv_len: int, device: torch.device | str | None = Non
 
 
 def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """exp(x - max) / sum(exp(x - max)); a row that is all -inf gives zeros, not NaN."""
-    m = x.amax(dim=dim, keepdim=True)
-    e = torch.exp(x - torch.where(m == -math.inf, 0.0, m))
-    s = e.sum(dim=dim, keepdim=True)
-    return e / torch.where(s == 0, 1.0, s)
+    """exp(x - max) / sum(exp(x - max)); a row that is all -inf gives zeros, not NaN.
+
+    As npllama.attention.softmax: the max is floored at the most negative finite number and the
+    sum at the smallest normal one, which changes no row that has a finite entry.
+    """
+    info = torch.finfo(x.dtype)
+    m = x.amax(dim=dim, keepdim=True).clamp_min(info.min)
+    e = torch.exp(x - m)
+    return e / e.sum(dim=dim, keepdim=True).clamp_min(info.tiny)
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True) -> torch.Tensor:
@@ -56,13 +60,14 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     b, n_heads, q_len, d = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
     n_rep = n_heads // n_kv_heads
-    qg = q.reshape(b, n_kv_heads, n_rep * q_len, d)        # each kv head's group of queries, stacked
-    scores = (qg @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d))   # (b, n_kv, n_rep*q_len, kv_len)
-    scores = scores.reshape(b, n_kv_heads, n_rep, q_len, kv_len)
+    qg = q.reshape(b, n_kv_heads, n_rep, q_len, d)          # query heads grouped by their kv head
+    kt = k.transpose(-1, -2)[:, :, None]                     # (b, n_kv, 1, d, kv_len): shared by the group
+    scores = qg @ kt                                         # (b, n_kv, n_rep, q_len, kv_len)
+    scores = scores * (1.0 / math.sqrt(d))
     if causal and q_len > 1:                  # a single last-position query sees every key
         scores = torch.where(causal_mask(q_len, kv_len, q.device), scores, -math.inf)
     probs = softmax(scores.to(torch.promote_types(q.dtype, torch.float32)), dim=-1).to(q.dtype)
-    out = probs.reshape(b, n_kv_heads, n_rep * q_len, kv_len) @ v   # (b, n_kv, n_rep*q_len, d)
+    out = probs @ v[:, :, None]                              # (b, n_kv, n_rep, q_len, d)
     return out.reshape(b, n_heads, q_len, d)
 
 

@@ -227,7 +227,7 @@ def grouped_mask(mask: torch.Tensor, n_rep: int, dtype: torch.dtype) -> torch.Te
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Masked attention with grouped kv heads, k and v never repeated: each kv head's n_rep query
-    heads are stacked as n_rep * seq query rows of one head (npllama.attention's grouping), so any
+    heads are stacked as n_rep * seq query rows of one head (npllama.attention's grouping, flattened), so any
     SDPA kernel that takes a mask serves GQA, and the cache is read once per kv head.
 
     q: (batch, n_heads, seq, head_dim); k, v: (batch, n_kv_heads, kv, head_dim);
