@@ -7,12 +7,17 @@ Measures on this machine, float32, batch 1, causal prefill (q_len == kv_len):
      (the whole layer is 3 such groups; a naive 16K pass over all 9 heads would need ~30 GB);
   2. the crossover: both at short lengths with a full SmolLM2-135M layer (9 heads, 3 kv heads),
      which sets npllama.model.FLASH_MIN_LEN;
-  3. the model's prefill tokens/s both ways: a random-weight model of SmolLM2-135M's shape
+  3. decoding: one query per head against a cache of 128 to 8K keys, a full SmolLM2-135M layer,
+     npllama's naive attention (one matrix-vector product per query head, its kv head broadcast
+     over the group) against the same maths with each kv head's n_rep queries stacked as the rows
+     of one matrix product (how npllama wrote it before 2026-12-02), and flash;
+  4. the model's prefill tokens/s both ways: a random-weight model of SmolLM2-135M's shape
      (dim 576, 30 layers, 9 heads, 3 kv heads, hidden 1536, vocab 49152), prompts of 1K and 4K
      tokens into a fresh cache, attention="naive" vs attention="flash"; and how far apart the
      two sets of logits are.
 
-    .venv/bin/python bench/bench_attention.py [--lengths 1024 4096 16384] [--prefill 1024 4096]
+    .venv/bin/python bench/bench_attention.py [--lengths 1024 4096 16384] [--decode 128 512 2048 8192]
+                                              [--prefill 1024 4096]
 
 Prints a markdown section for bench/RESULTS.md. Run it on a quiet machine (it takes ~5 minutes on
 2 cores); speed is measured here and never asserted in tests.
@@ -115,6 +120,36 @@ def bench_crossover(lengths=(32, 64, 128, 256, 512, 1024)):
               f"{times['naive'] / times['flash']:.2f} |")
 
 
+def stacked_rows_attention(q, k, v):
+    """Decode attention (q_len 1, no mask) with each kv head's n_rep query heads stacked as the
+    rows of one (n_rep, head_dim) @ (head_dim, kv_len) product: the formulation npllama's
+    naive_attention replaced. Same maths; here only to be timed against it."""
+    b, n_heads, q_len, d = q.shape
+    n_kv_heads, kv_len = k.shape[1], k.shape[2]
+    qg = q.reshape(b, n_kv_heads, -1, d)                                       # (b, n_kv, n_rep, d)
+    scores = (qg @ np.swapaxes(k, -1, -2)) * q.dtype.type(1.0 / np.sqrt(d))   # (b, n_kv, n_rep, kv_len)
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return ((e / e.sum(axis=-1, keepdims=True)) @ v).reshape(b, n_heads, q_len, d)
+
+
+def bench_decode(lengths):
+    print("\n### Decoding: one new query per head, one SmolLM2-135M layer (9 heads / 3 kv heads, head_dim 64)\n")
+    print("| cached keys | naive (per-head products) | stacked rows (before) | flash | stacked / naive |")
+    print("|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for kv_len in lengths:
+        q = rng.standard_normal((1, 9, 1, 64), dtype=np.float32)
+        cache = rng.standard_normal((2, 1, 3, 2 * kv_len, 64), dtype=np.float32)   # a cache half full,
+        k, v = cache[0][:, :, :kv_len], cache[1][:, :, :kv_len]                    # read as views, as decode does
+        assert np.allclose(stacked_rows_attention(q, k, v), naive_attention(q, k, v), atol=1e-6)
+        n = max(20, 20000 // kv_len)
+        t = {name: best_time(lambda: [fn(q, k, v) for _ in range(n)], 5) / n
+             for name, fn in (("naive", naive_attention), ("stacked", stacked_rows_attention),
+                              ("flash", flash_attention))}
+        print(f"| {kv_len:,} | {t['naive'] * 1e6:.1f} us | {t['stacked'] * 1e6:.1f} us | {t['flash'] * 1e6:.1f} us | "
+              f"{t['stacked'] / t['naive']:.2f}x |")
+
+
 def smollm2_135m_shape(max_seq_len: int) -> ModelArgs:
     return ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
                      head_dim=64, norm_eps=1e-5, rope_theta=100000.0, max_seq_len=max_seq_len,
@@ -147,6 +182,7 @@ def bench_prefill(lengths):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096, 16384])
+    ap.add_argument("--decode", type=int, nargs="*", default=[128, 512, 2048, 8192])
     ap.add_argument("--prefill", type=int, nargs="*", default=[1024, 4096])
     ap.add_argument("--skip-crossover", action="store_true")
     a = ap.parse_args()
@@ -162,14 +198,14 @@ def main():
     print(f"machine: {cpu}, {os.cpu_count()} cores, {available_bytes() / 2**30:.0f} GiB free; "
           f"date: {datetime.date.today()}; numpy {np.__version__}, "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
-    print(f"command: `.venv/bin/python bench/bench_attention.py"
-          f"{' --lengths ' + ' '.join(map(str, a.lengths)) if a.lengths != [1024, 4096, 16384] else ''}"
-          f"{' --prefill ' + ' '.join(map(str, a.prefill)) if a.prefill != [1024, 4096] else ''}`; "
+    print(f"command: `.venv/bin/python bench/bench_attention.py{' '.join([''] + sys.argv[1:])}`; "
           f"flash tiles block_q={BLOCK_Q}, block_k={BLOCK_K}; FLASH_MIN_LEN={FLASH_MIN_LEN}")
     if a.lengths:
         bench_lengths(a.lengths)
     if not a.skip_crossover:
         bench_crossover()
+    if a.decode:
+        bench_decode(a.decode)
     if a.prefill:
         bench_prefill(a.prefill)
     print(f"\n(bench wall time {time.perf_counter() - t0:.0f} s; load average before/after: "

@@ -6,17 +6,23 @@ float32 by each library):
   - decode tokens/s (greedy, one token at a time with a KV cache, after that prompt),
   - the memory-bandwidth bound for decode: bytes of weights read per token / measured bandwidth.
 
-The bandwidth is the best of two streaming reads of 1 GiB (far past every cache), each measured
-at the start and at the end of the run: a BLAS dot product (one thread) and a matrix-vector
-product over a (65536, 4096) float32 matrix (every thread: the operation decode is made of). The "matmuls alone" row runs just the model's own
+The bandwidth is the best of two streaming reads of 1 GiB (far past every cache): a BLAS dot
+product (one thread) and a matrix-vector product over a (65536, 4096) float32 matrix (every
+thread: the operation decode is made of). The host is shared and its bandwidth drifts by tens of
+percent over minutes, so it is read before and after every round of timings, and each system's
+decode rate in a round is set against the bound of that same round (the mean of the best read
+just before it and the best read just after it); the median over rounds is reported, with the
+range, and beside it the stricter ratio to the best bandwidth seen anywhere in the run. The "matmuls alone" row runs just the model's own
 matrix-vector products (every weight once, in the model's memory order, nothing else): what this
-BLAS reaches on matrices of these sizes, the floor under the NumPy decode step.
+BLAS reaches on matrices of these sizes, the floor under the NumPy decode step. Last, a table
+of where the NumPy decode step's time goes, part by part, timed in place through the model's
+trace hook.
 
 Torch rows use the backend's fast path (parity.fast.FastDecoder): float32 eager, and bfloat16
 weights eager and compiled with torch.compile (inductor; the first call compiles, ~2 minutes on 2
 cores, and is not timed). A bfloat16 row reads half the bytes, so its bound is twice as high.
 
-    .venv/bin/python bench/bench_cpu.py [--tokens 64] [--repeats 3] [--skip-transformers] [--skip-torch] [--skip-compile]
+    .venv/bin/python bench/bench_cpu.py [--tokens 64] [--repeats 5] [--skip-transformers] [--skip-torch] [--skip-compile]
 
 Run it on a quiet machine: two cores shared with another busy process halve every figure.
 """
@@ -83,8 +89,11 @@ def system_matmuls(model, prompt, n_tokens):
             xh @ layer["w2"]
         x @ model.output
 
-    def decode():                               # best step of n_tokens, scaled to n_tokens
-        return n_tokens * min(timed(step) for _ in range(n_tokens))
+    def decode():                               # n_tokens steps, timed as the NumPy decode is
+        t = time.perf_counter()
+        for _ in range(n_tokens):
+            step()
+        return time.perf_counter() - t
 
     return None, decode
 
@@ -155,6 +164,46 @@ def system_parity(np_model, prompt, n_tokens, dtype="float32", compile=None):
     return prefill, decode, decoder.weights.decode_bytes()
 
 
+# What runs between one trace point of the model and the next (the trace names, without "layers.{i}.").
+STEP_PARTS = {
+    "tok_embeddings": "before the layers: id check, cache reservation, rotary table, embedding row",
+    "attention_norm": "RMSNorm before attention",
+    "attention.q": "the q, k, v product (one matrix), rotary embedding of q and k",
+    "attention.scores_v": "cache write, attention over the cache (scores, softmax, @ v)",
+    "attention": "wo product",
+    "attention_residual": "residual add",
+    "ffn_norm": "RMSNorm before the MLP",
+    "feed_forward": "the SwiGLU MLP: gate and up product (one matrix), SiLU gate, down product",
+    "ffn_residual": "residual add",
+    "norm": "final RMSNorm",
+    "logits": "LM head product",
+    "next": "after the model: argmax, the next id",
+}
+
+
+def decode_breakdown(model, prompt, n_tokens) -> dict[str, float]:
+    """Seconds per decode token spent in each part of the step, measured in place: the model's
+    trace hook stamps the time at every op it reports, and each interval is charged to the op
+    that ends it (see STEP_PARTS). The hook costs a function call per op."""
+    spent = dict.fromkeys(STEP_PARTS, 0.0)
+    last = [0.0]
+
+    def stamp(name, _array):
+        now = time.perf_counter()
+        part = name.split(".", 2)[2] if name.startswith("layers.") else name
+        part = "attention.q" if part in ("attention.k", "attention.v") else part
+        spent[part] += now - last[0]
+        last[0] = now
+
+    cache = model.new_cache(1)
+    logits = model(prompt[None], cache=cache)[0, -1]
+    for _ in range(n_tokens):
+        last[0] = time.perf_counter()
+        logits = model(np.array([[int(np.argmax(logits))]]), cache=cache, trace=stamp)[0, -1]
+        stamp("next", None)
+    return {part: t / n_tokens for part, t in spent.items()}
+
+
 def decode_bytes(model) -> int:
     """Bytes one decode step must read: every layer's matrices and norms, the final norm, the LM
     head, one embedding row (the KV cache of a short context is negligible and left out)."""
@@ -202,20 +251,30 @@ def main():
         if prefill is not None:
             prefill()
         decode()
+    round_bw = []             # each round's bandwidth: the mean of the best reads just before and just after it
     for r in range(args.repeats):
+        bw_before = max(measure_bandwidth(repeats=3).values())
         for name, (prefill, decode, _) in systems.items():
             if prefill is not None:
                 samples[name][0].append(timed(prefill))
             samples[name][1].append(decode())
+        round_bw.append((bw_before + max(measure_bandwidth(repeats=3).values())) / 2)
         print(f"(round {r + 1} of {args.repeats} done)", file=sys.stderr)
     rows = []
     for name, (pre_s, dec_s) in samples.items():
         pre = PROMPT_LEN / statistics.median(pre_s) if pre_s else None
-        rows.append((name, pre, args.tokens / statistics.median(dec_s), systems[name][2]))
+        nb = systems[name][2]
+        # each round's decode rate against the bound of the same round (bandwidth read just before and after it)
+        of_bound = [args.tokens / t / (b / nb) for t, b in zip(dec_s, round_bw)]
+        rows.append((name, pre, args.tokens / statistics.median(dec_s), nb, statistics.median(of_bound),
+                     min(of_bound), max(of_bound)))
+
+    breakdowns = [decode_breakdown(model, prompt, args.tokens) for _ in range(args.repeats)]
+    breakdown = {part: statistics.median(b[part] for b in breakdowns) for part in STEP_PARTS}
 
     # Bandwidth again at the end: on a shared machine it drifts, and the bound is the best seen.
     bws = {k: max(v, bws_end) for (k, v), bws_end in zip(bws.items(), measure_bandwidth().values())}
-    bw = max(bws.values())
+    bw = max(max(bws.values()), *round_bw)
     try:
         import torch
         versions = f"numpy {np.__version__}, torch {torch.__version__}"
@@ -226,18 +285,33 @@ def main():
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"date: {datetime.date.today()}; {versions}")
     print(f"command: .venv/bin/python bench/bench_cpu.py --tokens {args.tokens} --repeats {args.repeats}{flags}")
-    print(f"measured read bandwidth: {bws['dot'] / 1e9:.1f} GB/s (dot, one thread), {bws['gemv'] / 1e9:.1f} GB/s "
-          f"(matrix-vector, all threads); bound uses {bw / 1e9:.1f} GB/s")
-    print(f"bytes read per decode token: {nbytes / 1e6:.0f} MB float32; decode bound: {bw / nbytes:.1f} tok/s\n")
-    print("| system | prefill 128 tokens, tok/s | decode, tok/s | bytes / token | decode / its bound |")
-    print("|---|---|---|---|---|")
-    for name, pre, dec, nb in rows:
+    print(f"measured read bandwidth at the start and end: {bws['dot'] / 1e9:.1f} GB/s (dot, one thread), "
+          f"{bws['gemv'] / 1e9:.1f} GB/s (matrix-vector, all threads); in each round (the best of both read "
+          f"before and after it, averaged): {', '.join(f'{b / 1e9:.1f}' for b in round_bw)} GB/s; best of all: {bw / 1e9:.1f} GB/s")
+    print(f"bytes read per decode token: {nbytes / 1e6:.0f} MB float32; decode bound: "
+          f"{min(round_bw) / nbytes:.1f}-{max(round_bw) / nbytes:.1f} tok/s by round, {bw / nbytes:.1f} at the best bandwidth\n")
+    print("| system | prefill 128 tokens, tok/s | decode, tok/s | bytes / token | decode / its bound, same round: median (range) | decode / bound at the run's best bandwidth |")
+    print("|---|---|---|---|---|---|")
+    for name, pre, dec, nb, of_bound, lo, hi in rows:
         pre_s = "-" if pre is None else f"{pre:.0f}"
-        print(f"| {name} | {pre_s} | {dec:.1f} | {nb / 1e6:.0f} MB | {dec / (bw / nb):.0%} |")
+        print(f"| {name} | {pre_s} | {dec:.1f} | {nb / 1e6:.0f} MB | {of_bound:.0%} ({lo:.0%}-{hi:.0%}) | "
+              f"{dec / (bw / nb):.0%} |")
     np_dec = rows[0][2]
     print()
-    for name, _, dec, _ in rows[2:]:
+    for name, _, dec, *_ in rows[2:]:
         print(f"NumPy decode / {name}: {np_dec / dec:.2f}x")
+
+    total = sum(breakdown.values())
+    print(f"\nWhere the NumPy decode step's time goes (measured in place through the trace hook, "
+          f"median of {args.repeats} runs of {args.tokens} tokens; {total * 1e3:.1f} ms per token with the hook):\n")
+    print("| part of the step (all 30 layers together) | ms / token | share |")
+    print("|---|---|---|")
+    for part, what in STEP_PARTS.items():
+        if part == "attention_residual":
+            continue
+        t = breakdown[part] + (breakdown["attention_residual"] if part == "ffn_residual" else 0.0)
+        label = "residual adds (two per layer)" if part == "ffn_residual" else what
+        print(f"| {label} | {t * 1e3:.2f} | {t / total:.0%} |")
 
 
 if __name__ == "__main__":
