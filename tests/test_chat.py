@@ -351,7 +351,8 @@ def test_npllama_chat_in_a_pseudo_terminal():
     pexpect = pytest.importorskip("pexpect")
     default_model_path()                                   # fetched before the clock starts
     env = dict(os.environ, TERM="dumb", PYTHONUNBUFFERED="1")
-    child = pexpect.spawn(sys.executable, ["-m", "npllama.cli", "chat", "-n", "64", "--quiet"], cwd=str(REPO),
+    # -n 256: the story below must still be streaming when Ctrl-C arrives (64 tokens took ~1 s)
+    child = pexpect.spawn(sys.executable, ["-m", "npllama.cli", "chat", "-n", "256", "--quiet"], cwd=str(REPO),
                           env=env, encoding="utf-8", timeout=120, dimensions=(40, 200))
     try:
         prompt = re.escape(">>> ")
