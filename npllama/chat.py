@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -476,6 +478,11 @@ def chat_command(model_path, backend, device, system, template, context, max_new
     if not quiet:
         click.echo(f"npllama chat ({backend}, {session.window}-token window, {session.template_source} "
                    f"chat template)\n{COMMANDS_HELP}", err=True)
+    # Ctrl-C stops an answer: make sure it raises KeyboardInterrupt even if this process was started
+    # with SIGINT ignored (a parent such as a test runner's worker can pass that on, and Python then
+    # keeps ignoring it).
+    if threading.current_thread() is threading.main_thread():    # signal handlers live in the main thread
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
