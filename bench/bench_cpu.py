@@ -12,11 +12,12 @@ thread: the operation decode is made of). The host is shared and its bandwidth d
 percent over minutes, so it is read before and after every round of timings, and each system's
 decode rate in a round is set against the bound of that same round (the mean of the best read
 just before it and the best read just after it); the median over rounds is reported, with the
-range, and beside it the stricter ratio to the best bandwidth seen anywhere in the run. The "matmuls alone" row runs just the model's own
-matrix-vector products (every weight once, in the model's memory order, nothing else): what this
-BLAS reaches on matrices of these sizes, the floor under the NumPy decode step. Last, a table
-of where the NumPy decode step's time goes, part by part, timed in place through the model's
-trace hook.
+range, and beside it the stricter ratio to the best bandwidth seen anywhere in the run.
+
+The "matmuls alone" row runs just the model's own matrix-vector products (every weight once, in
+the model's memory order, nothing else): what this BLAS reaches on matrices of these sizes, the
+floor under the NumPy decode step. Last, a table of where the NumPy decode step's time goes, part
+by part, timed in place through the model's trace hook.
 
 Torch rows use the backend's fast path (parity.fast.FastDecoder): float32 eager, and bfloat16
 weights eager and compiled with torch.compile (inductor; the first call compiles, ~2 minutes on 2
@@ -164,17 +165,19 @@ def system_parity(np_model, prompt, n_tokens, dtype="float32", compile=None):
     return prefill, decode, decoder.weights.decode_bytes()
 
 
-# What runs between one trace point of the model and the next (the trace names, without "layers.{i}.").
+# What runs between one trace point of the model and the next (the trace names, without "layers.{i}.";
+# attention.k and .v join attention.q, and both residual points are "residual").
+MERGED_PARTS = {"attention.k": "attention.q", "attention.v": "attention.q",
+                "attention_residual": "residual", "ffn_residual": "residual"}
 STEP_PARTS = {
     "tok_embeddings": "before the layers: id check, cache reservation, rotary table, embedding row",
     "attention_norm": "RMSNorm before attention",
     "attention.q": "the q, k, v product (one matrix), rotary embedding of q and k",
     "attention.scores_v": "cache write, attention over the cache (scores, softmax, @ v)",
     "attention": "wo product",
-    "attention_residual": "residual add",
     "ffn_norm": "RMSNorm before the MLP",
     "feed_forward": "the SwiGLU MLP: gate and up product (one matrix), SiLU gate, down product",
-    "ffn_residual": "residual add",
+    "residual": "residual adds (two per layer)",
     "norm": "final RMSNorm",
     "logits": "LM head product",
     "next": "after the model: argmax, the next id",
@@ -191,7 +194,7 @@ def decode_breakdown(model, prompt, n_tokens) -> dict[str, float]:
     def stamp(name, _array):
         now = time.perf_counter()
         part = name.split(".", 2)[2] if name.startswith("layers.") else name
-        part = "attention.q" if part in ("attention.k", "attention.v") else part
+        part = MERGED_PARTS.get(part, part)
         spent[part] += now - last[0]
         last[0] = now
 
@@ -304,14 +307,10 @@ def main():
     total = sum(breakdown.values())
     print(f"\nWhere the NumPy decode step's time goes (measured in place through the trace hook, "
           f"median of {args.repeats} runs of {args.tokens} tokens; {total * 1e3:.1f} ms per token with the hook):\n")
-    print("| part of the step (all 30 layers together) | ms / token | share |")
+    print(f"| part of the step (all {model.config.n_layers} layers together) | ms / token | share |")
     print("|---|---|---|")
     for part, what in STEP_PARTS.items():
-        if part == "attention_residual":
-            continue
-        t = breakdown[part] + (breakdown["attention_residual"] if part == "ffn_residual" else 0.0)
-        label = "residual adds (two per layer)" if part == "ffn_residual" else what
-        print(f"| {label} | {t * 1e3:.2f} | {t / total:.0%} |")
+        print(f"| {what} | {breakdown[part] * 1e3:.2f} | {breakdown[part] / total:.0%} |")
 
 
 if __name__ == "__main__":
