@@ -207,6 +207,20 @@ def decode_breakdown(model, prompt, n_tokens) -> dict[str, float]:
     return {part: t / n_tokens for part, t in spent.items()}
 
 
+def cpu_description() -> str:
+    """The CPU's model name and widest vector units, from /proc/cpuinfo (the VM lands on different hosts)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    units = [u for u, f in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"),
+                            ("AMX", "amx_tile")) if f in flags]
+    return f"{name} ({', '.join(units) or 'no AVX2'})"
+
+
 def decode_bytes(model) -> int:
     """Bytes one decode step must read: every layer's matrices and norms, the final norm, the LM
     head, one embedding row (the KV cache of a short context is negligible and left out)."""
@@ -285,7 +299,7 @@ def main():
         versions = f"numpy {np.__version__}"
     flags = "".join(f" --{f.replace('_', '-')}" for f in ("skip_transformers", "skip_torch", "skip_compile")
                     if getattr(args, f))
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    print(f"machine: {cpu_description()}, {os.cpu_count()} cores; "
           f"date: {datetime.date.today()}; {versions}")
     print(f"command: .venv/bin/python bench/bench_cpu.py --tokens {args.tokens} --repeats {args.repeats}{flags}")
     print(f"measured read bandwidth at the start and end: {bws['dot'] / 1e9:.1f} GB/s (dot, one thread), "
@@ -303,6 +317,12 @@ def main():
     print()
     for name, _, dec, *_ in rows[2:]:
         print(f"NumPy decode / {name}: {np_dec / dec:.2f}x")
+    for name, _, dec, nb, of_bound, *_ in rows[2:]:
+        if name.startswith("transformers"):
+            # No decoder that reads these float32 weights once per token can beat the bound, so the bound
+            # over transformers' rate is the largest speed-up over it that this machine allows.
+            print(f"The most any float32 decoder can reach over {name} on this machine: its bound over its "
+                  f"rate, {1 / of_bound:.2f}x in the same rounds ({bw / nb / dec:.2f}x at the run's best bandwidth)")
 
     total = sum(breakdown.values())
     print(f"\nWhere the NumPy decode step's time goes (measured in place through the trace hook, "
