@@ -16,8 +16,9 @@ range, and beside it the stricter ratio to the best bandwidth seen anywhere in t
 
 The "matmuls alone" row runs just the model's own matrix-vector products (every weight once, in
 the model's memory order, nothing else): what this BLAS reaches on matrices of these sizes, the
-floor under the NumPy decode step. Last, a table of where the NumPy decode step's time goes, part
-by part, timed in place through the model's trace hook.
+floor under the NumPy decode step. Beside the speed-ups over transformers, the largest one any
+float32 decoder could reach here: the bound over transformers' own rate. Last, a table of where
+the NumPy decode step's time goes, part by part, timed in place through the model's trace hook.
 
 Torch rows use the backend's fast path (parity.fast.FastDecoder): float32 eager, and bfloat16
 weights eager and compiled with torch.compile (inductor; the first call compiles, ~2 minutes on 2
@@ -213,9 +214,12 @@ def cpu_description() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine()
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                platform.machine())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    fields = {}                                  # the first CPU's "key : value" lines
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", platform.machine())
+    flags = set(fields.get("flags", "").split())
     units = [u for u, f in (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX512-BF16", "avx512_bf16"),
                             ("AMX", "amx_tile")) if f in flags]
     return f"{name} ({', '.join(units) or 'no AVX2'})"
@@ -315,9 +319,8 @@ def main():
               f"{dec / (bw / nb):.0%} |")
     np_dec = rows[0][2]
     print()
-    for name, _, dec, *_ in rows[2:]:
-        print(f"NumPy decode / {name}: {np_dec / dec:.2f}x")
     for name, _, dec, nb, of_bound, *_ in rows[2:]:
+        print(f"NumPy decode / {name}: {np_dec / dec:.2f}x")
         if name.startswith("transformers"):
             # No decoder that reads these float32 weights once per token can beat the bound, so the bound
             # over transformers' rate is the largest speed-up over it that this machine allows.
