@@ -6,7 +6,7 @@ Measures on this machine, float32, batch 1, causal prefill (q_len == kv_len):
      shape is one GQA group of SmolLM2-135M: 3 query heads sharing 1 kv head, head_dim 64
      (the whole layer is 3 such groups; a naive 16K pass over all 9 heads would need ~30 GB);
   2. the crossover: both at short lengths with a full SmolLM2-135M layer (9 heads, 3 kv heads),
-     which sets npllama.model.FLASH_MIN_LEN;
+     which sets npllama.layout.FLASH_MIN_LEN;
   3. decoding: one query per head against a cache of 128 to 8K keys, a full SmolLM2-135M layer,
      npllama's naive attention (one matrix-vector product per query head, its kv head broadcast
      over the group) against the same maths with each kv head's n_rep queries stacked as the rows
@@ -38,9 +38,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from npllama.attention import BLOCK_K, BLOCK_Q, flash_attention, naive_attention  # noqa: E402
+from npllama.attention import flash_attention, naive_attention  # noqa: E402
 from npllama.config import ModelArgs  # noqa: E402
-from npllama.model import FLASH_MIN_LEN, Transformer, init_params  # noqa: E402
+from npllama.layout import BLOCK_K, BLOCK_Q, FLASH_MIN_LEN  # noqa: E402
+from npllama.model import Transformer  # noqa: E402
+from npllama.params import init_params  # noqa: E402
 
 IMPLS = {"naive": naive_attention, "flash": flash_attention}
 
@@ -194,7 +196,7 @@ def main():
     except (OSError, StopIteration):
         pass
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    print("## Attention (issue 4)\n")
+    print("## Attention\n")
     print(f"machine: {cpu}, {os.cpu_count()} cores, {available_bytes() / 2**30:.0f} GiB free; "
           f"date: {datetime.date.today()}; numpy {np.__version__}, "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")

@@ -18,7 +18,8 @@ The "matmuls alone" row runs just the model's own matrix-vector products (every 
 the model's memory order, nothing else): what this BLAS reaches on matrices of these sizes, the
 floor under the NumPy decode step. Beside the speed-ups over transformers, the largest one any
 float32 decoder could reach here: the bound over transformers' own rate. Last, a table of where
-the NumPy decode step's time goes, part by part, timed in place through the model's trace hook.
+the NumPy decode step's time goes, part by part, timed in place (npllama.model's functions
+wrapped with a timer for the run).
 
 Torch rows use the backend's fast path (parity.fast.FastDecoder): float32 eager, and bfloat16
 weights eager and compiled with torch.compile (inductor; the first call compiles, ~2 minutes on 2
@@ -85,10 +86,10 @@ def system_matmuls(model, prompt, n_tokens):
 
     def step():
         for layer in model.layers:
-            x @ layer["wqkv"]
-            xo @ layer["wo"]
-            x @ layer["w13"]
-            xh @ layer["w2"]
+            x @ layer.wqkv
+            xo @ layer.wo
+            x @ layer.w13
+            xh @ layer.w2
         x @ model.output
 
     def decode():                               # n_tokens steps, timed as the NumPy decode is
@@ -166,45 +167,64 @@ def system_parity(np_model, prompt, n_tokens, dtype="float32", compile=None):
     return prefill, decode, decoder.weights.decode_bytes()
 
 
-# What runs between one trace point of the model and the next (the trace names, without "layers.{i}.";
-# attention.k and .v join attention.q, and both residual points are "residual").
-MERGED_PARTS = {"attention.k": "attention.q", "attention.v": "attention.q",
-                "attention_residual": "residual", "ffn_residual": "residual"}
+# The parts of a decode step: npllama.model's functions, timed in place by wrapping them for the
+# run (the wrapper costs a clock read per call); "the rest" is what the step spends outside them.
 STEP_PARTS = {
-    "tok_embeddings": "before the layers: id check, cache reservation, rotary table, embedding row",
-    "attention_norm": "RMSNorm before attention",
-    "attention.q": "the q, k, v product (one matrix), rotary embedding of q and k",
-    "attention.scores_v": "cache write, attention over the cache (scores, softmax, @ v)",
-    "attention": "wo product",
-    "ffn_norm": "RMSNorm before the MLP",
+    "rms_norm": "RMSNorm (two per layer, and the final one)",
+    "wqkv": "the q, k, v product (one matrix)",
+    "rotary": "rotary embedding of q and k",
+    "cache": "cache write",
+    "attention": "attention over the cache (scores, softmax, @ v)",
+    "wo": "wo product",
     "feed_forward": "the SwiGLU MLP: gate and up product (one matrix), SiLU gate, down product",
-    "residual": "residual adds (two per layer)",
-    "norm": "final RMSNorm",
     "logits": "LM head product",
-    "next": "after the model: argmax, the next id",
+    "rest": "the rest: id check, rotary table, embedding row, reshapes, residual adds, argmax",
 }
 
 
 def decode_breakdown(model, prompt, n_tokens) -> dict[str, float]:
-    """Seconds per decode token spent in each part of the step, measured in place: the model's
-    trace hook stamps the time at every op it reports, and each interval is charged to the op
-    that ends it (see STEP_PARTS). The hook costs a function call per op."""
+    """Seconds per decode token spent in each part of the step (STEP_PARTS), measured in place:
+    npllama.model's functions are wrapped with a timer for the run and restored afterwards."""
+    import npllama.model as spec
+
     spent = dict.fromkeys(STEP_PARTS, 0.0)
-    last = [0.0]
+    wqkv = {id(layer.wqkv) for layer in model.layers}
 
-    def stamp(name, _array):
-        now = time.perf_counter()
-        part = name.split(".", 2)[2] if name.startswith("layers.") else name
-        part = MERGED_PARTS.get(part, part)
-        spent[part] += now - last[0]
-        last[0] = now
+    def timed(fn, part_of):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent[part_of(args)] += time.perf_counter() - t
+            return out
+        return wrapper
 
+    originals = {name: getattr(spec, name) for name in
+                 ("rms_norm", "linear", "apply_rotary_emb", "scaled_dot_product_attention", "feed_forward")}
+    parts = {"rms_norm": lambda a: "rms_norm", "linear": lambda a: "wqkv" if id(a[1]) in wqkv else "wo",
+             "apply_rotary_emb": lambda a: "rotary", "scaled_dot_product_attention": lambda a: "attention",
+             "feed_forward": lambda a: "feed_forward"}
     cache = model.new_cache(1)
     logits = model(prompt[None], cache=cache)[0, -1]
+    real_update = cache.update
+    cache.update = timed(real_update, lambda a: "cache")
+    for name, fn in originals.items():
+        setattr(spec, name, timed(fn, parts[name]))
+    try:
+        head = model.output
+        start = time.perf_counter()
+        for _ in range(n_tokens):
+            logits = model(np.array([[int(np.argmax(logits))]]), cache=cache)[0, -1]
+        total = time.perf_counter() - start
+    finally:
+        for name, fn in originals.items():
+            setattr(spec, name, fn)
+    # the LM head is one product in Transformer.__call__; time it alone, as the step runs it
+    h = np.random.default_rng(0).standard_normal((1, 1, head.shape[0])).astype(model.dtype)
+    t = time.perf_counter()
     for _ in range(n_tokens):
-        last[0] = time.perf_counter()
-        logits = model(np.array([[int(np.argmax(logits))]]), cache=cache, trace=stamp)[0, -1]
-        stamp("next", None)
+        h @ head
+    spent["logits"] = time.perf_counter() - t
+    spent["rest"] = max(0.0, total - sum(spent.values()))
     return {part: t / n_tokens for part, t in spent.items()}
 
 
@@ -230,7 +250,7 @@ def decode_bytes(model) -> int:
     head, one embedding row (the KV cache of a short context is negligible and left out)."""
     total = model.output.nbytes + model.norm.nbytes + model.tok_embeddings[0].nbytes
     for layer in model.layers:
-        total += sum(a.nbytes for a in layer.values())
+        total += sum(a.nbytes for a in vars(layer).values() if isinstance(a, np.ndarray))
     return total
 
 
@@ -328,8 +348,8 @@ def main():
                   f"rate, {1 / of_bound:.2f}x in the same rounds ({bw / nb / dec:.2f}x at the run's best bandwidth)")
 
     total = sum(breakdown.values())
-    print(f"\nWhere the NumPy decode step's time goes (measured in place through the trace hook, "
-          f"median of {args.repeats} runs of {args.tokens} tokens; {total * 1e3:.1f} ms per token with the hook):\n")
+    print(f"\nWhere the NumPy decode step's time goes (npllama.model's functions timed in place, "
+          f"median of {args.repeats} runs of {args.tokens} tokens; {total * 1e3:.1f} ms per token with the timers):\n")
     print(f"| part of the step (all {model.config.n_layers} layers together) | ms / token | share |")
     print("|---|---|---|")
     for part, what in STEP_PARTS.items():

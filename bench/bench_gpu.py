@@ -119,10 +119,9 @@ def load_model(name: str, device, dtype):
 def fast_weights(hf_model, dtype):
     """The fast path's weights from the transformers model's own tensors (the same values)."""
     import parity
-    from npllama.config import ModelArgs
-    from npllama.formats.hf import npllama_name
+    from npllama.formats.hf import args_from_config, npllama_name
     from parity.fast import FastWeights
-    args = ModelArgs.from_hf(hf_model.config.to_dict())
+    args = args_from_config(hf_model.config.to_dict())
     params = {}
     for hf_name, t in hf_model.state_dict().items():
         name = npllama_name(hf_name)

@@ -5,7 +5,7 @@ memory as (in, out) rows (C order) or as nn.Linear's (out, in) rows seen through
 (F order). The arithmetic is the same; the speed of OpenBLAS's matrix-vector product is not.
 This script times one decode step's products alone (every layer's wqkv, wo, w13, w2 and the LM
 head, float32, batch 1) with all matrices C order, then with one kind at a time in F order, and
-with npllama's choice (npllama.model.IN_OUT_IN_MEMORY). Rounds are interleaved so that a drift in
+with npllama's choice (npllama.layout.IN_OUT_IN_MEMORY). Rounds are interleaved so that a drift in
 the machine's speed hits every variant alike; the median of the rounds' best times is reported.
 
     .venv/bin/python bench/bench_layout.py [--rounds 7]
@@ -41,7 +41,7 @@ def matrices(model, f_kinds) -> list[np.ndarray]:
     """The step's matrices in call order, each (in, out), those of f_kinds in F order."""
     out = []
     for layer in model.layers:
-        out += [(f_order if k in f_kinds else c_order)(layer[k]) for k in KINDS[:4]]
+        out += [(f_order if k in f_kinds else c_order)(getattr(layer, k)) for k in KINDS[:4]]
     out.append((f_order if "output" in f_kinds else c_order)(model.output))
     return out
 
@@ -63,7 +63,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import npllama
-    from npllama.model import IN_OUT_IN_MEMORY
+    from npllama.layout import IN_OUT_IN_MEMORY
     from npllama.weights import default_model_path
     model = npllama.load(default_model_path(), progress=False)
     chosen = tuple(k for k in KINDS if k not in IN_OUT_IN_MEMORY)

@@ -2,16 +2,14 @@
 
     .venv/bin/python docs/plot_rope.py [output.png]
 
-Every curve comes from npllama.rope.rope_init, the same table the model uses. The example head
+Every curve comes from npllama.rope_scaling.rope_init, the same table the model uses. The example head
 is Llama 3's: head_dim 128, rope_theta 500000, trained on 8192 positions, extended by 8.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -22,7 +20,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from npllama.config import ModelArgs  # noqa: E402
-from npllama.rope import rope_init  # noqa: E402
+from npllama.io import atomic_write  # noqa: E402
+from npllama.rope_scaling import rope_init  # noqa: E402
 
 HEAD_DIM, THETA, OLD_CTX, FACTOR = 128, 500000.0, 8192, 8.0
 
@@ -71,16 +70,8 @@ def main(out: Path) -> None:
     ax_r.legend(fontsize=8, loc="upper left")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".png")   # never leave a half-written file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_write(out) as f:                 # never leave a half-written file
+        fig.savefig(f, format="png", dpi=110)
     print(f"wrote {out}")
 
 

@@ -5,8 +5,9 @@
     ids = model.tokenizer.encode("The capital of France is")
     logits = model([ids])                     # (batch, seq, vocab) float32
 
-Read the spec top to bottom: config -> norm -> rope -> attention -> mlp -> cache -> model ->
-sampling -> generate. Loaders for Hugging Face, Meta and GGUF files live in npllama.formats.
+Read the spec top to bottom: config -> norm -> rope (-> rope_scaling) -> attention -> mlp ->
+cache -> model -> sampling -> generate (docs/reading.md has one line per file). Loaders for
+Hugging Face, Meta and GGUF files live in npllama.formats; performance choices in layout.py.
 """
 
 from .config import ModelArgs

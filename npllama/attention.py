@@ -22,6 +22,7 @@ import math
 import numpy as np
 
 from .errors import InputError
+from .layout import BLOCK_K, BLOCK_Q
 
 
 def repeat_kv(x: np.ndarray, n_rep: int) -> np.ndarray:
@@ -58,11 +59,7 @@ def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = 
 
     q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim)
     -> (batch, n_heads, q_len, head_dim). Materialises the (q_len, kv_len) score matrix per head.
-
-    Each query head is its own product against its kv head, broadcast over the group: when
-    decoding (q_len 1) that is one matrix-vector product per head, which makes one SmolLM2-135M
-    layer's decode attention 1.1-2.2x faster on the 2-core CPU than one n_rep-row matrix product
-    per kv head (bench/RESULTS.md, section 2).
+    Each query head is its own product against its kv head, broadcast over the group.
     """
     b, n_heads, q_len, d = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -77,13 +74,6 @@ def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = 
     probs = probs.astype(q.dtype, copy=False)                # float32 softmax, back to q's dtype
     out = probs @ v[:, :, None]                              # (b, n_kv, n_rep, q_len, d)
     return out.reshape(b, n_heads, q_len, d)
-
-
-# Default tile sizes. On a 2-core CPU with a 1 MiB L2 cache per core, a tile of 128 queries by 512
-# keys (for every head at once: 9 heads x 128 x 512 float32 is 2.4 MB) keeps the score tile near
-# the caches while leaving few enough tiles that Python's loop costs little (bench/RESULTS.md).
-BLOCK_Q = 128
-BLOCK_K = 512
 
 
 def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True,

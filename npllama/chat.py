@@ -33,18 +33,13 @@ from __future__ import annotations
 
 import functools
 import json
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable, Iterator, Sequence
 
-import click
-
-from .cli import model_option, sampling_options
 from .errors import InputError, TokenizerError
+from .generate import generate, stream_text
 from .sampling import SamplingSettings
 
 # ------------------------------------------------------------------------------------ built-ins
@@ -263,9 +258,9 @@ class ChatSession:
             print(piece, end="", flush=True)
         session.last_turn      # TurnStats: tokens reused from the cache, prefilled, generated, ...
 
-    The backend is pluggable: ``model`` is anything with ``.config``, ``.tokenizer``,
-    ``new_cache(batch, max_seq_len)`` and a ``generate_fn`` with npllama.generate's signature
-    (``parity.generate.generate`` for a Torch model from ``parity.from_numpy``).
+    The backend is pluggable: ``model`` is anything with ``.config``, ``.tokenizer`` and
+    ``new_cache(batch, max_seq_len)``, and ``generate_fn`` anything with npllama.generate's
+    signature (the Torch backend plugs in its twins).
 
     max_seq_len: the window the conversation must fit (default: the model's context).
     on_drop(n): called when the n oldest turns were dropped to make room.
@@ -283,11 +278,9 @@ class ChatSession:
         window = model.config.max_seq_len
         if max_seq_len is not None and not 0 < max_seq_len <= window:
             raise InputError(f"max_seq_len must lie in 1..{window} (the model's context window), got {max_seq_len!r}")
-        if generate_fn is None:
-            from .generate import generate as generate_fn
         self.model = model
         self.tokenizer = model.tokenizer
-        self.generate_fn = generate_fn
+        self.generate_fn = generate_fn or generate
         self.settings = settings
         self.seed = seed
         self.max_new_tokens = max_new_tokens
@@ -369,8 +362,6 @@ class ChatSession:
             dropped += 1
 
     def _turn(self, message: str) -> Iterator[str]:
-        from .generate import stream_text
-
         start = time.perf_counter()
         self.messages.append({"role": "user", "content": message})
         try:
@@ -420,108 +411,3 @@ class ChatSession:
     def ask(self, message: str) -> str:
         """send() and return the whole answer."""
         return "".join(self.send(message))
-
-
-# ------------------------------------------------------------------------------------ terminal
-PROMPT = ">>> "
-COMMANDS_HELP = ("/reset: start a new conversation   /system TEXT: set the system prompt (empty: remove it)\n"
-                 "/quit or Ctrl-D: leave              Ctrl-C: stop the answer being written")
-
-
-def _load_backend(model_path, backend: str, device: str | None, quiet: bool):
-    """(model, generate function) for the chosen backend; the Torch twin shares npllama's loaders."""
-    from .formats import load
-
-    model = load(model_path, progress=not quiet)
-    if backend == "numpy":
-        from .generate import generate
-        return model, generate
-    import parity
-    from parity.generate import generate
-    return parity.from_numpy(model, device=device), generate
-
-
-@click.command(name="chat", help=(
-    "Chat with a model in the terminal, streaming answers and keeping the KV cache.\n\n"
-    "\b\nIn the chat:\n" + COMMANDS_HELP))
-@model_option
-@click.option("--backend", type=click.Choice(["numpy", "torch"]), default="numpy", show_default=True,
-              help="numpy: the reference; torch: the parity/ twin (needs torch).")
-@click.option("--device", default=None, help="Torch device with --backend torch (default: cpu).")
-@click.option("--system", "-s", default=None, help="System prompt.")
-@click.option("--template", default=None, metavar="NAME|FILE",
-              help="Chat template: llama2, llama3, chatml, or a Jinja file (default: the model's own).")
-@click.option("--context", "context", type=click.IntRange(min=1), default=None,
-              help="Use at most this many positions (default: the model's context window).")
-@sampling_options
-@click.option("--stats", is_flag=True, help="After each answer, show the tokens reused, read and generated.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no banner.")
-def chat_command(model_path, backend, device, system, template, context, max_new_tokens, temperature,
-                 top_k, top_p, seed, stats, quiet):
-    """Read a line, stream the answer, repeat; commands start with a slash."""
-    settings = SamplingSettings(temperature, top_k, top_p)       # checked before the slow load
-    if template is not None and template not in BUILTIN_TEMPLATES:
-        try:
-            with open(template, encoding="utf-8") as f:
-                template = f.read()
-        except OSError as e:
-            raise InputError(f"--template {template!r}: not a built-in (llama2, llama3, chatml) and not a "
-                             f"readable file ({e.strerror})") from None
-    model, generate_fn = _load_backend(model_path, backend, device, quiet)
-
-    def on_drop(n: int) -> None:
-        click.secho(f"[the context window is full: dropped the oldest {n} turn{'s' * (n != 1)}]",
-                    err=True, fg="yellow")
-
-    session = ChatSession(model, system, settings, seed, max_new_tokens, generate_fn=generate_fn,
-                          template=template, max_seq_len=context, on_drop=on_drop)
-    if not quiet:
-        click.echo(f"npllama chat ({backend}, {session.window}-token window, {session.template_source} "
-                   f"chat template)\n{COMMANDS_HELP}", err=True)
-    # Ctrl-C stops an answer: make sure it raises KeyboardInterrupt even if this process was started
-    # with SIGINT ignored (a parent such as a test runner's worker can pass that on, and Python then
-    # keeps ignoring it).
-    if threading.current_thread() is threading.main_thread():    # signal handlers live in the main thread
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
-    while True:
-        try:
-            line = input(PROMPT)
-        except EOFError:
-            click.echo()
-            break
-        except KeyboardInterrupt:
-            click.echo("\n(/quit or Ctrl-D to leave)", err=True)
-            continue
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            command, _, arg = line.partition(" ")
-            if command in ("/quit", "/exit", "/bye"):
-                break
-            if command == "/reset":
-                session.reset()
-                click.echo("[new conversation]", err=True)
-            elif command == "/system":
-                session.set_system(arg.strip() or None)
-                click.echo(f"[system prompt {'set' if arg.strip() else 'removed'}]", err=True)
-            else:
-                click.echo(f"unknown command {command!r}\n{COMMANDS_HELP}", err=True)
-            continue
-        pieces = session.send(line)
-        try:
-            for piece in pieces:
-                click.echo(piece, nl=False)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            pieces.close()
-            click.echo(" [stopped]", nl=False)
-        click.echo()
-        if stats:
-            s = session.last_turn
-            click.echo(f"[{s.reused} tokens reused from the cache, {s.prefilled} read, {s.generated} generated "
-                       f"in {s.seconds:.1f}s; {s.stopped}]", err=True)

@@ -16,6 +16,7 @@ import numpy as np
 from .cache import KVCache
 from .errors import InputError
 from .sampling import SamplingSettings, sample, uniforms
+from .tokenizer import StreamDecoder
 
 
 def check_budget(prompt_len: int, cached: int, window: int, max_new_tokens: int) -> int:
@@ -56,37 +57,30 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 128,
 
 
 def stream_text(tokenizer, tokens: Iterable[int], skip_ids: Iterable[int] = ()) -> Iterator[str]:
-    """Turn a stream of token ids into a stream of text pieces.
+    """Turn a stream of token ids into a stream of text pieces (tokenizer.StreamDecoder).
 
-    Decodes everything generated so far and emits what is new; a piece that ends in an incomplete
-    UTF-8 sequence (decoded as U+FFFD) is held back until the next token completes it.
+    A token that ends inside a UTF-8 character is held back until the next one completes it;
+    ids in skip_ids (stop tokens) are not shown.
     """
     skip = set(skip_ids)
-    ids: list[int] = []
-    emitted = ""
+    decoder = StreamDecoder(tokenizer)
     for t in tokens:
-        if t in skip:
-            continue
-        ids.append(t)
-        text = tokenizer.decode(ids)
-        if text.endswith("\ufffd"):
-            continue
-        if text.startswith(emitted):
-            piece, emitted = text[len(emitted):], text
-            if piece:
-                yield piece
-    text = tokenizer.decode(ids) if ids else ""
-    if text.startswith(emitted) and len(text) > len(emitted):
-        yield text[len(emitted):]
+        if t not in skip and (piece := decoder.push(t)):
+            yield piece
+    if tail := decoder.flush():
+        yield tail
 
 
 def generate_text(model, prompt: str, max_new_tokens: int = 128,
                   settings: SamplingSettings = SamplingSettings(), seed: int | None = None,
-                  stop_ids: Iterable[int] | None = None) -> Iterator[str]:
-    """Encode prompt, generate, and stream the continuation as text (stop tokens not shown)."""
+                  stop_ids: Iterable[int] | None = None, *, generate_fn=generate) -> Iterator[str]:
+    """Encode prompt, generate, and stream the continuation as text (stop tokens not shown).
+
+    generate_fn: the token generator (this module's ``generate``, or the Torch backend's twin).
+    """
     if not prompt:
         raise InputError("the prompt is empty: give some text to continue")
     tok = model.tokenizer
     stops = set(tok.eos_ids if stop_ids is None else stop_ids) | set(model.config.eos_token_ids if stop_ids is None else ())
     ids = tok.encode(prompt)
-    return stream_text(tok, generate(model, ids, max_new_tokens, settings, seed, stops), skip_ids=stops)
+    return stream_text(tok, generate_fn(model, ids, max_new_tokens, settings, seed, stops), skip_ids=stops)

@@ -4,15 +4,17 @@ Every writer in npllama goes through :func:`atomic_write`: the bytes go to a tem
 destination's directory, are flushed and fsync'd, and only then ``os.replace`` puts the file in
 place, which POSIX and Windows both make atomic within one file system. Readers see either the old
 file or the new one, never a torn one; on any error the temporary file is removed.
+:func:`write_folder` does the same for a whole folder of files (a checkpoint).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator, Mapping
 
 
 def _umask() -> int:
@@ -72,3 +74,46 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | os.PathLike], overwrite: bool = False,
+                 check: Callable[[Path], None] | None = None) -> Path:
+    """Write a whole folder at once: every file lands under a temporary name, then one rename.
+
+    files: name -> bytes, or name -> Path of a file to copy. check(tmp_folder), if given, can
+    refuse the written folder (by raising) before it is put in place. A reader sees either no
+    folder or the complete one; a crash leaves at most a hidden ``.name.tmp-*`` sibling. With
+    overwrite, an existing folder is moved aside first and deleted after the rename.
+    """
+    from .errors import CheckpointError
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite and (not folder.is_dir() or any(folder.iterdir())):
+        raise CheckpointError(f"{folder} already exists and is not empty; choose a new output folder "
+                              f"(or pass --overwrite)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        for name, content in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, (bytes, bytearray, memoryview)):
+                with atomic_write(tmp / name) as f:
+                    f.write(content)
+            else:
+                with open(content, "rb") as src, atomic_write(tmp / name) as f:
+                    shutil.copyfileobj(src, f)
+        if check is not None:
+            check(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        _fsync_directory(folder.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder

@@ -6,34 +6,24 @@
         h = h + feed_forward(ffn_norm(h))         # SwiGLU
     logits = norm(h) @ output                      # output is tok_embeddings^T when tied
 
-Weights arrive from a loader (npllama.formats) as a flat dict in Meta's names and nn.Linear's
-(out, in) layout, with q/k rows in the rotate-half layout:
+Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models", section 2.2: a
+Transformer decoder with pre-normalization (RMSNorm), the SwiGLU activation and rotary embeddings;
+Llama 2 adds grouped-query attention.
 
-    tok_embeddings.weight                      (vocab, dim)
-    layers.{i}.attention_norm.weight           (dim,)
-    layers.{i}.attention.wq.weight             (n_heads * head_dim, dim)      [.bias optional]
-    layers.{i}.attention.wk.weight, wv         (n_kv_heads * head_dim, dim)   [.bias optional]
-    layers.{i}.attention.wo.weight             (dim, n_heads * head_dim)      [.bias optional]
-    layers.{i}.ffn_norm.weight                 (dim,)
-    layers.{i}.feed_forward.w1.weight, w3      (hidden_dim, dim)              [.bias optional]
-    layers.{i}.feed_forward.w2.weight          (dim, hidden_dim)              [.bias optional]
-    norm.weight                                (dim,)
-    output.weight                              (vocab, dim), absent when tied
+Weights arrive as a flat dict in checkpoint names and (out, in) layout (params.py) and are arranged
+once for compute (layout.py): every matrix is used as ``x @ w`` with w (in, out), and wq|wk|wv and
+w1|w3 sit side by side so that each group is one product. ``state_dict()`` gives the checkpoint
+names and layout back.
 
-``Transformer`` holds each linear weight as an (in, out) array, so every projection is ``x @ w``;
-wq|wk|wv and w1|w3 are placed side by side so that each pair or triple of projections of the same
-input is one matrix product (``_prepare_layer``). ``state_dict()`` gives the checkpoint names and
-layout back.
-
-Memory order is a separate, load-time choice that changes no arithmetic: decoding is one
-matrix-vector product per weight, and which order OpenBLAS streams faster depends on the matrix's
-shape. ``IN_OUT_IN_MEMORY`` lists the matrices stored (in, out) row-major; the others (wqkv and
-w2) keep nn.Linear's (out, in) rows in memory and are used through a transposed view, which
-decodes SmolLM2-135M ~10% faster on this project's 2-core CPU (bench/RESULTS.md).
+Tracing. ``model(ids, trace=fn)`` calls ``fn(name, array)`` with every named intermediate of the
+call: ``tok_embeddings``; per layer ``layers.{i}.`` + each of LAYER_TRACE_NAMES; ``norm``;
+``logits``. The parity report (parity/report.py) compares the Torch backend's intermediates with
+these, name by name; ``trace_names`` lists them in the order they are computed.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
@@ -41,114 +31,90 @@ import numpy as np
 from .attention import flash_attention, naive_attention
 from .cache import KVCache
 from .config import ModelArgs
-from .errors import CheckpointError, InputError
+from .errors import InputError
+from .layout import choose_attention, compute_matrix, fuse_params, split_params
 from .mlp import feed_forward, linear
 from .norm import rms_norm
-from .rope import apply_rotary_emb, rope_cos_sin, rope_init
+from .params import check_params
+from .rope import apply_rotary_emb, rope_cos_sin
+from .rope_scaling import rope_init
 
 Trace = Callable[[str, np.ndarray], None]
 
-# Matrices stored (in, out) row-major; every other one is an (in, out) view of (out, in) memory.
-IN_OUT_IN_MEMORY = frozenset({"wo", "w13", "output"})
-
-# Sequences at least this long go through blockwise attention when attention="auto": on the
-# 2-core CPU, one SmolLM2-135M layer's attention is 1.7x faster blockwise at 512 keys and even at
-# 256 (bench/RESULTS.md, "Crossover"); below that the tiles' Python loop costs more than it saves.
-FLASH_MIN_LEN = 512
+# The intermediates of one layer, in the order they are computed (q and k after rotary;
+# scores_v: softmax(q k^T / sqrt(head_dim)) v, before wo).
+LAYER_TRACE_NAMES = ("attention_norm", "attention.q", "attention.k", "attention.v", "attention.scores_v",
+                     "attention", "attention_residual", "ffn_norm", "feed_forward", "ffn_residual")
 
 
-def param_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every tensor name a checkpoint must provide, with its (out, in) shape."""
-    d, hd, hid = args.dim, args.head_dim, args.hidden_dim
-    shapes: dict[str, tuple[int, ...]] = {"tok_embeddings.weight": (args.vocab_size, d),
-                                          "norm.weight": (d,)}
-    if not args.tie_word_embeddings:
-        shapes["output.weight"] = (args.vocab_size, d)
-    for i in range(args.n_layers):
-        p = f"layers.{i}."
-        shapes[p + "attention_norm.weight"] = (d,)
-        shapes[p + "ffn_norm.weight"] = (d,)
-        for name, out in (("wq", args.n_heads * hd), ("wk", args.n_kv_heads * hd), ("wv", args.n_kv_heads * hd)):
-            shapes[p + f"attention.{name}.weight"] = (out, d)
-            if args.attention_bias:
-                shapes[p + f"attention.{name}.bias"] = (out,)
-        shapes[p + "attention.wo.weight"] = (d, args.n_heads * hd)
-        if args.attention_out_bias:
-            shapes[p + "attention.wo.bias"] = (d,)
-        for name, (out, inp) in (("w1", (hid, d)), ("w3", (hid, d)), ("w2", (d, hid))):
-            shapes[p + f"feed_forward.{name}.weight"] = (out, inp)
-            if args.mlp_bias:
-                shapes[p + f"feed_forward.{name}.bias"] = (out,)
-    return shapes
+def trace_names(n_layers: int) -> list[str]:
+    """Every name a forward pass traces, in the order the values are computed."""
+    return ["tok_embeddings", *(f"layers.{i}.{op}" for i in range(n_layers) for op in LAYER_TRACE_NAMES),
+            "norm", "logits"]
 
 
-def check_params(args: ModelArgs, params: Mapping[str, np.ndarray], source: str = "checkpoint") -> None:
-    """Raise CheckpointError naming the first missing, unexpected or misshapen tensor."""
-    if args.n_layers > len(params):   # each layer has 9 tensors; do not list names for a billion layers
-        raise CheckpointError(f"{source}: the config asks for {args.n_layers} layers, but the checkpoint "
-                              f"holds only {len(params)} tensors; the checkpoint and its config do not match")
-    expected = param_shapes(args)
-    for name, shape in expected.items():
-        if name not in params:
-            raise CheckpointError(f"{source}: tensor {name!r} is missing (the config asks for "
-                                  f"{args.n_layers} layers{'' if args.tie_word_embeddings else ' and an untied output'})")
-        got = tuple(params[name].shape)
-        if got != shape:
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {got}, but the config "
-                                  f"implies {shape}; the checkpoint and its config do not match")
-    extra = sorted(set(params) - set(expected))
-    if extra:
-        raise CheckpointError(f"{source}: unexpected tensors {extra[:5]}{' ...' if len(extra) > 5 else ''}; "
-                              f"the config does not describe them (a bias flag or tied embeddings?)")
+@dataclass(frozen=True)
+class Layer:
+    """One decoder layer's weights, arranged for compute (layout.py): every matrix is (in, out)."""
+    index: int
+    attention_norm: np.ndarray        # (dim,)
+    wqkv: np.ndarray                  # (dim, (n_heads + 2 n_kv_heads) * head_dim): wq | wk | wv
+    wo: np.ndarray                    # (n_heads * head_dim, dim)
+    ffn_norm: np.ndarray              # (dim,)
+    w13: np.ndarray                   # (dim, 2 * hidden_dim): w1 | w3
+    w2: np.ndarray                    # (hidden_dim, dim)
+    bqkv: np.ndarray | None = None    # biases, where the config has them
+    bo: np.ndarray | None = None
+    b13: np.ndarray | None = None
+    b2: np.ndarray | None = None
 
 
-def init_params(args: ModelArgs, seed: int = 0, std: float = 0.02, dtype=np.float32) -> dict[str, np.ndarray]:
-    """Fresh weights for a config: norms at 1, biases at 0, everything else N(0, std^2).
+@dataclass(frozen=True)
+class Context:
+    """What every layer of one forward call shares: the rotary angles of its positions, the cache,
+    the attention implementation, and the trace hook."""
+    args: ModelArgs
+    cos: np.ndarray                   # (seq, rotary_dim)
+    sin: np.ndarray                   # (seq, rotary_dim)
+    cache: KVCache | None
+    attention: str                    # "naive", "flash" or "auto" (layout.choose_attention)
+    trace: Trace | None = None
 
-    std 0.02 is transformers' initializer_range for Llama. Returns the checkpoint-style dict.
-    """
-    rng = np.random.default_rng(seed)
-    params = {}
-    for name, shape in param_shapes(args).items():
-        if name.endswith("norm.weight"):
-            params[name] = np.ones(shape, dtype)
-        elif name.endswith(".bias"):
-            params[name] = np.zeros(shape, dtype)
-        else:
-            params[name] = (rng.standard_normal(shape, dtype=np.float32) * std).astype(dtype)
-    return params
+    def record(self, layer: int | None, outputs: Mapping[str, np.ndarray]) -> None:
+        """Hand named intermediates to the trace hook (``layers.{layer}.`` + name), if there is one."""
+        if self.trace is not None:
+            prefix = "" if layer is None else f"layers.{layer}."
+            for name, x in outputs.items():
+                self.trace(prefix + name, x)
 
 
 # ---------------------------------------------------------------------------- the blocks
-def attention(x: np.ndarray, layer: dict, args: ModelArgs, cos: np.ndarray, sin: np.ndarray,
-              cache: KVCache | None, layer_idx: int, impl: str, tap: Trace) -> np.ndarray:
-    """Multi-head attention with rotary q/k and grouped kv heads.
+def attention(x: np.ndarray, layer: Layer, ctx: Context) -> np.ndarray:
+    """Multi-head attention with rotary q and k and grouped key/value heads.
 
-    x: (batch, seq, dim); cos, sin: (seq, rotary_dim) -> (batch, seq, dim)
-    wq, wk and wv are stored side by side as one (dim, (n_heads + 2 n_kv_heads) head_dim) matrix,
-    so the three projections are one product; q and k are rotated together (same angles).
+    x: (batch, seq, dim) -> (batch, seq, dim). The keys and values of this call are written to
+    the cache (if any) and the queries attend to every cached position and their own.
     """
     b, seq, _ = x.shape
-    hd, nq, nkv = args.head_dim, args.n_heads, args.n_kv_heads
-    qkv = linear(x, layer["wqkv"], layer.get("bqkv"))            # (batch, seq, (nq + 2 nkv) * hd)
+    hd, nq, nkv = ctx.args.head_dim, ctx.args.n_heads, ctx.args.n_kv_heads
+    qkv = linear(x, layer.wqkv, layer.bqkv)                      # (batch, seq, (nq + 2 nkv) * hd)
     qkv = qkv.reshape(b, seq, nq + 2 * nkv, hd).transpose(0, 2, 1, 3)  # (batch, nq + 2 nkv, seq, hd)
-    qk = apply_rotary_emb(qkv[:, : nq + nkv], cos, sin)          # (batch, nq + nkv, seq, hd)
+    qk = apply_rotary_emb(qkv[:, : nq + nkv], ctx.cos, ctx.sin)  # q and k rotated together
     q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]          # (batch, nq | nkv | nkv, seq, hd)
-    tap(f"layers.{layer_idx}.attention.q", q)
-    tap(f"layers.{layer_idx}.attention.k", k)
-    tap(f"layers.{layer_idx}.attention.v", v)
-    if cache is not None:
-        k, v = cache.update(layer_idx, k, v)                     # (batch, nkv, kv_len, hd)
-    out = scaled_dot_product_attention(q, k, v, impl)           # (batch, nq, seq, hd)
-    tap(f"layers.{layer_idx}.attention.scores_v", out)
+    keys, values = (k, v) if ctx.cache is None else ctx.cache.update(layer.index, k, v)  # (batch, nkv, kv_len, hd)
+    out = scaled_dot_product_attention(q, keys, values, ctx.attention)   # (batch, nq, seq, hd)
+    ctx.record(layer.index, {"attention.q": q, "attention.k": k, "attention.v": v, "attention.scores_v": out})
     out = out.transpose(0, 2, 1, 3).reshape(b, seq, nq * hd)    # (batch, seq, nq * hd)
-    return linear(out, layer["wo"], layer.get("bo"))             # (batch, seq, dim)
+    return linear(out, layer.wo, layer.bo)                       # (batch, seq, dim)
 
 
 def scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, impl: str) -> np.ndarray:
-    """Choose naive or blockwise attention; both compute the same function (causal)."""
-    if impl == "auto":
-        impl = "flash" if k.shape[2] >= FLASH_MIN_LEN and q.shape[2] > 1 else "naive"
+    """Causal attention, naive or blockwise: both compute the same function.
+
+    q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim)
+    -> (batch, n_heads, q_len, head_dim).
+    """
+    impl = choose_attention(impl, q.shape[2], k.shape[2])
     if impl == "naive":
         return naive_attention(q, k, v, causal=True)
     if impl == "flash":
@@ -156,23 +122,18 @@ def scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, im
     raise InputError(f"unknown attention implementation {impl!r}; choose 'naive', 'flash' or 'auto'")
 
 
-def transformer_block(h: np.ndarray, layer: dict, args: ModelArgs, cos: np.ndarray, sin: np.ndarray,
-                      cache: KVCache | None, layer_idx: int, impl: str, tap: Trace) -> np.ndarray:
+def transformer_block(h: np.ndarray, layer: Layer, ctx: Context) -> np.ndarray:
     """One pre-norm decoder layer. h: (batch, seq, dim) -> (batch, seq, dim)."""
-    p = f"layers.{layer_idx}."
-    x = rms_norm(h, layer["attention_norm"], args.norm_eps)
-    tap(p + "attention_norm", x)
-    a = attention(x, layer, args, cos, sin, cache, layer_idx, impl, tap)
-    tap(p + "attention", a)
-    h = h + a
-    tap(p + "attention_residual", h)
-    x = rms_norm(h, layer["ffn_norm"], args.norm_eps)
-    tap(p + "ffn_norm", x)
-    f = feed_forward(x, layer["w13"], layer["w2"], layer.get("b13"), layer.get("b2"))
-    tap(p + "feed_forward", f)
-    h = h + f
-    tap(p + "ffn_residual", h)
-    return h
+    eps = ctx.args.norm_eps
+    x = rms_norm(h, layer.attention_norm, eps)                   # (batch, seq, dim)
+    a = attention(x, layer, ctx)
+    h_attn = h + a                                               # the residual stream after attention
+    y = rms_norm(h_attn, layer.ffn_norm, eps)
+    f = feed_forward(y, layer.w13, layer.w2, layer.b13, layer.b2)
+    h_out = h_attn + f                                           # ... and after the MLP
+    ctx.record(layer.index, {"attention_norm": x, "attention": a, "attention_residual": h_attn,
+                             "ffn_norm": y, "feed_forward": f, "ffn_residual": h_out})
+    return h_out
 
 
 def cross_entropy_loss(logits: np.ndarray, labels: np.ndarray, ignore_index: int = -100) -> float:
@@ -203,10 +164,6 @@ def check_token_ids(ids: np.ndarray, vocab_size: int, where: str = "") -> np.nda
     return ids.astype(np.int64, copy=False)
 
 
-def _no_tap(name: str, x: np.ndarray) -> None:
-    return None
-
-
 # ---------------------------------------------------------------------------- the model
 class Transformer:
     """A loaded LLaMA-family model: ``model(ids)`` and ``model(ids, cache=cache)`` give logits."""
@@ -217,52 +174,24 @@ class Transformer:
         self.config = args
         self.tokenizer = tokenizer
         self.dtype = np.dtype(dtype)
-        as_dtype = lambda a: np.ascontiguousarray(a, dtype=self.dtype)           # noqa: E731
-        self.tok_embeddings = as_dtype(params["tok_embeddings.weight"])          # (vocab, dim)
-        self.norm = as_dtype(params["norm.weight"])                              # (dim,)
-        out = params["tok_embeddings.weight"] if args.tie_word_embeddings else params["output.weight"]
-        self.output = self._in_out("output", [out])                              # (dim, vocab)
-        self.layers = [self._prepare_layer(params, f"layers.{i}.") for i in range(args.n_layers)]
-
-    def _in_out(self, name: str, weights: list[np.ndarray]) -> np.ndarray:
-        """nn.Linear weights (out_i, in) stacked along "out" -> one (in, sum out_i) matrix.
-
-        Stored (in, out) row-major if name is in IN_OUT_IN_MEMORY, else as the transposed view of
-        an (out, in) row-major array; either way ``x @ w`` computes the same numbers.
-        """
-        stacked = np.concatenate([np.asarray(w) for w in weights], axis=0)    # (out, in)
-        if name in IN_OUT_IN_MEMORY:
-            return np.ascontiguousarray(stacked.T, dtype=self.dtype)          # (in, out), C order
-        return np.ascontiguousarray(stacked, dtype=self.dtype).T              # (in, out), F order
-
-    def _prepare_layer(self, params: Mapping[str, np.ndarray], p: str) -> dict[str, np.ndarray]:
-        """One layer's weights in compute layout: (in, out) matrices, q|k|v and w1|w3 side by side.
-
-        wqkv: (dim, (n_heads + 2 n_kv_heads) * head_dim); wo: (n_heads * head_dim, dim);
-        w13: (dim, 2 * hidden_dim); w2: (hidden_dim, dim). Biases fused the same way.
-        """
-        def in_out(name, *names):
-            return self._in_out(name, [params[p + n] for n in names])
-
-        def bias(*names):
-            if p + names[0] not in params:
-                return None
-            return np.ascontiguousarray(np.concatenate([params[p + n] for n in names]), dtype=self.dtype)
-
-        q, k, v = "attention.wq", "attention.wk", "attention.wv"
-        layer = {
-            "attention_norm": np.asarray(params[p + "attention_norm.weight"], dtype=self.dtype),
-            "wqkv": in_out("wqkv", q + ".weight", k + ".weight", v + ".weight"),
-            "bqkv": bias(q + ".bias", k + ".bias", v + ".bias"),
-            "wo": in_out("wo", "attention.wo.weight"),
-            "bo": bias("attention.wo.bias"),
-            "ffn_norm": np.asarray(params[p + "ffn_norm.weight"], dtype=self.dtype),
-            "w13": in_out("w13", "feed_forward.w1.weight", "feed_forward.w3.weight"),
-            "b13": bias("feed_forward.w1.bias", "feed_forward.w3.bias"),
-            "w2": in_out("w2", "feed_forward.w2.weight"),
-            "b2": bias("feed_forward.w2.bias"),
-        }
-        return {name: a for name, a in layer.items() if a is not None}
+        fused = fuse_params(args, params)
+        vector = lambda name: np.ascontiguousarray(fused[name], dtype=self.dtype) if name in fused else None  # noqa: E731
+        matrix = lambda short, name: compute_matrix(short, fused[name], self.dtype)                           # noqa: E731
+        self.tok_embeddings = vector("tok_embeddings.weight")                      # (vocab, dim)
+        self.norm = vector("norm.weight")                                          # (dim,)
+        self.output = matrix("output", "tok_embeddings.weight" if args.tie_word_embeddings
+                             else "output.weight")                                # (dim, vocab)
+        self.layers = []
+        for i in range(args.n_layers):
+            p = f"layers.{i}."
+            self.layers.append(Layer(
+                index=i,
+                attention_norm=vector(p + "attention_norm.weight"),
+                wqkv=matrix("wqkv", p + "attention.wqkv.weight"), bqkv=vector(p + "attention.wqkv.bias"),
+                wo=matrix("wo", p + "attention.wo.weight"), bo=vector(p + "attention.wo.bias"),
+                ffn_norm=vector(p + "ffn_norm.weight"),
+                w13=matrix("w13", p + "feed_forward.w13.weight"), b13=vector(p + "feed_forward.w13.bias"),
+                w2=matrix("w2", p + "feed_forward.w2.weight"), b2=vector(p + "feed_forward.w2.bias")))
 
     # -------------------------------------------------------------- the call
     def __call__(self, ids, cache: KVCache | None = None, *, attention: str = "auto",
@@ -271,9 +200,9 @@ class Transformer:
 
         With a cache, the ids continue the sequences the cache holds (positions cache.length ...),
         the cache is extended, and only the new positions' logits are returned.
-        trace(name, array), if given, sees the output of every op (see npllama.report).
+        trace(name, array), if given, sees every named intermediate (see the module docstring).
         """
-        args, tap = self.config, trace or _no_tap
+        args = self.config
         ids = self.check_ids(ids)
         b, seq = ids.shape
         start = 0
@@ -284,16 +213,16 @@ class Transformer:
             cache.reserve(seq)
         inv_freq, scaling = rope_init(args, start + seq)
         cos, sin = rope_cos_sin(inv_freq, np.arange(start, start + seq), scaling, self.dtype)
+        ctx = Context(args, cos, sin, cache, attention, trace)
         h = self.tok_embeddings[ids]                                  # (batch, seq, dim)
-        tap("tok_embeddings", h)
-        for i, layer in enumerate(self.layers):
-            h = transformer_block(h, layer, args, cos, sin, cache, i, attention, tap)
+        ctx.record(None, {"tok_embeddings": h})
+        for layer in self.layers:
+            h = transformer_block(h, layer, ctx)
         if cache is not None:
             cache.advance(seq)
         h = rms_norm(h, self.norm, args.norm_eps)
-        tap("norm", h)
         logits = (h @ self.output).astype(np.float32, copy=False)     # (batch, seq, vocab)
-        tap("logits", logits)
+        ctx.record(None, {"norm": h, "logits": logits})
         return logits
 
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
@@ -317,32 +246,18 @@ class Transformer:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """The weights back in checkpoint names and (out, in) layout (views, no copies)."""
-        args = self.config
         sd = {"tok_embeddings.weight": self.tok_embeddings, "norm.weight": self.norm}
-        if not args.tie_word_embeddings:
+        if not self.config.tie_word_embeddings:
             sd["output.weight"] = self.output.T
-        nq, nkv, hd, hid = args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim
-        cut_qkv = [nq * hd, (nq + nkv) * hd]
-        for i, layer in enumerate(self.layers):
-            p = f"layers.{i}."
-            sd[p + "attention_norm.weight"] = layer["attention_norm"]
-            sd[p + "ffn_norm.weight"] = layer["ffn_norm"]
-            for kind, fused, names, cuts in (("weight", "wqkv", ("wq", "wk", "wv"), cut_qkv),
-                                              ("weight", "w13", ("w1", "w3"), [hid])):
-                parts = np.split(layer[fused], cuts, axis=1)
-                bparts = np.split(layer["b" + fused[1:]], cuts) if "b" + fused[1:] in layer else None
-                for j, name in enumerate(names):
-                    module = ("attention." if name.startswith("wq") or name in ("wk", "wv") else "feed_forward.") + name
-                    sd[p + module + ".weight"] = parts[j].T
-                    if bparts is not None:
-                        sd[p + module + ".bias"] = bparts[j]
-            sd[p + "attention.wo.weight"] = layer["wo"].T
-            sd[p + "feed_forward.w2.weight"] = layer["w2"].T
-            if "bo" in layer:
-                sd[p + "attention.wo.bias"] = layer["bo"]
-            if "b2" in layer:
-                sd[p + "feed_forward.w2.bias"] = layer["b2"]
-        return sd
+        for layer in self.layers:
+            p = f"layers.{layer.index}."
+            parts = {"attention_norm.weight": layer.attention_norm, "ffn_norm.weight": layer.ffn_norm,
+                     "attention.wqkv.weight": layer.wqkv.T, "attention.wqkv.bias": layer.bqkv,
+                     "attention.wo.weight": layer.wo.T, "attention.wo.bias": layer.bo,
+                     "feed_forward.w13.weight": layer.w13.T, "feed_forward.w13.bias": layer.b13,
+                     "feed_forward.w2.weight": layer.w2.T, "feed_forward.w2.bias": layer.b2}
+            sd.update({p + name: a for name, a in parts.items() if a is not None})
+        return split_params(self.config, sd)
 
     def num_parameters(self) -> int:
         return sum(a.size for a in self.state_dict().values())

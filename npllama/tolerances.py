@@ -32,12 +32,12 @@ ROPE_TABLE_VS_TRANSFORMERS_RTOL = 4 * FLOAT32_EPS
 # in float32 from its float32 table, so its angle is off by up to about (table error + one
 # rounding) * angle: cos and sin then differ by up to that many radians. The test allows
 # ROPE_ANGLE_VS_TRANSFORMERS_RTOL * (largest angle) + ROPE_PARITY_RTOL[float32], times the
-# attention scaling and the size of x. (NUMERICS.md: 1e-4 in cos at 2K positions.)
+# attention scaling and the size of x (about 1e-4 in cos at 2K positions).
 ROPE_ANGLE_VS_TRANSFORMERS_RTOL = 16 * FLOAT32_EPS
 
 # Whole tiny models (each rope variant) vs transformers' logits in float32, full sequence and
 # cached decoding: float32 matmul/softmax reassociation through a few layers, plus the float32
-# angles above at the short positions these models use. The bar the rope issue sets.
+# angles above at the short positions these models use.
 ROPE_MODEL_VS_TRANSFORMERS_RTOL_FLOAT32 = 1e-4
 
 # ------------------------------------------------------------------------------ attention
@@ -47,7 +47,7 @@ ROPE_MODEL_VS_TRANSFORMERS_RTOL_FLOAT32 = 1e-4
 # tile by tile and rescaled by exp(m - m') (one extra rounding per tile), and naive divides before
 # p @ v while flash divides after. Each costs a few ulps of O(1) values: 1e-12 leaves float64 three
 # orders of headroom over its eps (2.2e-16); 1e-5 in float32 is ~80 eps, enough for a few hundred
-# tiles of re-association at the lengths the tests draw. (Issue 4 sets these bars.)
+# tiles of re-association at the lengths the tests draw.
 ATTENTION_FLASH_RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
 
 # Log-sum-exp rows returned by flash_attention vs log(sum(exp(scores))) computed directly. An

@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from npllama.attention import BLOCK_K, BLOCK_Q
+from npllama.layout import BLOCK_K, BLOCK_Q
 from npllama.errors import InputError
 
 

@@ -3,8 +3,9 @@
 parity.model mirrors npllama op for op, so that the two can be compared; this module computes the
 same function with everything that makes decoding fast on a GPU (and not slower on a CPU):
 
-- weights fused at build time, as gpt-fast does: wq|wk|wv is one (q + 2 kv heads, dim) matrix and
-  w1|w3 one (2 hidden_dim, dim) matrix, so each layer runs three GEMMs plus wo;
+- weights fused at build time (npllama.layout.fuse_params; gpt-fast fuses wq|wk|wv the same way
+  and keeps w1, w3 apart): wq|wk|wv is one (q + 2 kv heads, dim) matrix and w1|w3 one
+  (2 hidden_dim, dim) matrix, so each layer runs three GEMMs plus wo;
 - a static KV cache, (n_layers, batch, n_kv_heads, max_seq_len, head_dim), allocated once; each call
   writes its keys and values at their slots with ``index_copy_``; nothing is allocated per token;
 - every piece of decoding state (the last tokens, the slot, the per-row done flags, the uniforms,
@@ -45,6 +46,7 @@ from torch import nn
 from npllama.config import ModelArgs
 from npllama.errors import InputError
 from npllama.generate import check_budget
+from npllama.layout import fuse_params
 from npllama.model import check_token_ids
 
 from .mlp import linear, silu
@@ -84,29 +86,23 @@ class FastBlock(nn.Module):
     transposed, (in, out), contiguous (see ``project``).
     """
 
-    def __init__(self, sd: dict[str, torch.Tensor], p: str, in_out: bool):
+    def __init__(self, fused: dict[str, torch.Tensor], p: str, in_out: bool):
         super().__init__()
 
-        def cat(*names: str) -> torch.Tensor | None:
-            if p + names[0] not in sd:
-                return None
-            w = torch.cat([sd[p + n] for n in names], dim=0)
-            return w.T if in_out and w.ndim == 2 else w
+        def get(name: str) -> torch.Tensor | None:       # fused: npllama.layout.fuse_params's names
+            w = fused.get(p + name)
+            return w.T if w is not None and in_out and w.ndim == 2 else w
 
-        def one(name: str) -> torch.Tensor | None:
-            return cat(name) if p + name in sd else None
-
-        a, f = "attention.", "feed_forward."
-        self.attention_norm = _frozen(sd[p + "attention_norm.weight"])
-        self.wqkv = _frozen(cat(a + "wq.weight", a + "wk.weight", a + "wv.weight"))
-        self.bqkv = _frozen(cat(a + "wq.bias", a + "wk.bias", a + "wv.bias"))
-        self.wo = _frozen(one(a + "wo.weight"))
-        self.bo = _frozen(one(a + "wo.bias"))
-        self.ffn_norm = _frozen(sd[p + "ffn_norm.weight"])
-        self.w13 = _frozen(cat(f + "w1.weight", f + "w3.weight"))
-        self.b13 = _frozen(cat(f + "w1.bias", f + "w3.bias"))
-        self.w2 = _frozen(one(f + "w2.weight"))
-        self.b2 = _frozen(one(f + "w2.bias"))
+        self.attention_norm = _frozen(get("attention_norm.weight"))
+        self.wqkv = _frozen(get("attention.wqkv.weight"))
+        self.bqkv = _frozen(get("attention.wqkv.bias"))
+        self.wo = _frozen(get("attention.wo.weight"))
+        self.bo = _frozen(get("attention.wo.bias"))
+        self.ffn_norm = _frozen(get("ffn_norm.weight"))
+        self.w13 = _frozen(get("feed_forward.w13.weight"))
+        self.b13 = _frozen(get("feed_forward.w13.bias"))
+        self.w2 = _frozen(get("feed_forward.w2.weight"))
+        self.b2 = _frozen(get("feed_forward.w2.bias"))
 
 
 class FastWeights(nn.Module):
@@ -129,8 +125,9 @@ class FastWeights(nn.Module):
         self.in_out = layout == "in_out" or (layout == "auto" and cpu_wide)
         with torch.no_grad():
             sd = {name: t.detach() for name, t in model.state_dict().items()}
+            fused = fuse_params(self.config, sd, concat=torch.cat)
             self.tok_embeddings = _frozen(sd["tok_embeddings.weight"])              # (vocab, dim)
-            self.layers = nn.ModuleList(FastBlock(sd, f"layers.{i}.", self.in_out)
+            self.layers = nn.ModuleList(FastBlock(fused, f"layers.{i}.", self.in_out)
                                         for i in range(self.config.n_layers))
             self.norm = _frozen(sd["norm.weight"])                                  # (dim,)
             head = sd["tok_embeddings.weight" if self.config.tie_word_embeddings else "output.weight"]
@@ -168,9 +165,10 @@ class FastWeights(nn.Module):
 # parity.attention compute, in fewer (eager) kernels: on a CPU each op costs a few microseconds
 # however small its tensors, and a decode step runs ~15 of them per layer.
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """parity.norm.rms_norm's arithmetic (statistic in float32, normalised x cast back to x's dtype,
-    then the gain), with rsqrt for 1 / sqrt. x: (..., dim); weight: (dim,) -> x's shape and dtype."""
-    x32 = x.float()
+    """parity.norm.rms_norm's arithmetic (statistic in at least float32, normalised x cast back to
+    x's dtype, then the gain), with rsqrt for 1 / sqrt. x: (..., dim); weight: (dim,) -> x's shape
+    and dtype."""
+    x32 = x.to(torch.promote_types(x.dtype, torch.float32))
     return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 

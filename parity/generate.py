@@ -17,7 +17,8 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from npllama.errors import InputError
-from npllama.generate import check_budget, stream_text
+from npllama.generate import check_budget
+from npllama.generate import generate_text as generate_text_with
 
 from .cache import KVCache
 from .sampling import SamplingSettings, sample_batch, uniforms
@@ -58,10 +59,6 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 128,
 def generate_text(model, prompt: str, max_new_tokens: int = 128,
                   settings: SamplingSettings = SamplingSettings(), seed: int | None = None,
                   stop_ids: Iterable[int] | None = None) -> Iterator[str]:
-    """Encode prompt, generate, and stream the continuation as text (stop tokens not shown)."""
-    if not prompt:
-        raise InputError("the prompt is empty: give some text to continue")
-    tok = model.tokenizer
-    stops = set(tok.eos_ids if stop_ids is None else stop_ids) | set(model.config.eos_token_ids if stop_ids is None else ())
-    ids = tok.encode(prompt)
-    return stream_text(tok, generate(model, ids, max_new_tokens, settings, seed, stops), skip_ids=stops)
+    """Encode prompt, generate, and stream the continuation as text (stop tokens not shown):
+    npllama.generate.generate_text with this module's ``generate``."""
+    return generate_text_with(model, prompt, max_new_tokens, settings, seed, stop_ids, generate_fn=generate)

@@ -7,10 +7,12 @@
     logits = norm(h) @ output^T                    # output is tok_embeddings when tied
 
 The maths are functions (``attention``, ``transformer_block``, ``scaled_dot_product_attention``,
-``cross_entropy_loss``), one for one with npllama.model. The weights live in a tree of small
-``nn.Module`` containers named as Meta names them, so ``state_dict()`` gives back exactly the
-checkpoint names of npllama.model.param_shapes, in nn.Linear's (out, in) layout, and the
-parameters are ``nn.Parameter``\\ s that autograd can train (forward is differentiable end to end).
+``cross_entropy_loss``), one for one with npllama.model, and they share npllama's per-call
+``Context`` (rotary angles, cache, attention implementation, trace hook). The weights live in a
+tree of small ``nn.Module`` containers named as Meta names them, with wq|wk|wv and w1|w3 fused as
+npllama.layout fuses them, so ``state_dict()`` gives back exactly the checkpoint names of
+npllama.params.param_shapes, in nn.Linear's (out, in) layout, and the parameters are
+``nn.Parameter``\\ s that autograd can train (forward is differentiable end to end).
 
 Differences from npllama, all deliberate:
 - linear weights stay (out, in) and go through ``F.linear`` (npllama stores them transposed);
@@ -32,7 +34,9 @@ from torch import nn
 
 from npllama.config import ModelArgs
 from npllama.errors import InputError
-from npllama.model import check_params
+from npllama.layout import fuse_params, split_params
+from npllama.model import Context
+from npllama.params import check_params
 
 from .attention import flash_attention, naive_attention, sdpa_attention
 from .cache import KVCache
@@ -46,27 +50,22 @@ ATTENTION_IMPLS = ("naive", "flash", "sdpa", "auto")
 
 
 # ---------------------------------------------------------------------------- the blocks
-def attention(x: torch.Tensor, layer: "TransformerBlock", args: ModelArgs, cos: torch.Tensor,
-              sin: torch.Tensor, cache: KVCache | None, layer_idx: int, impl: str, tap: Trace) -> torch.Tensor:
-    """Multi-head attention with rotary q/k and grouped kv heads.
+def attention(x: torch.Tensor, layer: "TransformerBlock", ctx: Context) -> torch.Tensor:
+    """Multi-head attention with rotary q and k and grouped key/value heads.
 
-    x: (batch, seq, dim); cos, sin: (seq, rotary_dim) -> (batch, seq, dim)
-    wq, wk and wv are one (out, in) = ((n_heads + 2 n_kv_heads) head_dim, dim) matrix, as in
-    npllama (and gpt-fast), so the three projections are one product; q and k rotate together.
+    x: (batch, seq, dim) -> (batch, seq, dim). wq, wk and wv are one (out, in) =
+    ((n_heads + 2 n_kv_heads) head_dim, dim) matrix, as in npllama, so the three projections are
+    one product; q and k rotate together.
     """
     b, seq, _ = x.shape
-    hd, nq, nkv, a = args.head_dim, args.n_heads, args.n_kv_heads, layer.attention
+    hd, nq, nkv, a = ctx.args.head_dim, ctx.args.n_heads, ctx.args.n_kv_heads, layer.attention
     qkv = linear(x, a.wqkv.weight, a.wqkv.bias)                  # (batch, seq, (nq + 2 nkv) * hd)
     qkv = qkv.view(b, seq, nq + 2 * nkv, hd).transpose(1, 2)     # (batch, nq + 2 nkv, seq, hd)
-    qk = apply_rotary_emb(qkv[:, : nq + nkv], cos, sin)          # (batch, nq + nkv, seq, hd)
+    qk = apply_rotary_emb(qkv[:, : nq + nkv], ctx.cos, ctx.sin)  # q and k rotated together
     q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]          # (batch, nq | nkv | nkv, seq, hd)
-    tap(f"layers.{layer_idx}.attention.q", q)
-    tap(f"layers.{layer_idx}.attention.k", k)
-    tap(f"layers.{layer_idx}.attention.v", v)
-    if cache is not None:
-        k, v = cache.update(layer_idx, k, v)                     # (batch, nkv, kv_len, hd)
-    out = scaled_dot_product_attention(q, k, v, impl)           # (batch, nq, seq, hd)
-    tap(f"layers.{layer_idx}.attention.scores_v", out)
+    keys, values = (k, v) if ctx.cache is None else ctx.cache.update(layer.index, k, v)  # (batch, nkv, kv_len, hd)
+    out = scaled_dot_product_attention(q, keys, values, ctx.attention)   # (batch, nq, seq, hd)
+    ctx.record(layer.index, {"attention.q": q, "attention.k": k, "attention.v": v, "attention.scores_v": out})
     out = out.transpose(1, 2).reshape(b, seq, nq * hd)          # (batch, seq, nq * hd)
     return linear(out, a.wo.weight, a.wo.bias)                   # (batch, seq, dim)
 
@@ -89,25 +88,18 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     raise InputError(f"unknown attention implementation {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
 
 
-def transformer_block(h: torch.Tensor, layer: "TransformerBlock", args: ModelArgs, cos: torch.Tensor,
-                      sin: torch.Tensor, cache: KVCache | None, layer_idx: int, impl: str,
-                      tap: Trace) -> torch.Tensor:
+def transformer_block(h: torch.Tensor, layer: "TransformerBlock", ctx: Context) -> torch.Tensor:
     """One pre-norm decoder layer. h: (batch, seq, dim) -> (batch, seq, dim)."""
-    p = f"layers.{layer_idx}."
-    x = rms_norm(h, layer.attention_norm.weight, layer.attention_norm.eps)
-    tap(p + "attention_norm", x)
-    a = attention(x, layer, args, cos, sin, cache, layer_idx, impl, tap)
-    tap(p + "attention", a)
-    h = h + a
-    tap(p + "attention_residual", h)
-    x = rms_norm(h, layer.ffn_norm.weight, layer.ffn_norm.eps)
-    tap(p + "ffn_norm", x)
+    x = rms_norm(h, layer.attention_norm.weight, layer.attention_norm.eps)   # (batch, seq, dim)
+    a = attention(x, layer, ctx)
+    h_attn = h + a                                               # the residual stream after attention
+    y = rms_norm(h_attn, layer.ffn_norm.weight, layer.ffn_norm.eps)
     m = layer.feed_forward
-    f = feed_forward(x, m.w13.weight, m.w2.weight, m.w13.bias, m.w2.bias)
-    tap(p + "feed_forward", f)
-    h = h + f
-    tap(p + "ffn_residual", h)
-    return h
+    f = feed_forward(y, m.w13.weight, m.w2.weight, m.w13.bias, m.w2.bias)
+    h_out = h_attn + f                                           # ... and after the MLP
+    ctx.record(layer.index, {"attention_norm": x, "attention": a, "attention_residual": h_attn,
+                             "ffn_norm": y, "feed_forward": f, "ffn_residual": h_out})
+    return h_out
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -123,10 +115,6 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index:
     log_z = torch.logsumexp(logits, dim=-1)                                        # (batch, seq-1)
     picked = torch.gather(logits, -1, torch.where(keep, targets, 0)[..., None])[..., 0]
     return ((log_z - picked) * keep).sum() / keep.sum()
-
-
-def _no_tap(name: str, x: torch.Tensor) -> None:
-    return None
 
 
 # ---------------------------------------------------------------------------- the weights
@@ -177,11 +165,12 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """One layer's weights: attention_norm, attention, ffn_norm, feed_forward."""
+    """One layer's weights: attention_norm, attention, ffn_norm, feed_forward; and its index."""
 
-    def __init__(self, attention_norm: RMSNorm, attention: Attention, ffn_norm: RMSNorm,
+    def __init__(self, index: int, attention_norm: RMSNorm, attention: Attention, ffn_norm: RMSNorm,
                  feed_forward: FeedForward):
         super().__init__()
+        self.index = index
         self.attention_norm, self.attention = attention_norm, attention
         self.ffn_norm, self.feed_forward = ffn_norm, feed_forward
 
@@ -201,7 +190,7 @@ class Transformer(nn.Module):
         check_params(args, params, source)
         self.config = args
         self.tokenizer = tokenizer
-        fused = fuse_params(args, params)
+        fused = fuse_params(args, params, concat=_concat)
 
         def tensor(name: str) -> torch.Tensor | None:
             if name not in fused:
@@ -218,7 +207,7 @@ class Transformer(nn.Module):
         for i in range(args.n_layers):
             p = f"layers.{i}."
             self.layers.append(TransformerBlock(
-                RMSNorm(tensor(p + "attention_norm.weight"), args.norm_eps, requires_grad),
+                i, RMSNorm(tensor(p + "attention_norm.weight"), args.norm_eps, requires_grad),
                 Attention(lin(p + "attention.wqkv"), lin(p + "attention.wo")),
                 RMSNorm(tensor(p + "ffn_norm.weight"), args.norm_eps, requires_grad),
                 FeedForward(lin(p + "feed_forward.w13"), lin(p + "feed_forward.w2"))))
@@ -246,9 +235,9 @@ class Transformer(nn.Module):
 
         With a cache, the ids continue the sequences the cache holds (positions cache.length ...),
         the cache is extended, and only the new positions' logits are returned.
-        trace(name, tensor), if given, sees the output of every op under npllama's names.
+        trace(name, tensor), if given, sees every named intermediate under npllama's names.
         """
-        args, tap = self.config, trace or _no_tap
+        args = self.config
         if attention not in ATTENTION_IMPLS:
             raise InputError(f"unknown attention implementation {attention!r}; "
                              f"choose one of {', '.join(ATTENTION_IMPLS)}")
@@ -263,16 +252,16 @@ class Transformer(nn.Module):
         inv_freq, scaling = rope_init(args, start + seq, device=self.device)  # npllama's float64 table
         positions = torch.arange(start, start + seq, device=self.device)
         cos, sin = rope_cos_sin(inv_freq, positions, scaling, self.dtype)     # (seq, rotary_dim)
+        ctx = Context(args, cos, sin, cache, attention, trace)
         h = F.embedding(ids, self.tok_embeddings.weight)                      # (batch, seq, dim)
-        tap("tok_embeddings", h)
-        for i, layer in enumerate(self.layers):
-            h = transformer_block(h, layer, args, cos, sin, cache, i, attention, tap)
+        ctx.record(None, {"tok_embeddings": h})
+        for layer in self.layers:
+            h = transformer_block(h, layer, ctx)
         if cache is not None:
             cache.advance(seq)
         h = rms_norm(h, self.norm.weight, self.norm.eps)
-        tap("norm", h)
         logits = linear(h, self.output_weight).float()                        # (batch, seq, vocab)
-        tap("logits", logits)
+        ctx.record(None, {"norm": h, "logits": logits})
         return logits
 
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
@@ -324,50 +313,13 @@ class Transformer(nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load weights in checkpoint names (as state_dict gives them) or in the fused names."""
-        return super().load_state_dict(fuse_params(self.config, state_dict), strict=strict, assign=assign)
+        return super().load_state_dict(fuse_params(self.config, state_dict, concat=_concat),
+                                       strict=strict, assign=assign)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
-# ---------------------------------------------------------------------------- fused names
-FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
-         "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
-
-
-def fuse_params(args: ModelArgs, params: Mapping, prefix: str = "") -> dict:
-    """Checkpoint names -> the model's: wq|wk|wv -> attention.wqkv, w1|w3 -> feed_forward.w13
-    (stacked along "out", rows in that order); other names, and names already fused, pass."""
-    out = dict(params)
-    for i in range(args.n_layers):
-        p = f"{prefix}layers.{i}."
-        for fused, parts in FUSED.items():
-            for kind in ("weight", "bias"):
-                names = [f"{p}{part}.{kind}" for part in parts]
-                if all(n in out for n in names):
-                    tensors = [out.pop(n) for n in names]
-                    cat = np.concatenate if isinstance(tensors[0], np.ndarray) else torch.cat
-                    out[f"{p}{fused}.{kind}"] = cat(tensors, 0)
-    return out
-
-
-def split_params(args: ModelArgs, params: Mapping, prefix: str = "") -> dict:
-    """The inverse of fuse_params: views of the fused tensors under checkpoint names, in order."""
-    sizes = {"attention.wqkv": [args.n_heads * args.head_dim] + [args.n_kv_heads * args.head_dim] * 2,
-             "feed_forward.w13": [args.hidden_dim] * 2}
-    out = {}
-    for name, value in params.items():
-        rest = name[len(prefix):]
-        layer_part = rest.split(".", 2)
-        key = None
-        if layer_part[0] == "layers" and len(layer_part) == 3:
-            module, _, kind = layer_part[2].rpartition(".")
-            if module in FUSED:
-                key = module
-        if key is None:
-            out[name] = value
-            continue
-        base = f"{prefix}layers.{layer_part[1]}."
-        for part, piece in zip(FUSED[key], torch.split(value, sizes[key], dim=0)):
-            out[f"{base}{part}.{kind}"] = piece
-    return out
+def _concat(parts: list) -> "np.ndarray | torch.Tensor":
+    """Join NumPy arrays or tensors along axis 0 (npllama.layout.fuse_params's concat)."""
+    return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else torch.cat(parts)

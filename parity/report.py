@@ -2,11 +2,11 @@
 
     npllama parity --model PATH [--device cuda] [--dtype bfloat16] [--prompt TEXT]
 
-Both models are called with a ``trace(name, tensor)`` hook that sees the output of every op under
-the same names (npllama.model is the list): ``tok_embeddings``; per layer ``attention_norm``,
-``attention.q``/``.k`` (after rotary), ``attention.v``, ``attention.scores_v`` (softmax(qk) v,
-before wo), ``attention``, ``attention_residual``, ``ffn_norm``, ``feed_forward``,
-``ffn_residual``; then ``norm`` and ``logits``.
+Both models are called with a ``trace(name, tensor)`` hook that sees every named intermediate
+under the same names (npllama.model.trace_names lists them in forward order): ``tok_embeddings``;
+per layer ``attention_norm``, ``attention.q``/``.k`` (after rotary), ``attention.v``,
+``attention.scores_v`` (softmax(qk) v, before wo), ``attention``, ``attention_residual``,
+``ffn_norm``, ``feed_forward``, ``ffn_residual``; then ``norm`` and ``logits``.
 
 The reference is npllama in float64 evaluating the Torch model's own weights (rounded to the
 Torch dtype, read back exactly), so the errors are the Torch backend's arithmetic, not the
@@ -22,18 +22,18 @@ with the same weights, dtype and device; ``--plot FILE.png`` draws the error of 
 
 from __future__ import annotations
 
+import io
 import math
-import os
-import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable
 
-import click
 import numpy as np
 import torch
 
 from npllama.errors import InputError, NpllamaError
+from npllama.formats.names import rename
+from npllama.io import atomic_write
+from npllama.model import Context, trace_names
 from npllama.tolerances import dtype_name, parity_rtol
 
 DEFAULT_PROMPT = "The capital of France is"
@@ -103,7 +103,7 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
     if require_all and missing:
         raise InputError(f"the candidate did not trace {missing[:5]}: the backends' trace names differ")
     rows = []
-    for name, ref in reference.items():
+    for name, ref in in_forward_order(reference).items():
         if name not in candidate:
             continue
         max_abs, rel = errors(candidate[name], ref)
@@ -112,11 +112,21 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
     return rows
 
 
+def in_forward_order(traced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The traced tensors in the order the forward pass computes them (npllama.model.trace_names),
+    whatever order the hook saw them in; names outside that list keep their place at the end."""
+    layers = [split_name(n)[0] for n in traced]
+    order = trace_names(1 + max((i for i in layers if i is not None), default=-1))
+    rank = {name: i for i, name in enumerate(order)}
+    return dict(sorted(traced.items(), key=lambda item: rank.get(item[0], len(rank))))
+
+
 # ---------------------------------------------------------------------------- capturing
 def capture(model, ids, **kwargs) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Run model(ids, trace=...) and keep every traced output as float64 NumPy.
 
-    Works for npllama and parity models alike. -> (name -> array, name -> the dtype it had).
+    Works for npllama and parity models alike. -> (name -> array in forward order, name -> the
+    dtype it had).
     """
     outputs: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
@@ -130,7 +140,7 @@ def capture(model, ids, **kwargs) -> tuple[dict[str, np.ndarray], dict[str, str]
 
     with torch.no_grad():
         model(ids, trace=trace, **kwargs)
-    return outputs, dtypes
+    return in_forward_order(outputs), dtypes
 
 
 def reference_of(model):
@@ -168,14 +178,15 @@ def capture_isolated(model, ids, reference: dict[str, np.ndarray], attention: st
     with torch.no_grad():
         inv_freq, scaling = rope_init(args, seq, device=model.device)
         cos, sin = rope_cos_sin(inv_freq, torch.arange(seq, device=model.device), scaling, model.dtype)
+        ctx = Context(args, cos, sin, None, attention, trace)
         trace("tok_embeddings", torch.nn.functional.embedding(ids, model.tok_embeddings.weight))
         h = "tok_embeddings"
-        for i, layer in enumerate(model.layers):
-            transformer_block(given(h), layer, args, cos, sin, None, i, attention, trace)
-            h = f"layers.{i}.ffn_residual"
+        for layer in model.layers:
+            transformer_block(given(h), layer, ctx)
+            h = f"layers.{layer.index}.ffn_residual"
         trace("norm", rms_norm(given(h), model.norm.weight, model.norm.eps))
         trace("logits", linear(given("norm"), model.output_weight).float())
-    return outputs, dtypes
+    return in_forward_order(outputs), dtypes
 
 
 def parity_report(model, ids, attention: str = "auto", reference=None, isolate: bool = False,
@@ -207,27 +218,6 @@ class NotComparable(NpllamaError):
     """transformers' LlamaForCausalLM cannot express this config."""
 
 
-HF_NAMES = {"tok_embeddings.": "model.embed_tokens.", "norm.": "model.norm.", "output.": "lm_head.",
-            "attention.wq.": "self_attn.q_proj.", "attention.wk.": "self_attn.k_proj.",
-            "attention.wv.": "self_attn.v_proj.", "attention.wo.": "self_attn.o_proj.",
-            "feed_forward.w1.": "mlp.gate_proj.", "feed_forward.w3.": "mlp.up_proj.",
-            "feed_forward.w2.": "mlp.down_proj.", "attention_norm.": "input_layernorm.",
-            "ffn_norm.": "post_attention_layernorm.", "layers.": "model.layers."}
-
-
-def hf_name(name: str) -> str:
-    """A checkpoint name in Meta's spelling -> transformers' (q/k rows are already in HF layout)."""
-    if name.startswith("layers."):
-        _, i, rest = name.split(".", 2)
-        for meta, hf in HF_NAMES.items():
-            if rest.startswith(meta):
-                return f"model.layers.{i}.{hf}{rest[len(meta):]}"
-    for meta, hf in HF_NAMES.items():
-        if name.startswith(meta):
-            return hf + name[len(meta):]
-    raise KeyError(name)
-
-
 def transformers_twin(model):
     """transformers' LlamaForCausalLM with the parity model's config, weights, dtype and device."""
     try:
@@ -248,7 +238,7 @@ def transformers_twin(model):
         attention_bias=args.attention_bias, mlp_bias=args.mlp_bias, rope_parameters=rope)
     config._attn_implementation = "eager"
     hf = transformers.LlamaForCausalLM(config).to(dtype=model.dtype, device=model.device).eval()
-    state = {hf_name(k): v for k, v in model.state_dict().items()}
+    state = {rename(k, "meta", "hf"): v for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     left = set(missing) - ({"lm_head.weight"} if args.tie_word_embeddings else set())
     if left or unexpected:
@@ -368,7 +358,7 @@ def verdict(report: Report) -> str:
 def plot_errors(reports: list[Report], path: str) -> None:
     """A PNG of the relative error of each op by layer (one panel per report), with the tolerance.
 
-    Written to a temporary file beside path and moved into place, so no half-written file remains.
+    Written atomically (npllama.io.atomic_write), so no half-written file remains.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -397,72 +387,8 @@ def plot_errors(reports: list[Report], path: str) -> None:
         ax.set_title(report.title, fontsize=9)
         ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    finally:
-        plt.close(fig)
-
-
-# ---------------------------------------------------------------------------- the command
-@click.command(name="parity", help="Run a prompt through the NumPy reference and the Torch backend; "
-                                   "compare every op. Exits 1 when an op breaks its dtype's tolerance.")
-@click.option("--model", "-m", "model_path", default=None, metavar="PATH",
-              help="A Hugging Face folder, a Meta folder, or a .gguf file (default: SmolLM2-135M-Instruct).")
-@click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, cuda:1 ...")
-@click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="The Torch backend's dtype (the reference is npllama in float64).")
-@click.option("--prompt", "-p", default=DEFAULT_PROMPT, show_default=True, help="The text to run.")
-@click.option("--ids", default=None, metavar="1,2,3", help="Token ids instead of a prompt (comma-separated).")
-@click.option("--attention", type=click.Choice(["auto", "naive", "flash", "sdpa"]), default="auto",
-              show_default=True, help="The Torch attention implementation.")
-@click.option("--isolate", is_flag=True,
-              help="Run each layer from the reference's input to it, so errors do not carry over "
-                   "between layers (tighter 'layer' tolerances; best to find a bug in half precision).")
-@click.option("--transformers", "with_hf", is_flag=True,
-              help="Also compare transformers' LlamaForCausalLM (same weights, dtype and device).")
-@click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="Draw the error of each op by layer.")
-def parity_command(model_path, device, dtype, prompt, ids, attention, isolate, with_hf, plot_path):
-    import npllama
-    import parity
-
-    torch_dtype, torch_device = parity.resolve_dtype(dtype), parity.resolve_device(device)
-    if ids is not None:
-        try:
-            ids = [int(t) for t in ids.split(",") if t.strip()]
-        except ValueError:
-            raise click.UsageError(f"--ids must be comma-separated integers, got {ids!r}") from None
-    elif not prompt:
-        raise click.UsageError("--prompt is empty: give some text to run")
-    base = npllama.load(model_path, progress=False)
-    if ids is None:
-        if base.tokenizer is None:
-            raise click.UsageError("this checkpoint has no tokenizer: pass --ids")
-        ids = base.tokenizer.encode(prompt)
-    model = parity.from_numpy(base, device=torch_device, dtype=torch_dtype)
-    del base
-    reference = reference_of(model)
-    ids = reference.check_ids(ids)
-    reports = [parity_report(model, ids, attention, reference, isolate=isolate)]
-    if with_hf:
-        try:
-            reports.append(transformers_report(model, ids, reference))
-        except NotComparable as e:
-            click.echo(f"transformers: not compared: {e}", err=True)
-    click.echo(f"{ids.shape[1]} tokens")
-    for report in reports:
-        click.echo()
-        click.echo(format_table(report))
-    if plot_path:
-        plot_errors(reports, plot_path)
-        click.echo(f"plot: {plot_path}")
-    if not all(r.ok for r in reports):
-        sys.exit(1)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    with atomic_write(path) as f:
+        f.write(buf.getvalue())

@@ -21,9 +21,9 @@ A run lives in one folder:
     OUT/samples.txt                text sampled from the final model
 
 Checkpoints are written whole under a temporary name and renamed into place
-(npllama.convert.write_folder), so a crash or a kill mid-write leaves the previous one intact;
+(npllama.io.write_folder), so a crash or a kill mid-write leaves the previous one intact;
 resuming takes the newest complete ``step-*`` folder. Runs are deterministic on the CPU: the
-initial weights come from npllama.model.init_params(seed), and the batch of step s, micro-batch m is
+initial weights come from npllama.params.init_params(seed), and the batch of step s, micro-batch m is
 a pure function of (seed, s, m) (windows at offsets drawn by numpy's PCG64 seeded with [seed, s, m]),
 so there is no data-loader state to save; the learning rate is a pure function of the step. A run
 resumed from step k therefore reproduces the uninterrupted run's parameters bit for bit.
@@ -42,18 +42,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import click
 import numpy as np
 import torch
 
 from npllama.config import ModelArgs
-from npllama.convert import save_checkpoint, safetensors_bytes
+from npllama.formats.hf import args_from_config, safetensors_bytes, save_checkpoint
 from npllama.errors import CheckpointError, ConfigError, InputError, TokenizerError
 from npllama.io import atomic_write
-from npllama.model import init_params
+from npllama.layout import fuse_params, split_params
+from npllama.params import init_params
 
 from . import resolve_device, resolve_dtype
-from .model import Transformer, fuse_params, split_params
+from .model import Transformer
 
 STEP_PREFIX = "step-"
 
@@ -246,7 +246,7 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 def optimizer_tensors(model: Transformer, opt: torch.optim.AdamW) -> dict[str, np.ndarray]:
     """AdamW's state as named arrays in checkpoint names: {name}.exp_avg, {name}.exp_avg_sq, and
     "step" (every parameter takes every step). The model's fused tensors (wqkv, w13) are split
-    back into wq, wk, wv, w1, w3 as parity.model.split_params does for the weights, so the file does
+    back into wq, wk, wv, w1, w3 as npllama.layout.split_params does for the weights, so the file does
     not depend on how the Torch model groups its parameters."""
     params = dict(model.named_parameters())
     out: dict[str, np.ndarray] = {}
@@ -263,7 +263,8 @@ def optimizer_tensors(model: Transformer, opt: torch.optim.AdamW) -> dict[str, n
 def load_optimizer_tensors(model: Transformer, opt: torch.optim.AdamW, tensors: Mapping[str, np.ndarray]) -> None:
     """Put saved AdamW moments and the step back (the inverse of optimizer_tensors)."""
     moments = {key: fuse_params(model.config, {n[: -len(key) - 1]: torch.from_numpy(np.array(v))
-                                               for n, v in tensors.items() if n.endswith("." + key)})
+                                               for n, v in tensors.items() if n.endswith("." + key)},
+                                concat=torch.cat)
                for key in MOMENTS}
     if "step" not in tensors:
         raise CheckpointError("the optimizer state has no step; it was not written by npllama train")
@@ -449,7 +450,7 @@ def model_args_from_json(path: str | os.PathLike, vocab_size: int, bos: int, eos
         raise ConfigError(f"{path}: vocab_size {cfg['vocab_size']} differs from the tokenizer's {vocab_size}; "
                           f"leave vocab_size out (the tokenizer sets it) or match it")
     cfg = {**cfg, "vocab_size": vocab_size, "bos_token_id": bos, "eos_token_id": eos}
-    return ModelArgs.from_hf(cfg)
+    return args_from_config(cfg, str(path))
 
 
 def read_checkpoint_state(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -664,84 +665,3 @@ def summary(run: Run) -> str:
             f"train loss {np.mean(recent) if recent else float('nan'):.3f} (last 20 steps), "
             f"eval loss {final:.3f} (perplexity {math.exp(final) if final == final else float('nan'):.1f}), "
             f"unigram baseline {s['unigram_loss']:.3f}")
-
-
-# ---------------------------------------------------------------------------- command line
-D = TrainConfig()   # the command line's defaults
-
-
-@click.command(name="train", help="Train a model on a text file with the Torch backend. A fresh model comes from "
-               "--config (a Hugging Face style config.json; the tokenizer sets vocab_size), or start from a "
-               "checkpoint's weights with --init (e.g. uptraining a model `npllama convert` made). Checkpoints "
-               "land in OUT/step-*/ (Hugging Face folders; OUT/latest points to the newest); --resume continues "
-               "OUT's run where it stopped, to the same result.")
-@click.option("--data", type=click.Path(dir_okay=False), help="UTF-8 text file to train on.")
-@click.option("--valid", type=click.Path(exists=True, dir_okay=False),
-              help="Held-out text for the evaluation loss (default: the last 5% of --data).")
-@click.option("--config", "config", type=click.Path(dir_okay=False), help="Model config JSON (fresh weights).")
-@click.option("--init", "init", type=click.Path(exists=True), help="Checkpoint whose weights to start from.")
-@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run folder.")
-@click.option("--resume", is_flag=True, help="Continue OUT's latest checkpoint (options given override the saved ones).")
-@click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False),
-              help="A sentencepiece .model to use (default: the --init checkpoint's, or train one on --data).")
-@click.option("--vocab-size", type=int, default=2048, show_default=True, help="Pieces of the tokenizer trained on --data.")
-@click.option("--steps", type=int, default=D.steps, show_default=True, help="Optimizer steps (the schedule's length).")
-@click.option("--batch-size", type=int, default=D.batch_size, show_default=True, help="Sequences per micro-batch.")
-@click.option("--seq-len", type=int, default=D.seq_len, show_default=True, help="Tokens per sequence.")
-@click.option("--grad-accum", type=int, default=D.grad_accum, show_default=True, help="Micro-batches per step.")
-@click.option("--lr", type=float, default=D.lr, show_default=True, help="Peak learning rate.")
-@click.option("--min-lr", type=float, default=D.min_lr, show_default=True, help="Final learning rate of the cosine.")
-@click.option("--warmup", type=int, default=D.warmup, show_default=True, help="Linear warm-up steps.")
-@click.option("--weight-decay", type=float, default=D.weight_decay, show_default=True)
-@click.option("--grad-clip", type=float, default=D.grad_clip, show_default=True, help="Max global gradient norm (0: off).")
-@click.option("--seed", type=int, default=D.seed, show_default=True)
-@click.option("--dtype", default=D.dtype, show_default=True, help="Master weights: float32 or float64.")
-@click.option("--autocast", type=click.Choice(["auto", "bfloat16", "off"]), default=D.autocast, show_default=True,
-              help="auto: bfloat16 autocast on CUDA, none on CPU.")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--eval-every", type=int, default=D.eval_every, show_default=True, help="Steps between evaluations.")
-@click.option("--eval-batches", type=int, default=D.eval_batches, show_default=True)
-@click.option("--save-every", type=int, default=D.save_every, show_default=True, help="Steps between checkpoints.")
-@click.option("--keep", type=int, default=D.keep, show_default=True, help="Checkpoints to keep.")
-@click.option("--minutes", type=float, default=None,
-              help="Fit --steps to this wall-time budget (measured a few steps in; the whole command, "
-                   "tokenizer and sample included, ends within it).")
-@click.option("--time-limit", type=float, default=None, help="Stop (and save) after this many minutes.")
-@click.option("--sample-prompt", default="\n", show_default="a newline", help="Prompt of the sample printed at the end.")
-@click.option("--sample-tokens", type=int, default=200, show_default=True, help="Tokens to sample at the end (0: none).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-@click.pass_context
-def train_command(ctx, data, valid, config, init, out, resume, tokenizer, vocab_size, minutes, time_limit,
-                  sample_prompt, sample_tokens, quiet, device, **hyper):
-    started = time.perf_counter()
-    threads = os.environ.get("NPLLAMA_THREADS")
-    if threads:
-        torch.set_num_threads(int(threads))
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    hyper = {k: v for k, v in hyper.items() if k in fields}
-    if resume:
-        given = {k: v for k, v in hyper.items()
-                 if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-        for name in ("data", "valid", "config", "init", "tokenizer", "minutes"):
-            if ctx.params.get(name):
-                raise click.UsageError(f"--{name} cannot change on --resume: the run continues on what it began with")
-        run = setup(out, resume=True, overrides=given, device=device, log=click.echo)
-    else:
-        cfg = TrainConfig(**hyper)
-        run = setup(out, data, valid, config, init, tokenizer, vocab_size, cfg=cfg, device=device,
-                    log=click.echo)
-    s = run.state
-    click.echo(f"{s['parameters']:,} parameters; {len(run.train_tokens):,} training tokens, "
-               f"{len(run.valid_tokens):,} held out; unigram baseline {s['unigram_loss']:.3f} nats/token; "
-               f"{run.cfg.batch_size * run.cfg.grad_accum * run.cfg.seq_len:,} tokens per step on {run.device}")
-    train(run, time_limit=None if time_limit is None else time_limit * 60, minutes=minutes, started=started,
-          progress=not quiet, log=click.echo)
-    click.echo(summary(run))
-    if sample_tokens > 0:
-        text = sample_text(run, sample_prompt.replace("\\n", "\n"), sample_tokens)
-        with atomic_write(run.out / "samples.txt", "w") as f:
-            f.write(text + "\n")
-        click.echo("---- sample (temperature 0.8, top-p 0.95) ----")
-        click.echo(text)
-        click.echo("----")
-    click.echo(f"checkpoint: {run.out / 'latest'}   loss curve: {run.out / 'loss.png'}")

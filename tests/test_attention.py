@@ -1,5 +1,5 @@
 """Blockwise (flash) attention computes exactly naive attention, in NumPy and in Torch, in memory
-that grows with the sequence, not with its square (issue 4, docs/flash_attention.md)."""
+that grows with the sequence, not with its square (docs/flash_attention.md)."""
 
 import functools
 import tracemalloc
@@ -9,11 +9,13 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import npllama.layout
 import npllama.model
 from npllama.attention import causal_mask, flash_attention, naive_attention, repeat_kv
 from npllama.config import ModelArgs
 from npllama.errors import InputError
-from npllama.model import Transformer, init_params
+from npllama.model import Transformer
+from npllama.params import init_params
 from npllama.tolerances import (ATTENTION_CUDA_FLOAT16_RTOL, ATTENTION_FLASH_RTOL, ATTENTION_LSE_RTOL,
                                 ATTENTION_PARITY_RTOL)
 from parity import attention as tatt
@@ -231,7 +233,7 @@ def test_model_logits_same_with_flash_and_naive(monkeypatch, heads):
 
 def test_model_auto_switches_to_flash_at_the_threshold(monkeypatch):
     calls = []
-    monkeypatch.setattr(npllama.model, "FLASH_MIN_LEN", 10)
+    monkeypatch.setattr(npllama.layout, "FLASH_MIN_LEN", 10)
     monkeypatch.setattr(npllama.model, "flash_attention",
                         lambda *a, **kw: calls.append("flash") or flash_attention(*a, **kw))
     model = tiny_model()

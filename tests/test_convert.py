@@ -22,10 +22,12 @@ from safetensors.numpy import load_file
 import npllama
 import parity
 from npllama.cli import main
-from npllama.convert import convert_kv_heads, hf_config, mean_pool_heads, save_checkpoint
+from npllama.convert import convert_kv_heads, mean_pool_heads
+from npllama.formats.hf import hf_config, save_checkpoint
 from npllama.errors import CheckpointError, ConfigError
-from npllama.model import init_params
+from npllama.params import init_params
 from npllama.tolerances import parity_rtol
+from npllama.formats.hf import args_from_config
 from tiny import hf_logits, random_llama, save_hf, tiny_config
 
 IDS = np.array([[1, 5, 17, 42, 99, 3, 250, 7, 7, 64, 128, 2]])
@@ -135,7 +137,7 @@ def test_hf_config_round_trips_through_model_args():
                              attention_bias=True, attention_out_bias=True, mlp_bias=True, bos_token_id=1,
                              eos_token_ids=(2, 3),
                              rope_scaling={"rope_type": "linear", "factor": 2.0})
-    assert npllama.ModelArgs.from_hf(hf_config(args)) == args
+    assert args_from_config(hf_config(args)) == args
 
 
 def test_convert_refuses_a_group_count_that_does_not_divide(tmp_path):

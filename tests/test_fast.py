@@ -20,7 +20,8 @@ import parity
 from npllama.config import ModelArgs
 from npllama.errors import InputError
 from npllama.generate import generate
-from npllama.model import Transformer, init_params
+from npllama.model import Transformer
+from npllama.params import init_params
 from npllama.sampling import SamplingSettings
 from npllama.tolerances import parity_rtol
 from parity.fast import FastDecoder, FastWeights, fast_generate
@@ -255,3 +256,26 @@ def test_bad_input_is_refused_clearly():
         fd.generate([[1]], 4, SamplingSettings(temperature=1.0), seed=[1, 2])
     with pytest.raises(InputError, match="max_new_tokens"):
         fd.generate([[1]], -1)
+
+
+def test_float64_weights_keep_float64_arithmetic_in_the_fast_path():
+    """The fast path's RMSNorm takes its statistic in the input's dtype when that is wider than
+    float32 (as parity.norm and npllama.norm do), so float64 prefill and decode logits equal the
+    NumPy float64 model's to float64's bar, not float32's."""
+    from parity.fast import rms_norm as fast_rms_norm
+    from parity.norm import rms_norm
+
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 16)) * 1e3)
+    w = torch.from_numpy(np.random.default_rng(1).standard_normal(16))
+    assert torch.allclose(fast_rms_norm(x, w, 1e-6), rms_norm(x, w, 1e-6), rtol=1e-14, atol=0)
+    args = ModelArgs(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=40, hidden_dim=24, max_seq_len=32)
+    np_model = Transformer(args, init_params(args, seed=2, std=0.4), dtype=np.float64)
+    model = parity.from_numpy(np_model, dtype=torch.float64)
+    prompt = prompts_for(args, [7])[0]
+    decoder = FastDecoder(model, batch_size=1, max_seq_len=16)
+    logits = decoder.prefill([prompt]).numpy()
+    want = np_model(np.array([prompt]))[0, -1]
+    rtol = parity_rtol("float64", "model", "float32")    # logits are float32 by contract
+    assert np.max(np.abs(logits[0] - want)) <= rtol * np.max(np.abs(want))
+    x32 = torch.ones(1, 2, 16, dtype=torch.float64) * 1e-3
+    assert fast_rms_norm(x32, torch.ones(16, dtype=torch.float64), 1e-12).dtype == torch.float64

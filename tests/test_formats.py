@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import npllama
-from npllama.config import meta_hidden_dim
+from npllama.formats.meta import meta_hidden_dim
 from npllama.errors import CheckpointError, ConfigError, NpllamaError
 from npllama.formats import detect_format
 from npllama.formats.meta import read_torch_zip

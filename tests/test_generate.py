@@ -6,7 +6,8 @@ import pytest
 from npllama.config import ModelArgs
 from npllama.errors import InputError
 from npllama.generate import generate, stream_text
-from npllama.model import Transformer, init_params
+from npllama.model import Transformer
+from npllama.params import init_params
 from npllama.sampling import SamplingSettings
 
 ARGS = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=40, max_seq_len=32,
@@ -51,7 +52,7 @@ def test_window_limits_new_tokens_and_long_prompt_is_refused(model):
 
 class Bytes:
     """A byte-level toy tokenizer: id = byte value."""
-    def decode(self, ids):
+    def decode(self, ids, skip_special=False):
         return bytes(ids).decode("utf-8", errors="replace")
 
 

@@ -8,7 +8,8 @@ from hypothesis import given, settings, strategies as st
 from npllama.attention import naive_attention, repeat_kv
 from npllama.config import ModelArgs
 from npllama.errors import CheckpointError, InputError
-from npllama.model import Transformer, cross_entropy_loss, init_params
+from npllama.model import Transformer, cross_entropy_loss
+from npllama.params import init_params
 
 TOL32 = 1e-5   # float32 re-association across different chunkings: a few ulps of O(1) logits
 

@@ -16,7 +16,8 @@ import parity
 from npllama.config import ModelArgs
 from npllama.errors import InputError
 from npllama.generate import generate as np_generate
-from npllama.model import Transformer as NumpyTransformer, param_shapes
+from npllama.model import Transformer as NumpyTransformer
+from npllama.params import param_shapes
 from npllama.sampling import SamplingSettings
 from npllama.tolerances import parity_rtol
 from parity.generate import generate as torch_generate
@@ -65,7 +66,7 @@ def random_params(args: ModelArgs, seed: int, c: float = 1.0) -> dict[str, np.nd
 
 def valid_config(args: ModelArgs) -> bool:
     try:
-        npllama.rope.rope_init(args, 1)
+        npllama.rope_scaling.rope_init(args, 1)
         return True
     except npllama.ConfigError:
         return False

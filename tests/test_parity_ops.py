@@ -19,6 +19,7 @@ import npllama.mlp as nm
 import npllama.model as nmodel
 import npllama.norm as nn_
 import npllama.rope as nr
+import npllama.rope_scaling as nrs
 import npllama.sampling as ns
 import parity.cache as tc
 import parity.mlp as tm
@@ -145,12 +146,12 @@ def rope_scaling_for(name: str, draw) -> dict:
 @st.composite
 def rope_scalings(draw):
     """{"rope_type": any registered variant, **its parameters}."""
-    name = draw(st.sampled_from(sorted(nr.ROPE_INIT_FUNCTIONS)))
+    name = draw(st.sampled_from(sorted(nrs.ROPE_INIT_FUNCTIONS)))
     return {"rope_type": name, **rope_scaling_for(name, draw)}
 
 
 def test_every_builtin_variant_is_drawn():
-    assert {"default", "linear", "dynamic", "llama3", "yarn"} <= set(nr.ROPE_INIT_FUNCTIONS)
+    assert {"default", "linear", "dynamic", "llama3", "yarn"} <= set(nrs.ROPE_INIT_FUNCTIONS)
 
 
 @settings(max_examples=60, deadline=None)
@@ -163,7 +164,7 @@ def test_rope(dtype, scaling, head_dim, partial, start, seq, theta, seed):
                      head_dim=head_dim, rope_theta=theta, rope_scaling=scaling,
                      partial_rotary_factor=partial, max_seq_len=64)
     try:
-        inv_np, scale_np = nr.rope_init(args, start + seq)
+        inv_np, scale_np = nrs.rope_init(args, start + seq)
     except ConfigError:
         assume(False)                       # a plug-in variant this test cannot parameterise
     inv_t, scale_t = tr.rope_init(args, start + seq)

@@ -27,11 +27,16 @@ from transformers.models.phi3 import modeling_phi3 as hf_phi3
 
 import npllama
 import npllama.rope as nr
+import npllama.rope_scaling as nrs
 import parity.rope as pr
 from npllama import tolerances as tol
 from npllama.config import ModelArgs
 from npllama.errors import ConfigError
 from npllama.model import Transformer
+from npllama.formats.hf import args_from_config
+from npllama.formats.names import rename
+from npllama.formats.meta import args_from_params
+from npllama.formats.gguf import args_from_metadata
 
 VARIANTS = ["default", "linear", "dynamic", "llama3", "yarn"]
 
@@ -111,7 +116,7 @@ def hf_rotate(config: LlamaConfig, partial: float, q: np.ndarray, k: np.ndarray,
 
 
 def np_rotate(args: ModelArgs, x: np.ndarray, positions: np.ndarray, dtype=np.float32):
-    inv, scale = nr.rope_init(args, int(positions.max()) + 1)
+    inv, scale = nrs.rope_init(args, int(positions.max()) + 1)
     cos, sin = nr.rope_cos_sin(inv, positions, scale, dtype)
     return nr.apply_rotary_emb(x, cos, sin), cos, sin
 
@@ -158,9 +163,9 @@ def rope_setups(draw, variants=tuple(VARIANTS)):
 def test_inv_freq_and_attention_scaling_match_transformers(setup, style, seq_len):
     rope, head_dim, theta, max_pos, partial = setup
     cfg = hf_config_dict(rope, head_dim=head_dim, theta=theta, max_pos=max_pos, partial=partial, style=style)
-    args = ModelArgs.from_hf(cfg)
+    args = args_from_config(cfg)
     assert args.rope_type == rope["rope_type"] and args.rotary_dim == int(head_dim * partial)
-    ours, scale = nr.rope_init(args, seq_len)
+    ours, scale = nrs.rope_init(args, seq_len)
     theirs, their_scale = hf_inv_freq(rope["rope_type"], hf_config(cfg), seq_len, partial)
     assert ours.dtype == np.float64 and ours.shape == theirs.shape == (args.rotary_dim // 2,)
     # elementwise: every frequency, the smallest included, to float32 rounding of transformers' table
@@ -173,7 +178,7 @@ def test_inv_freq_and_attention_scaling_match_transformers(setup, style, seq_len
 def test_rotated_qk_match_transformers_rotary_module(setup, style, data):
     rope, head_dim, theta, max_pos, partial = setup
     cfg = hf_config_dict(rope, head_dim=head_dim, theta=theta, max_pos=max_pos, partial=partial, style=style)
-    args = ModelArgs.from_hf(cfg)
+    args = args_from_config(cfg)
     seq = data.draw(st.integers(1, 12), label="seq")
     start = data.draw(st.integers(0, 2 * max_pos), label="start")
     positions = np.arange(start, start + seq)
@@ -189,7 +194,7 @@ def test_rotated_qk_match_transformers_rotary_module(setup, style, data):
     same_q, _, _, _ = hf_rotate_with(partial, q, k, cos, sin)
     assert rel_err(nq, same_q) <= tol.ROPE_PARITY_RTOL[np.dtype(np.float32)]
     # the angles: transformers forms m * theta in float32, so allow that rounding, scaled by the angle
-    inv_freq, scale = nr.rope_init(args, start + seq)
+    inv_freq, scale = nrs.rope_init(args, start + seq)
     max_angle = float(positions.max()) * float(inv_freq.max())
     angle_tol = tol.ROPE_ANGLE_VS_TRANSFORMERS_RTOL * max_angle + tol.ROPE_PARITY_RTOL[np.dtype(np.float32)]
     assert np.abs(cos - hcos).max() <= angle_tol * scale
@@ -212,14 +217,14 @@ def hf_rotate_with(partial, q, k, cos, sin):
        st.integers(1, 16), st.integers(0, 2**32 - 1))
 def test_numpy_and_torch_rope_agree(setup, dtype, start, seq, seed):
     rope, head_dim, theta, max_pos, partial = setup
-    args = ModelArgs.from_hf(hf_config_dict(rope, head_dim=head_dim, theta=theta, max_pos=max_pos,
+    args = args_from_config(hf_config_dict(rope, head_dim=head_dim, theta=theta, max_pos=max_pos,
                                             partial=partial))
     dtype = np.dtype(dtype)
     rtol = tol.ROPE_PARITY_RTOL[dtype]
     tdtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[dtype]
     positions = np.arange(start, start + seq)
 
-    inv_np, scale_np = nr.rope_init(args, start + seq)
+    inv_np, scale_np = nrs.rope_init(args, start + seq)
     inv_t, scale_t = pr.rope_init(args, start + seq)
     # one table, built once in float64, shared: bit-identical
     assert inv_t.dtype == torch.float64 and np.array_equal(inv_t.numpy(), inv_np) and scale_t == scale_np
@@ -238,21 +243,21 @@ def test_numpy_and_torch_rope_agree(setup, dtype, start, seq, seed):
 
 
 def test_parity_shares_npllamas_registry():
-    assert pr.ROPE_INIT_FUNCTIONS is nr.ROPE_INIT_FUNCTIONS and pr.register is nr.register
-    assert set(VARIANTS) <= set(nr.ROPE_INIT_FUNCTIONS)
+    assert pr.ROPE_INIT_FUNCTIONS is nrs.ROPE_INIT_FUNCTIONS and pr.register is nrs.register
+    assert set(VARIANTS) <= set(nrs.ROPE_INIT_FUNCTIONS)
 
 
 # ------------------------------------------------------------------------------ dynamic NTK
 def small_args(rope: dict, *, max_pos: int = 32, head_dim: int = 16, theta: float = 10000.0) -> ModelArgs:
-    return ModelArgs.from_hf(hf_config_dict(rope, head_dim=head_dim, theta=theta, max_pos=max_pos))
+    return args_from_config(hf_config_dict(rope, head_dim=head_dim, theta=theta, max_pos=max_pos))
 
 
 def test_dynamic_keeps_the_default_table_until_max_position_embeddings():
     args = small_args({"rope_type": "dynamic", "factor": 4.0}, max_pos=32)
     default = nr.default_inv_freq(args.rope_theta, args.rotary_dim)
     for seq_len in (1, 31, 32):
-        assert np.array_equal(nr.rope_init(args, seq_len)[0], default)
-    tables = [nr.rope_init(args, n)[0] for n in (33, 48, 64)]
+        assert np.array_equal(nrs.rope_init(args, seq_len)[0], default)
+    tables = [nrs.rope_init(args, n)[0] for n in (33, 48, 64)]
     # past it the base grows with the length: every frequency but theta_0 = 1 falls, monotonically
     for shorter, longer in zip([default] + tables, tables):
         assert longer[0] == 1.0 and np.all(longer[1:] < shorter[1:])
@@ -267,7 +272,7 @@ def test_dynamic_stateful_corner_of_transformers():
     because transformers changed, update the docstring and docs/rope.md.
     """
     cfg = hf_config_dict({"rope_type": "dynamic", "factor": 4.0}, head_dim=16, theta=10000.0, max_pos=32)
-    args, module = ModelArgs.from_hf(cfg), hf_llama.LlamaRotaryEmbedding(hf_config(cfg))
+    args, module = args_from_config(cfg), hf_llama.LlamaRotaryEmbedding(hf_config(cfg))
     x = torch.zeros(1, 1)
 
     def hf_table(length):
@@ -277,11 +282,11 @@ def test_dynamic_stateful_corner_of_transformers():
     def close(a, b):
         return table_close(a, b, {"rope_type": "dynamic"})
 
-    assert close(hf_table(48), nr.rope_init(args, 48)[0])
-    assert close(hf_table(40), nr.rope_init(args, 48)[0])        # transformers kept the 48 table
-    assert not close(nr.rope_init(args, 40)[0], nr.rope_init(args, 48)[0])
-    assert close(hf_table(20), nr.rope_init(args, 20)[0])        # reset below max_position_embeddings
-    assert close(hf_table(40), nr.rope_init(args, 40)[0])        # growing again: they agree
+    assert close(hf_table(48), nrs.rope_init(args, 48)[0])
+    assert close(hf_table(40), nrs.rope_init(args, 48)[0])        # transformers kept the 48 table
+    assert not close(nrs.rope_init(args, 40)[0], nrs.rope_init(args, 48)[0])
+    assert close(hf_table(20), nrs.rope_init(args, 20)[0])        # reset below max_position_embeddings
+    assert close(hf_table(40), nrs.rope_init(args, 40)[0])        # growing again: they agree
 
 
 # ------------------------------------------------------------------------------ configs
@@ -290,13 +295,13 @@ LLAMA31 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_f
 
 
 def test_meta_use_scaled_rope_is_llama3_of_llama31():
-    meta = ModelArgs.from_meta({"dim": 4096, "n_layers": 1, "n_heads": 32, "n_kv_heads": 8,
+    meta = args_from_params({"dim": 4096, "n_layers": 1, "n_heads": 32, "n_kv_heads": 8,
                                 "vocab_size": 128256, "multiple_of": 1024, "ffn_dim_multiplier": 1.3,
                                 "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": True})
     cfg = hf_config_dict(LLAMA31, head_dim=128, theta=500000.0, max_pos=131072, n_heads=32, hidden=4096)
-    hf_args = ModelArgs.from_hf(cfg)
+    hf_args = args_from_config(cfg)
     assert meta.rope_scaling == hf_args.rope_scaling
-    ours = nr.rope_init(meta, 100)[0]
+    ours = nrs.rope_init(meta, 100)[0]
     theirs = hf_inv_freq("llama3", hf_config(cfg), 100, 1.0)[0]
     assert table_close(ours, theirs, LLAMA31)
     # the three bands are all there for the real model
@@ -310,16 +315,16 @@ def test_gguf_rope_scaling_keys():
             "llama.embedding_length": 64, "llama.feed_forward_length": 96,
             "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.context_length": 4096,
             "llama.rope.freq_base": 10000.0}
-    assert ModelArgs.from_gguf(base, 100, False).rope_scaling == {"rope_type": "default"}
-    lin = ModelArgs.from_gguf({**base, "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, 100, False)
+    assert args_from_metadata(base, 100, False).rope_scaling == {"rope_type": "default"}
+    lin = args_from_metadata({**base, "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}, 100, False)
     assert lin.rope_scaling == {"rope_type": "linear", "factor": 4.0}
-    yarn = ModelArgs.from_gguf({**base, "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
+    yarn = args_from_metadata({**base, "llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
                                 "llama.rope.scaling.original_context_length": 1024,
                                 "llama.rope.scaling.yarn_beta_fast": 16.0,
                                 "llama.rope.scaling.yarn_beta_slow": 2.0}, 100, False)
     assert yarn.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024,
                                  "beta_fast": 16.0, "beta_slow": 2.0}
-    nr.rope_init(yarn, 10)
+    nrs.rope_init(yarn, 10)
 
 
 @pytest.mark.parametrize("name", ["llama3", "yarn"])
@@ -335,15 +340,15 @@ def test_original_max_position_embeddings_precedence_matches_transformers(name):
             cfg = hf_config_dict(r, head_dim=32, theta=10000.0, max_pos=256, style=style)
             if top is not None:
                 cfg["original_max_position_embeddings"] = top
-            args = ModelArgs.from_hf(cfg)
+            args = args_from_config(cfg)
             expect = top or extra_in_dict or 256
-            assert nr.rope_param(args, "original_max_position_embeddings", 256) == expect
+            assert nrs.rope_param(args, "original_max_position_embeddings", 256) == expect
             theirs = hf_inv_freq(name, hf_config(cfg), 1, 1.0)[0]
-            assert table_close(nr.rope_init(args, 1)[0], theirs, r)
+            assert table_close(nrs.rope_init(args, 1)[0], theirs, r)
 
 
 def test_rope_type_wins_over_type_and_rope_scaling_over_rope_parameters():
-    args = ModelArgs.from_hf({**hf_config_dict({"rope_type": "default"}, head_dim=8, theta=1e4, max_pos=32),
+    args = args_from_config({**hf_config_dict({"rope_type": "default"}, head_dim=8, theta=1e4, max_pos=32),
                               "rope_scaling": {"type": "dynamic", "rope_type": "linear", "factor": 2.0}})
     assert args.rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
@@ -351,7 +356,7 @@ def test_rope_type_wins_over_type_and_rope_scaling_over_rope_parameters():
 def test_unknown_rope_type_lists_the_known_ones():
     args = small_args({"rope_type": "longrope2", "factor": 2.0})
     with pytest.raises(ConfigError) as err:
-        nr.rope_init(args, 1)
+        nrs.rope_init(args, 1)
     for name in VARIANTS:
         assert name in str(err.value)
     assert "longrope2" in str(err.value) and "register" in str(err.value)
@@ -364,29 +369,29 @@ def test_unknown_rope_type_lists_the_known_ones():
                                        ({"rope_type": "linear", "factor": -2.0}, "factor")])
 def test_missing_or_bad_parameter_is_named(rope, key):
     with pytest.raises(ConfigError, match=key):
-        nr.rope_init(small_args(rope), 1)
+        nrs.rope_init(small_args(rope), 1)
 
 
 def test_dynamic_needs_rotary_dim_above_two():
     args = ModelArgs(dim=8, n_layers=1, n_heads=4, n_kv_heads=4, vocab_size=8, hidden_dim=8,
                      rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     with pytest.raises(ConfigError, match="rotary"):
-        nr.rope_init(args, 1)
+        nrs.rope_init(args, 1)
 
 
 def test_register_guards():
     with pytest.raises(ConfigError, match="already registered"):
-        nr.register("linear")(lambda args, seq_len: (None, 1.0))
-    assert nr.ROPE_INIT_FUNCTIONS["linear"] is nr.rope_linear
+        nrs.register("linear")(lambda args, seq_len: (None, 1.0))
+    assert nrs.ROPE_INIT_FUNCTIONS["linear"] is nrs.rope_linear
 
-    @nr.register("test_wrong_shape")
+    @nrs.register("test_wrong_shape")
     def wrong(args, seq_len):
         return np.ones(3), 1.0
     try:
         with pytest.raises(ConfigError, match="shape"):
-            nr.rope_init(small_args({"rope_type": "test_wrong_shape"}), 1)
+            nrs.rope_init(small_args({"rope_type": "test_wrong_shape"}), 1)
     finally:
-        del nr.ROPE_INIT_FUNCTIONS["test_wrong_shape"]
+        del nrs.ROPE_INIT_FUNCTIONS["test_wrong_shape"]
 
 
 # ------------------------------------------------------------------------------ whole tiny models
@@ -412,15 +417,6 @@ def save_tiny(tmp_path, cfg: dict, seed: int = 0):
     model.save_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(cfg, indent=2))   # the style under test, verbatim
     return tmp_path
-
-
-# transformers' names -> npllama's (the Phi-3 test renames its unfused tensors with it)
-HF_TO_META = {"model.embed_tokens.": "tok_embeddings.", "model.norm.": "norm.", "lm_head.": "output.",
-              "self_attn.q_proj.": "attention.wq.", "self_attn.k_proj.": "attention.wk.",
-              "self_attn.v_proj.": "attention.wv.", "self_attn.o_proj.": "attention.wo.",
-              "mlp.gate_proj.": "feed_forward.w1.", "mlp.up_proj.": "feed_forward.w3.",
-              "mlp.down_proj.": "feed_forward.w2.", "input_layernorm.": "attention_norm.",
-              "post_attention_layernorm.": "ffn_norm.", "model.layers.": "layers."}
 
 
 def load_npllama(path):
@@ -460,7 +456,7 @@ def test_tiny_model_matches_transformers(tmp_path, name, style):
     cfg = hf_config_dict(rope, max_pos=max_pos, style=style, **TINY)
     path = save_tiny(tmp_path, cfg)
     ours = load_npllama(path)
-    assert ours.config.rope_scaling == ModelArgs.from_hf(hf_config_dict(rope, max_pos=max_pos, **TINY)).rope_scaling
+    assert ours.config.rope_scaling == args_from_config(hf_config_dict(rope, max_pos=max_pos, **TINY)).rope_scaling
     ids = np.random.default_rng(1).integers(0, TINY["vocab"], (2, TOTAL))
     rtol = tol.ROPE_MODEL_VS_TRANSFORMERS_RTOL_FLOAT32
 
@@ -521,10 +517,8 @@ def test_tiny_partial_rotary_model_matches_phi3(partial):
             p = name.replace("model.layers.", "layers.").replace("mlp.gate_up_proj.weight", "feed_forward.")
             params[p + "w1.weight"], params[p + "w3.weight"] = value[:hid], value[hid:]
         else:
-            for old, new in {**HF_TO_META, "mlp.down_proj.": "feed_forward.w2."}.items():
-                name = name.replace(old, new)
-            params[name] = value
-    args = ModelArgs.from_hf({**cfg, "head_dim": hd})
+            params[rename(name, "hf", "meta")] = value
+    args = args_from_config({**cfg, "head_dim": hd})
     assert args.rotary_dim == int(hd * partial)
     ours = Transformer(args, params)
     ids = np.random.default_rng(4).integers(0, vocab, (2, 40))
@@ -552,11 +546,11 @@ def ntk_static_inv_freq(base, factor, dim, xp):
 @pytest.fixture
 def ntk_static(monkeypatch):
     """Static NTK-aware scaling (bloc97, 2023: base * factor ** (d / (d-2)) at every length),
-    registered from outside npllama with npllama.rope.register, and in transformers' own dict."""
+    registered from outside npllama with npllama.rope_scaling.register, and in transformers' own dict."""
 
-    @nr.register("test_ntk_static")
+    @nrs.register("test_ntk_static")
     def rope_ntk_static(args, seq_len):
-        return ntk_static_inv_freq(args.rope_theta, nr.rope_param(args, "factor"), args.rotary_dim, np), 1.0
+        return ntk_static_inv_freq(args.rope_theta, nrs.rope_param(args, "factor"), args.rotary_dim, np), 1.0
 
     def hf_ntk_static(config, device=None, seq_len=None, layer_type=None):
         p = config.rope_parameters
@@ -565,7 +559,7 @@ def ntk_static(monkeypatch):
 
     monkeypatch.setitem(HF_ROPE_INIT_FUNCTIONS, "test_ntk_static", hf_ntk_static)
     yield "test_ntk_static"
-    del nr.ROPE_INIT_FUNCTIONS["test_ntk_static"]
+    del nrs.ROPE_INIT_FUNCTIONS["test_ntk_static"]
 
 
 def test_registered_variant_runs_in_both_backends(tmp_path, ntk_static):
@@ -584,7 +578,7 @@ def test_registered_variant_runs_in_both_backends(tmp_path, ntk_static):
 
     # the Torch backend finds the same variant through the shared registry
     inv_t, scale_t = pr.rope_init(ours.config, 40)
-    inv_np, scale_np = nr.rope_init(ours.config, 40)
+    inv_np, scale_np = nrs.rope_init(ours.config, 40)
     assert np.array_equal(inv_t.numpy(), inv_np) and scale_t == scale_np
     positions = np.arange(40)
     x = np.random.default_rng(3).standard_normal((1, 4, 40, 16))

@@ -9,7 +9,9 @@ import sentencepiece as spm
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from npllama.errors import TokenizerError
-from npllama.formats.gguf import gguf_tokenizer, open_gguf, read_metadata
+from npllama.formats.gguf import open_gguf, read_metadata
+from npllama.formats.gguf_vocab import gguf_tokenizer
+from npllama.formats.gguf_vocab import tokenizer_from_vocab
 from npllama.tokenizer import StreamDecoder, Tokenizer
 from npllama.weights import default_model_path
 from tiny import gguf_vocab_from_sentencepiece, sample_text, train_bpe, train_sentencepiece
@@ -170,7 +172,7 @@ def test_sentencepiece_vocabulary_in_gguf_equals_sentencepiece(sp_model):
     """A 'llama' GGUF vocabulary (tokens + scores, byte fallback) rebuilt as BPE gives SentencePiece's ids."""
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     v = gguf_vocab_from_sentencepiece(sp_model)
-    tok = Tokenizer.from_gguf_vocab(model="llama", tokens=v["tokens"], token_types=v["types"], scores=v["scores"],
+    tok = tokenizer_from_vocab(model="llama", tokens=v["tokens"], token_types=v["types"], scores=v["scores"],
                                     bos_id=1, eos_ids=[2], unk_id=0, add_bos=True)
     for text in sample_text(80, seed=7) + VARIED:
         if "<s>" in text or "</s>" in text:
@@ -191,7 +193,7 @@ def test_sentencepiece_vocabulary_in_gguf_on_any_text(sp_vocab_and_model, text):
 @pytest.fixture(scope="module")
 def sp_vocab_and_model(sp_model):
     v = gguf_vocab_from_sentencepiece(sp_model)
-    tok = Tokenizer.from_gguf_vocab(model="llama", tokens=v["tokens"], token_types=v["types"], scores=v["scores"],
+    tok = tokenizer_from_vocab(model="llama", tokens=v["tokens"], token_types=v["types"], scores=v["scores"],
                                     bos_id=1, eos_ids=[2], unk_id=0)
     return tok, spm.SentencePieceProcessor(model_file=str(sp_model))
 
@@ -227,10 +229,10 @@ def test_tokenizer_json_equals_transformers(tmp_path):
 
 def test_gguf_vocab_errors_are_tokenizer_errors():
     with pytest.raises(TokenizerError, match="pre-tokenizer"):
-        Tokenizer.from_gguf_vocab(model="gpt2", tokens=["a", "b", "ab"], merges=["a b"], pre="no-such-thing")
+        tokenizer_from_vocab(model="gpt2", tokens=["a", "b", "ab"], merges=["a b"], pre="no-such-thing")
     with pytest.raises(TokenizerError, match="not supported"):
-        Tokenizer.from_gguf_vocab(model="rwkv", tokens=["a"])
+        tokenizer_from_vocab(model="rwkv", tokens=["a"])
     with pytest.raises(TokenizerError, match="merges"):
-        Tokenizer.from_gguf_vocab(model="gpt2", tokens=["a"])
+        tokenizer_from_vocab(model="gpt2", tokens=["a"])
     with pytest.raises(TokenizerError, match="outside"):
-        Tokenizer.from_gguf_vocab(model="gpt2", tokens=["a", "b", "ab"], merges=["a b"], bos_id=7)
+        tokenizer_from_vocab(model="gpt2", tokens=["a", "b", "ab"], merges=["a b"], bos_id=7)

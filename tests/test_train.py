@@ -29,8 +29,8 @@ from safetensors.numpy import load_file
 import npllama
 from npllama.cli import main
 from npllama.tolerances import TRAIN_LOSS_RTOL
-from parity.evaluate import eval_windows as ppl_windows
-from parity.evaluate import perplexity
+from npllama.evaluate import eval_windows as ppl_windows
+from npllama.evaluate import perplexity
 from parity.train import (TrainConfig, get_batch, latest_checkpoint, learning_rate, load_tokenizer, setup, train,
                           train_tokenizer)
 
@@ -148,10 +148,10 @@ def test_resume_gives_the_parameters_of_an_uninterrupted_run(corpus, tmp_path):
 KILLED_WRITER = textwrap.dedent("""
     import sys, time, pathlib
     sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
-    import npllama.convert as convert
+    import npllama.io as nio
     from test_train import new_run
     from parity.train import train
-    real = convert.atomic_write
+    real = nio.atomic_write
     class Stall:
         def __init__(self, path, *a, **k):
             self.inner, self.path = real(path, *a, **k), pathlib.Path(path)
@@ -166,7 +166,7 @@ KILLED_WRITER = textwrap.dedent("""
             return self.f.write(data)
         def __exit__(self, *exc):
             return self.inner.__exit__(*exc)
-    convert.atomic_write = Stall
+    nio.atomic_write = Stall
     train(new_run(pathlib.Path({corpus!r}), pathlib.Path({out!r}), steps=4, save_every=2, eval_every=0),
           progress=False)
 """)
@@ -201,19 +201,19 @@ def test_a_write_killed_midway_leaves_the_latest_checkpoint_intact(corpus, tmp_p
 
 
 def test_a_failure_inside_the_write_keeps_the_previous_checkpoint(corpus, tmp_path, monkeypatch):
-    import npllama.convert as convert
+    import npllama.io as nio
 
     run = new_run(corpus, tmp_path / "run", steps=4, save_every=2, eval_every=0)
     train(run, stop_after=2, progress=False)
     good = load_file(str(tmp_path / "run" / "step-000002" / "model.safetensors"))
-    real = convert.atomic_write
+    real = nio.atomic_write
 
     def failing(path, *a, **k):
         if Path(path).name == "state.json":
             raise OSError(28, "No space left on device")
         return real(path, *a, **k)
 
-    monkeypatch.setattr(convert, "atomic_write", failing)
+    monkeypatch.setattr(nio, "atomic_write", failing)
     with pytest.raises(OSError, match="No space left"):
         train(run, progress=False)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["latest", "loss.png", "step-000002",

@@ -12,7 +12,8 @@ under pytest's rootdir-relative imports).
 Weights are drawn from N(0, std) with std 0.02 .. 0.2 (norm weights around 1), so logits are far
 from flat and a wrong permutation or a swapped projection shows. The Meta and GGUF writers permute
 q/k rows into the interleaved layout with their own torch code (the formula of transformers'
-convert_llama_weights_to_hf.py inverse / llama.cpp's LlamaModel.permute), not npllama's.
+convert_llama_weights_to_hf.py inverse / llama.cpp's LlamaModel.permute), not npllama's; only
+the tensor names come from npllama's one table (formats/names.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from npllama.formats.names import rename
 
 # -------------------------------------------------------------------------------- text
 _WORDS = ("the of and to in is was for on that with as by at from it an be this are which or his "
@@ -154,34 +157,17 @@ def to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-_META_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-               "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-               "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
-               "mlp.down_proj": "feed_forward.w2", "input_layernorm": "attention_norm",
-               "post_attention_layernorm": "ffn_norm"}
-
-
 def meta_state_dict(model) -> dict[str, torch.Tensor]:
     """The model in Meta's names, q/k rows interleaved, output untied (Meta never ties)."""
     cfg = model.config
     sd = {}
     for name, t in model.state_dict().items():
         t = t.detach().clone()
-        if name == "model.embed_tokens.weight":
-            sd["tok_embeddings.weight"] = t
-        elif name == "model.norm.weight":
-            sd["norm.weight"] = t
-        elif name == "lm_head.weight":
-            sd["output.weight"] = t
-        else:
-            _, _, i, rest = name.split(".", 3)          # model.layers.{i}.{module}.{weight|bias}
-            module, kind = rest.rsplit(".", 1)
-            new = f"layers.{i}.{_META_NAMES[module]}.{kind}"
-            if module == "self_attn.q_proj":
-                t = to_interleaved(t, cfg.num_attention_heads)
-            elif module == "self_attn.k_proj":
-                t = to_interleaved(t, cfg.num_key_value_heads)
-            sd[new] = t
+        if ".self_attn.q_proj." in name:
+            t = to_interleaved(t, cfg.num_attention_heads)
+        elif ".self_attn.k_proj." in name:
+            t = to_interleaved(t, cfg.num_key_value_heads)
+        sd[rename(name, "hf", "meta")] = t
     sd.setdefault("output.weight", sd["tok_embeddings.weight"].clone())
     sd["rope.freqs"] = torch.zeros(cfg.head_dim // 2)   # Llama 1/2 files carry it; loaders ignore it
     return sd
@@ -220,7 +206,7 @@ def save_meta(model, folder: Path, sp_model: Path | None, n_shards: int = 1, mul
 
     The model's intermediate_size must be Meta's: meta_hidden_dim(dim, multiple_of, ffn_dim_multiplier).
     """
-    from npllama.config import meta_hidden_dim
+    from npllama.formats.meta import meta_hidden_dim
 
     cfg = model.config
     want = meta_hidden_dim(cfg.hidden_size, multiple_of, ffn_dim_multiplier)
@@ -267,12 +253,6 @@ def gguf_vocab_from_sentencepiece(sp_model: Path) -> dict:
             "eos": sp.eos_id(), "unk": sp.unk_id(), "add_bos": True}
 
 
-_GGUF_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-               "mlp.down_proj": "ffn_down"}
-
-
 def save_gguf(model, path: Path, vocab: dict | None = None) -> Path:
     """A llama-architecture GGUF with F32 tensors, q/k permuted to llama.cpp's interleaved layout."""
     import gguf
@@ -314,23 +294,13 @@ def save_gguf(model, path: Path, vocab: dict | None = None) -> Path:
             w.add_chat_template(vocab["chat_template"])
     for name, t in model.state_dict().items():
         t = t.detach().float()
-        if name == "model.embed_tokens.weight":
-            new = "token_embd.weight"
-        elif name == "model.norm.weight":
-            new = "output_norm.weight"
-        elif name == "lm_head.weight":
-            if cfg.tie_word_embeddings:
-                continue
-            new = "output.weight"
-        else:
-            _, _, i, rest = name.split(".", 3)
-            module, kind = rest.rsplit(".", 1)
-            new = f"blk.{i}.{_GGUF_LAYER[module]}.{kind}"
-            if module == "self_attn.q_proj":
-                t = to_interleaved(t, cfg.num_attention_heads)
-            elif module == "self_attn.k_proj":
-                t = to_interleaved(t, cfg.num_key_value_heads)
-        w.add_tensor(new, np.ascontiguousarray(t.numpy(), dtype=np.float32))
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if ".self_attn.q_proj." in name:
+            t = to_interleaved(t, cfg.num_attention_heads)
+        elif ".self_attn.k_proj." in name:
+            t = to_interleaved(t, cfg.num_key_value_heads)
+        w.add_tensor(rename(name, "hf", "gguf"), np.ascontiguousarray(t.numpy(), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -10,8 +10,10 @@ Three formats are recognised by what a path holds:
 * Meta folder          params.json + consolidated.00.pth [.01 ...] + tokenizer.model -> formats/meta.py
 * GGUF                 a .gguf file, or a folder holding exactly one             -> formats/gguf.py
 
-Each loader returns the weights in npllama's contract (model.py): Meta's names, nn.Linear's
+Each loader returns the weights in npllama's contract (params.py): Meta's names, nn.Linear's
 (out, in) layout, q/k rows in the rotate-half layout. The model never knows which file it came from.
+Shared by the loaders: names.py (the one table of tensor names), permute.py (rotary layouts),
+fields.py (typed config values); gguf_vocab.py rebuilds a GGUF file's tokenizer.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError
 from ..model import Transformer
-from ..rope import rope_init
+from ..rope_scaling import rope_init
 
 _EXPECTED = ("a Hugging Face folder (config.json + model.safetensors), a Meta folder "
              "(params.json + consolidated.00.pth + tokenizer.model), or a .gguf file")

@@ -5,7 +5,7 @@ a table of tensors, and their data, each tensor stored as float or in a block-qu
 (Q4_1: blocks of 32 weights sharing a scale and a minimum). The ``gguf`` package (llama.cpp's own
 Python reader) parses it; ``gguf.quants.dequantize`` turns every block type back into float32.
 
-Layout facts a loader must undo (see /work/shared/NUMERICS.md):
+Layout facts a loader must undo:
 
 * Shapes are listed in ggml's ``ne`` order, fastest axis first, i.e. reversed: a (rows, cols) matrix
   is listed as [cols, rows]. The reader's ``tensor.data`` is already in numpy (rows, cols) order.
@@ -13,33 +13,25 @@ Layout facts a loader must undo (see /work/shared/NUMERICS.md):
   halves, so wq / wk rows are permuted back (wk with n_kv_heads heads).
 * Tied embeddings: the file has no ``output.weight``.
 
-Tensor names:  token_embd, output_norm, output, blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output,
-ffn_norm, ffn_gate (w1), ffn_up (w3), ffn_down (w2)}.
+Tensor names: token_embd, output_norm, output, blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output,
+ffn_norm, ffn_gate (w1), ffn_up (w3), ffn_down (w2)} (names.py maps them onto npllama's). The
+vocabulary in the metadata becomes a Tokenizer in gguf_vocab.py.
 """
 
 from __future__ import annotations
 
 import functools
-import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from ..config import ModelArgs
-from ..errors import CheckpointError, TokenizerError
-from ..tokenizer import Tokenizer
-from .hf import build_args
-from .permute import permute_to_half
-
-# GGUF name -> npllama (Meta) name, per layer and global.
-_LAYER_NAMES = {
-    "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
-    "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
-    "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2",
-}
-_GLOBAL_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
-_LAYER_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
+from ..errors import CheckpointError, ConfigError
+from .fields import Fields, build_args
+from .gguf_vocab import gguf_tokenizer
+from .names import rename
+from .permute import to_half_layout
 
 
 class GGUFRefused(ValueError):
@@ -82,8 +74,6 @@ def bounded_reader():
 
 def open_gguf(path: Path):
     """A gguf.GGUFReader over ``path``, or CheckpointError saying why the file is not one."""
-    import gguf
-
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -112,13 +102,54 @@ def read_metadata(reader, path: Path) -> dict[str, Any]:
 
 def npllama_name(name: str) -> str | None:
     """GGUF tensor name -> npllama's name, or None for a name npllama does not know."""
-    base, _, kind = name.rpartition(".")
-    if base in _GLOBAL_NAMES and kind == "weight":
-        return f"{_GLOBAL_NAMES[base]}.weight"
-    m = _LAYER_RE.fullmatch(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    return None
+    return rename(name, "gguf", "meta")
+
+
+def args_from_metadata(meta: Mapping[str, Any], vocab_size: int, tied: bool, source: str = "GGUF metadata") -> ModelArgs:
+    """ModelArgs from GGUF key/value metadata (``{arch}.block_count`` and friends).
+
+    vocab_size: the vocabulary's length, used when ``{arch}.vocab_size`` is absent; tied: the
+    file has no output.weight (the LM head is the embedding).
+    """
+    arch = meta.get("general.architecture", "llama")
+    if arch != "llama":
+        raise ConfigError(f"{source}: architecture {arch!r} is not a Llama-family model npllama can run")
+    f = Fields({k[len(arch) + 1:]: v for k, v in meta.items() if k.startswith(arch + ".")},
+               f"{source}: metadata {arch}.*")
+    n_heads = f.integer("attention.head_count")
+    dim = f.integer("embedding_length")
+    scaling: dict[str, Any] = {"rope_type": "default"}
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind is not None and not isinstance(kind, str):
+        raise ConfigError(f"{source}: {arch}.rope.scaling.type must be a string, got {kind!r:.80}")
+    if kind and kind != "none":
+        scaling = {"rope_type": kind, "factor": f.number("rope.scaling.factor", 1.0)}
+        orig = f.integer("rope.scaling.original_context_length", None)
+        if orig:
+            scaling["original_max_position_embeddings"] = orig
+        for key in ("beta_fast", "beta_slow"):   # YaRN ramp ends, when the converter wrote them
+            if meta.get(f"{arch}.rope.scaling.yarn_{key}") is not None:
+                scaling[key] = f.number(f"rope.scaling.yarn_{key}")
+    head_dim = f.integer("attention.key_length", 0, minimum=0)
+    rot = f.integer("rope.dimension_count", None)
+    eos = Fields(meta, source).integer("tokenizer.ggml.eos_token_id", None, minimum=0)
+    return ModelArgs(
+        dim=dim,
+        n_layers=f.integer("block_count"),
+        n_heads=n_heads,
+        n_kv_heads=f.integer("attention.head_count_kv", n_heads),
+        vocab_size=f.integer("vocab_size", vocab_size),
+        hidden_dim=f.integer("feed_forward_length"),
+        head_dim=head_dim,
+        norm_eps=f.number("attention.layer_norm_rms_epsilon"),
+        rope_theta=f.number("rope.freq_base", 10000.0),
+        rope_scaling=scaling,
+        partial_rotary_factor=(rot / (head_dim or dim // n_heads)) if rot else 1.0,
+        max_seq_len=f.integer("context_length", 2048),
+        tie_word_embeddings=tied,
+        bos_token_id=Fields(meta, source).integer("tokenizer.ggml.bos_token_id", None, minimum=0),
+        eos_token_ids=() if eos is None else (eos,),
+    )
 
 
 def dequantize(tensor, path: Path) -> np.ndarray:
@@ -169,7 +200,8 @@ def load_gguf(path: Path, progress: Callable = lambda it, **kw: it):
 
     tokenizer = gguf_tokenizer(meta, path)
     vocab = tokenizer.vocab_size if tokenizer is not None else int(tensors["token_embd.weight"].shape[-1])
-    args = build_args(ModelArgs.from_gguf, path, meta, vocab_size=vocab, tied="output.weight" not in tensors)
+    args = build_args(args_from_metadata, path, meta, vocab_size=vocab, tied="output.weight" not in tensors,
+                      source=str(path))
     # llama.cpp's Llama graph takes biases when the tensors exist; say so in the config.
     args = args.replace(attention_bias="blk.0.attn_q.bias" in tensors,
                         attention_out_bias="blk.0.attn_output.bias" in tensors,
@@ -180,43 +212,6 @@ def load_gguf(path: Path, progress: Callable = lambda it, **kw: it):
         raise CheckpointError(f"{path}: rotary embeddings cover {args.rotary_dim} of {args.head_dim} channels "
                               f"per head; undoing llama.cpp's q/k permutation for partial rotary is not supported")
 
-    params: dict[str, np.ndarray] = {}
-    for t in progress(reader.tensors, desc=f"Loading {path.name}", unit="tensor"):
-        name = npllama_name(t.name)
-        w = dequantize(t, path)
-        if name.endswith((".wq.weight", ".wq.bias")):
-            w = permute_to_half(w, args.n_heads, f"{path}: {t.name}")
-        elif name.endswith((".wk.weight", ".wk.bias")):
-            w = permute_to_half(w, args.n_kv_heads, f"{path}: {t.name}")
-        params[name] = w
-    return args, params, tokenizer
-
-
-def gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer | None:
-    """The tokenizer described by ``tokenizer.ggml.*`` (None when the file has no vocabulary)."""
-    model = meta.get("tokenizer.ggml.model")
-    if model is None or "tokenizer.ggml.tokens" not in meta:
-        return None
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                             "tokenizer.ggml.eom_token_id") if meta.get(k) is not None]
-    default_bos = model == "llama"   # llama.cpp's (and transformers') default for SentencePiece vocabularies
-    try:
-        return Tokenizer.from_gguf_vocab(
-            model=str(model),
-            tokens=meta["tokenizer.ggml.tokens"],
-            token_types=meta.get("tokenizer.ggml.token_type"),
-            merges=meta.get("tokenizer.ggml.merges"),
-            scores=meta.get("tokenizer.ggml.scores"),
-            pre=meta.get("tokenizer.ggml.pre"),
-            bos_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_ids=dict.fromkeys(int(e) for e in eos),   # unique, in order
-            unk_id=meta.get("tokenizer.ggml.unknown_token_id"),
-            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)),
-            add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
-            chat_template=meta.get("tokenizer.chat_template"),
-            source=str(path),
-        )
-    except TokenizerError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise TokenizerError(f"{path}: the tokenizer metadata is malformed ({e})") from None
+    params = {npllama_name(t.name): dequantize(t, path)
+              for t in progress(reader.tensors, desc=f"Loading {path.name}", unit="tensor")}
+    return args, to_half_layout(params, args, str(path)), tokenizer

@@ -2,24 +2,20 @@
 
 A folder written by transformers' ``save_pretrained`` holds
 
-    config.json                    LlamaConfig                           -> ModelArgs.from_hf
+    config.json                    LlamaConfig                           -> args_from_config
     model.safetensors              the weights, or shards listed in model.safetensors.index.json
     generation_config.json         eos_token_id(s) used to stop generation (optional)
     tokenizer.json                 a ``tokenizers`` tokenizer, or tokenizer.model (SentencePiece)
     tokenizer_config.json          bos/eos spellings, add_bos_token, chat_template (optional)
     chat_template.jinja            the chat template, in newer transformers (optional)
 
-Names: transformers' LlamaForCausalLM names map one to one onto Meta's, which npllama uses:
+Names: transformers' LlamaForCausalLM names map one to one onto Meta's, which npllama uses
+(names.py). HF's q_proj / k_proj rows are already in the rotate-half layout npllama uses: no
+permutation.
 
-    model.embed_tokens                          tok_embeddings
-    model.layers.N.input_layernorm              layers.N.attention_norm
-    model.layers.N.self_attn.{q,k,v,o}_proj     layers.N.attention.w{q,k,v,o}
-    model.layers.N.post_attention_layernorm     layers.N.ffn_norm
-    model.layers.N.mlp.gate_proj / up_proj / down_proj    layers.N.feed_forward.w1 / w3 / w2
-    model.norm                                  norm
-    lm_head                                     output
-
-HF's q_proj / k_proj rows are already in the rotate-half layout npllama uses: no permutation.
+The same module writes such a folder (``save_checkpoint``): config.json from ModelArgs
+(``hf_config``, the inverse of ``args_from_config``), model.safetensors in HF names, and the
+tokenizer files of the source checkpoint; the whole folder appears at once (npllama.io.write_folder).
 
 safetensors (https://github.com/huggingface/safetensors): 8 bytes little-endian header length N,
 N bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the data. The header is
@@ -30,26 +26,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from ..config import ModelArgs
 from ..errors import CheckpointError, ConfigError
+from ..io import write_folder
+from ..params import check_params
 from ..tokenizer import Tokenizer
+from .fields import Fields, build_args, normalise_rope_scaling
+from .names import rename
 
-_LAYER_NAMES = {
-    "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
-    "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3", "mlp.down_proj": "feed_forward.w2",
-}
-_GLOBAL_NAMES = {"embed_tokens.weight": "tok_embeddings.weight", "norm.weight": "norm.weight",
-                 "lm_head.weight": "output.weight"}
-_LAYER_RE = re.compile(r"layers\.(\d+)\.(.+)\.(weight|bias)")
 _SKIP_RE = re.compile(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq")   # older checkpoints store it
 
 # safetensors dtype -> (numpy dtype of the raw bytes, bytes per element)
@@ -72,19 +64,89 @@ def read_json(path: Path, required: bool = True) -> Any:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def build_args(make: Callable[..., ModelArgs], source: Path, *args: Any, **kwargs: Any) -> ModelArgs:
-    """Call a ModelArgs constructor; any complaint becomes a ConfigError that names the file."""
-    try:
-        return make(*args, **kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:   # a value of the wrong JSON type
-        raise ConfigError(f"{source}: malformed value ({type(e).__name__}: {e})") from None
-
-
 def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> float32: bfloat16 is the top half of a float32."""
     return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+# ---------------------------------------------------------------------------- config.json
+def args_from_config(cfg: Mapping[str, Any], source: str = "config.json") -> ModelArgs:
+    """ModelArgs from a transformers ``config.json`` (LlamaConfig and its relatives).
+
+    Both rope styles are read: the older ``rope_theta`` + ``rope_scaling`` (with ``type`` or
+    ``rope_type``) and the newer ``rope_parameters`` that holds ``rope_theta`` itself.
+    """
+    f = Fields(cfg, source)
+    n_heads = f.integer("num_attention_heads")
+    # As transformers' standardize_rope_params: a non-empty rope_scaling wins over rope_parameters;
+    # rope_theta and partial_rotary_factor inside the dict win over the top-level keys; a top-level
+    # original_max_position_embeddings wins for llama3 / yarn / longrope (Phi-3 style).
+    params = f.mapping_or_none("rope_scaling") or f.mapping_or_none("rope_parameters") or {}
+    params = dict(params)
+    theta = Fields(params, f"{source} rope parameters").number("rope_theta", f.number("rope_theta", 10000.0))
+    params.pop("rope_theta", None)
+    scaling = normalise_rope_scaling(params, source)
+    partial = scaling.pop("partial_rotary_factor", None)
+    partial = f.number("partial_rotary_factor", 1.0) if partial is None else \
+        Fields({"partial_rotary_factor": partial}, f"{source} rope parameters").number("partial_rotary_factor")
+    if scaling["rope_type"] in ("llama3", "yarn", "longrope") and \
+            cfg.get("original_max_position_embeddings") is not None:
+        scaling["original_max_position_embeddings"] = f.integer("original_max_position_embeddings")
+    attention_bias = f.flag("attention_bias", False)
+    return ModelArgs(
+        dim=f.integer("hidden_size"),
+        n_layers=f.integer("num_hidden_layers"),
+        n_heads=n_heads,
+        n_kv_heads=f.integer("num_key_value_heads", n_heads),
+        vocab_size=f.integer("vocab_size"),
+        hidden_dim=f.integer("intermediate_size"),
+        head_dim=f.integer("head_dim", 0, minimum=0),
+        norm_eps=f.number("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        partial_rotary_factor=partial,
+        max_seq_len=f.integer("max_position_embeddings", 2048),
+        tie_word_embeddings=f.flag("tie_word_embeddings", False),
+        attention_bias=attention_bias,
+        attention_out_bias=attention_bias,  # LlamaAttention puts the same flag on o_proj
+        mlp_bias=f.flag("mlp_bias", False),
+        bos_token_id=f.integer("bos_token_id", None, minimum=0),
+        eos_token_ids=f.token_ids("eos_token_id"),
+    )
+
+
+def hf_config(args: ModelArgs, dtype: str = "float32") -> dict[str, Any]:
+    """A transformers LlamaConfig dict (config.json) that args_from_config reads back as args."""
+    if args.attention_out_bias != args.attention_bias:
+        raise ConfigError("a Hugging Face Llama config has one attention_bias flag for q/k/v and o; "
+                          "this model has bias on only some of them and cannot be written as one")
+    scaling = dict(args.rope_scaling)
+    cfg: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": args.dim,
+        "intermediate_size": args.hidden_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": None if scaling == {"rope_type": "default"} else scaling,
+        "max_position_embeddings": args.max_seq_len,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "attention_bias": args.attention_bias,
+        "mlp_bias": args.mlp_bias,
+        "bos_token_id": args.bos_token_id,
+        "eos_token_id": (list(args.eos_token_ids) if len(args.eos_token_ids) > 1
+                         else (args.eos_token_ids[0] if args.eos_token_ids else None)),
+        "torch_dtype": dtype,
+    }
+    if args.partial_rotary_factor != 1.0:
+        cfg["partial_rotary_factor"] = args.partial_rotary_factor
+    return cfg
 
 
 # ---------------------------------------------------------------------------- safetensors
@@ -193,13 +255,10 @@ def npllama_name(hf_name: str) -> str | None:
     """transformers' tensor name -> npllama's (Meta's) name; None for names to skip; raises for unknown."""
     if _SKIP_RE.fullmatch(hf_name):
         return None
-    name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
-    m = _LAYER_RE.fullmatch(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    raise CheckpointError(f"tensor {hf_name!r} is not part of a Llama model (LlamaForCausalLM) npllama knows")
+    name = rename(hf_name, "hf", "meta")
+    if name is None:
+        raise CheckpointError(f"tensor {hf_name!r} is not part of a Llama model (LlamaForCausalLM) npllama knows")
+    return name
 
 
 # ---------------------------------------------------------------------------- the loader
@@ -207,7 +266,7 @@ def load_hf(folder: Path, progress: Callable):
     """A transformers folder -> (ModelArgs, params in npllama names, Tokenizer or None)."""
     cfg = read_json(folder / "config.json")
     check_model_type(cfg, folder / "config.json")
-    args = build_args(ModelArgs.from_hf, folder / "config.json", cfg)
+    args = build_args(args_from_config, folder / "config.json", cfg, str(folder / "config.json"))
     gen = read_json(folder / "generation_config.json", required=False) or {}
     tokenizer = hf_tokenizer(folder, cfg, gen if isinstance(gen, dict) else {})
     if tokenizer is not None:
@@ -288,3 +347,54 @@ def _chat_template(folder: Path, tok_cfg: dict) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     return template if isinstance(template, str) else None
+
+
+# ---------------------------------------------------------------------------- writing a folder
+# Files of a tokenizer that travel with a checkpoint when it is converted.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+
+
+def safetensors_bytes(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialise NumPy arrays as one safetensors file (contiguous copies, names as given)."""
+    from safetensors.numpy import save
+    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                metadata={"format": "pt", **(metadata or {})})
+
+
+def hf_files(args: ModelArgs, params: Mapping[str, np.ndarray], dtype=np.float32) -> dict[str, bytes]:
+    """config.json and model.safetensors of a checkpoint, as bytes (HF names, (out, in) layout)."""
+    check_params(args, params)
+    dtype = np.dtype(dtype)
+    tensors = {rename(k, "meta", "hf"): np.asarray(v, dtype=dtype) for k, v in params.items()}
+    return {"config.json": (json.dumps(hf_config(args, dtype.name), indent=2) + "\n").encode(),
+            "model.safetensors": safetensors_bytes(tensors)}
+
+
+def tokenizer_files(source: str | os.PathLike | None) -> dict[str, Path]:
+    """The tokenizer files beside a checkpoint (see TOKENIZER_FILES), to copy along with it."""
+    if source is None:
+        return {}
+    source = Path(source)
+    folder = source if source.is_dir() else source.parent
+    return {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
+
+
+def save_checkpoint(folder: str | os.PathLike, args: ModelArgs, params: Mapping[str, np.ndarray],
+                    tokenizer_from: str | os.PathLike | None = None,
+                    extra: Mapping[str, bytes | os.PathLike] | None = None,
+                    overwrite: bool = False, dtype=np.float32) -> Path:
+    """Write a Hugging Face folder: config.json, model.safetensors, the tokenizer files found beside
+    ``tokenizer_from`` (a folder, or a file in one), and any ``extra`` files; atomically as a whole.
+    Every safetensors file is read back before the folder is put in place.
+    """
+    files: dict[str, bytes | os.PathLike] = dict(tokenizer_files(tokenizer_from))
+    files.update(hf_files(args, params, dtype))
+    files.update(extra or {})
+    return write_folder(folder, files, overwrite, check=verify_safetensors)
+
+
+def verify_safetensors(folder: Path) -> None:
+    """Read back the header of every .safetensors file under folder; CheckpointError if one is torn."""
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        read_safetensors_header(path)

@@ -36,10 +36,62 @@ from typing import Any, Callable
 import numpy as np
 
 from ..config import ModelArgs
-from ..errors import CheckpointError, TokenizerError
+from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..tokenizer import Tokenizer
-from .hf import bf16_to_float32, build_args, read_json
-from .permute import permute_to_half
+from .fields import Fields, build_args
+from .hf import bf16_to_float32, read_json
+from .permute import to_half_layout
+
+
+# ---------------------------------------------------------------------------- params.json
+def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's FeedForward width: int(2*4*dim/3), scaled, rounded up to multiple_of.
+
+    The SwiGLU width is not stored in params.json; Meta's FeedForward derives it from dim
+    (Llama-2-7B: 11008, Llama-3-8B: 14336).
+    """
+    if multiple_of <= 0:
+        raise ConfigError(f"params.json: multiple_of must be positive, got {multiple_of}")
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def args_from_params(params: Any, vocab_size: int | None = None, source: str = "params.json") -> ModelArgs:
+    """ModelArgs from Meta's ``params.json`` (llama, llama3, llama-models).
+
+    vocab_size: the tokenizer's, used when params.json says -1 (Llama 1 / 2 do).
+    """
+    f = Fields(params, source)
+    dim = f.integer("dim")
+    vocab = f.integer("vocab_size", -1, minimum=None)
+    if vocab <= 0:
+        if vocab_size is None:
+            raise ConfigError(f"{source}: vocab_size is {vocab} and no tokenizer.model gives it")
+        vocab = vocab_size
+    n_heads = f.integer("n_heads")
+    scaled = f.flag("use_scaled_rope", False)
+    scaling: dict[str, Any] = {"rope_type": "default"}
+    if scaled:
+        # Meta's apply_scaling() in llama3/llama-models; 8 unless the file says otherwise.
+        scaling = {"rope_type": "llama3", "factor": f.number("rope_scaling_factor", 8.0),
+                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8192}
+    multiplier = f.number("ffn_dim_multiplier", None)
+    return ModelArgs(
+        dim=dim,
+        n_layers=f.integer("n_layers"),
+        n_heads=n_heads,
+        n_kv_heads=f.integer("n_kv_heads", n_heads),
+        vocab_size=vocab,
+        hidden_dim=meta_hidden_dim(dim, f.integer("multiple_of"), multiplier),
+        norm_eps=f.number("norm_eps", 1e-5),
+        rope_theta=f.number("rope_theta", 10000.0),
+        rope_scaling=scaling,
+        max_seq_len=f.integer("max_seq_len", 131072 if scaled else 2048),
+        tie_word_embeddings=False,
+    )
 
 
 # ---------------------------------------------------------------------------- torch.save without torch
@@ -261,8 +313,8 @@ def load_meta(folder: Path, progress: Callable):
     elif not isinstance(params_json, dict) or not isinstance(params_json.get("vocab_size"), int) \
             or params_json["vocab_size"] <= 0:
         raise CheckpointError(f"{folder}: has no tokenizer.model, and params.json gives no vocab_size")
-    args = build_args(ModelArgs.from_meta, folder / "params.json", params_json,
-                      vocab_size=tokenizer.vocab_size if tokenizer else None)
+    args = build_args(args_from_params, folder / "params.json", params_json,
+                      vocab_size=tokenizer.vocab_size if tokenizer else None, source=str(folder / "params.json"))
     if tokenizer is not None:
         if tokenizer.vocab_size > args.vocab_size:
             raise TokenizerError(f"{tok_path}: {tokenizer.vocab_size} tokens, but params.json gives the model "
@@ -280,11 +332,4 @@ def load_meta(folder: Path, progress: Callable):
     state = merge_shards(shards, args, files)
     state.pop("rope.freqs", None)   # Llama 1/2 store the rotary table; npllama computes it
 
-    params: dict[str, np.ndarray] = {}
-    for name, w in progress(list(state.items()), desc="Permuting", unit="tensor"):
-        if name.endswith((".wq.weight", ".wq.bias")):
-            w = permute_to_half(w, args.n_heads, f"{folder}: {name}")
-        elif name.endswith((".wk.weight", ".wk.bias")):
-            w = permute_to_half(w, args.n_kv_heads, f"{folder}: {name}")
-        params[name] = w
-    return args, params, tokenizer
+    return args, to_half_layout(state, args, str(folder)), tokenizer

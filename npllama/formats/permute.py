@@ -27,8 +27,11 @@ convert_hf_to_gguf.py (``LlamaModel.permute``, its inverse).
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 
+from ..config import ModelArgs
 from ..errors import CheckpointError
 
 
@@ -67,3 +70,14 @@ def permute_to_interleaved(w: np.ndarray, n_heads: int, name: str = "tensor") ->
     x = w.reshape(n_heads, 2, hd // 2, *rest)       # (heads, re/im, pair, ...)
     x = np.swapaxes(x, 1, 2)                         # (heads, pair, re/im, ...)
     return np.ascontiguousarray(x.reshape(rows, *rest))
+
+
+def to_half_layout(params: Mapping[str, np.ndarray], args: ModelArgs, source: str) -> dict[str, np.ndarray]:
+    """A checkpoint in the interleaved layout (Meta, GGUF) -> the half layout: the rows of every
+    wq (n_heads heads) and wk (n_kv_heads heads), weights and biases, permuted; the rest as is."""
+    heads = {"attention.wq": args.n_heads, "attention.wk": args.n_kv_heads}
+    out = {}
+    for name, w in params.items():
+        module = name.rpartition(".")[0].split(".", 2)[-1]          # "layers.3.attention.wq.weight" -> "attention.wq"
+        out[name] = permute_to_half(w, heads[module], f"{source}: {name}") if module in heads else w
+    return out

@@ -1,0 +1,4 @@
+"""python -m npllama: the command line."""
+from .cli import main
+
+main()

@@ -1,0 +1,99 @@
+"""The ``npllama`` command line.
+
+Each command lives in a module of this package and is imported only when used, so ``npllama
+generate`` imports nothing but NumPy and the I/O libraries. Commands that other packages provide
+(the Torch backend's ``parity`` and ``train``) are plug-ins: they are found through the entry-point
+group ``npllama.commands`` (as pytest and flask find theirs), so npllama's code never names them.
+Every NpllamaError is printed as one message and exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from importlib.metadata import entry_points
+
+import click
+
+from ..errors import NpllamaError
+
+PLUGIN_GROUP = "npllama.commands"
+
+# name -> ("module:attribute" of a click command, one line of help); imported on first use.
+COMMANDS = {
+    "generate": ("npllama.cli.generate:generate", "Continue a prompt with a model (the default model if none is named)."),
+    "chat": ("npllama.cli.chat:chat", "Chat with a model in the terminal, streaming answers and keeping the KV cache."),
+    "eval": ("npllama.cli.eval:eval_command", "Report the perplexity of a model on a text file."),
+    "convert": ("npllama.cli.convert:convert", "Convert a checkpoint to grouped-query (or multi-query) attention."),
+    "fetch": ("npllama.cli:fetch", "Download and verify the default model into weights/ (done on first use anyway)."),
+}
+
+
+def plugins() -> dict:
+    """The commands other installed packages declare under the entry-point group npllama.commands."""
+    return {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name not in COMMANDS}
+
+
+def _unavailable(name: str, error: ImportError) -> click.Command:
+    """Stands in for a plug-in whose package cannot be imported: says what is missing."""
+    missing = getattr(error, "name", None) or str(error)
+
+    @click.command(name=name, help=f"(not available: needs {missing})",
+                   context_settings={"ignore_unknown_options": True, "help_option_names": []})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def unavailable(args):
+        raise click.ClickException(f"`npllama {name}` needs {missing!r}, which is not installed here "
+                                   f"(pip install 'npllama[torch]' for the Torch backend's commands)")
+    return unavailable
+
+
+class LazyGroup(click.Group):
+    """Commands imported on first use: npllama's own (COMMANDS) and the plug-ins."""
+
+    def list_commands(self, ctx):
+        return list(COMMANDS) + sorted(plugins())
+
+    def get_command(self, ctx, name):
+        if name in COMMANDS:
+            module, attr = COMMANDS[name][0].split(":")
+            return getattr(importlib.import_module(module), attr)
+        found = plugins().get(name)
+        if found is None:
+            return None
+        try:
+            return found.load()
+        except ModuleNotFoundError as e:   # a library the plug-in needs is not installed
+            if (e.name or "").split(".")[0] in ("npllama", found.value.split(".")[0]):
+                raise
+            return _unavailable(name, e)
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
+        for name in sorted(plugins()):
+            command = self.get_command(ctx, name)
+            rows.append((name, command.get_short_help_str(limit=80) if command else ""))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except NpllamaError as e:
+            click.echo(f"npllama: error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="npllama")
+def main():
+    """npllama: a readable NumPy reference of LLaMA-family models, with a Torch twin.
+
+    Commands that take --model use SmolLM2-135M-Instruct, fetched once into weights/, when it is
+    not given. `npllama COMMAND --help` explains each.
+    """
+
+
+@click.command(help=COMMANDS["fetch"][1])
+def fetch():
+    from ..weights import default_model_path
+    click.echo(default_model_path(fetch=True))

@@ -1,0 +1,103 @@
+"""``npllama chat``: a conversation in the terminal (the session itself is npllama.chat.ChatSession)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+import click
+
+from ..chat import BUILTIN_TEMPLATES, ChatSession
+from ..errors import InputError
+from ..formats import load
+from ..sampling import SamplingSettings
+from .options import backend_options, make_backend, model_option, sampling_options
+
+PROMPT = ">>> "
+COMMANDS_HELP = ("/reset: start a new conversation   /system TEXT: set the system prompt (empty: remove it)\n"
+                 "/quit or Ctrl-D: leave              Ctrl-C: stop the answer being written")
+
+
+@click.command(name="chat", help=(
+    "Chat with a model in the terminal, streaming answers and keeping the KV cache.\n\n"
+    "\b\nIn the chat:\n" + COMMANDS_HELP))
+@model_option
+@backend_options
+@click.option("--system", "-s", default=None, help="System prompt.")
+@click.option("--template", default=None, metavar="NAME|FILE",
+              help="Chat template: llama2, llama3, chatml, or a Jinja file (default: the model's own).")
+@click.option("--context", "context", type=click.IntRange(min=1), default=None,
+              help="Use at most this many positions (default: the model's context window).")
+@sampling_options
+@click.option("--stats", is_flag=True, help="After each answer, show the tokens reused, read and generated.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no banner.")
+def chat(model_path, backend, device, system, template, context, max_new_tokens, temperature,
+         top_k, top_p, seed, stats, quiet):
+    """Read a line, stream the answer, repeat; commands start with a slash."""
+    settings = SamplingSettings(temperature, top_k, top_p)       # checked before the slow load
+    if template is not None and template not in BUILTIN_TEMPLATES:
+        try:
+            with open(template, encoding="utf-8") as f:
+                template = f.read()
+        except OSError as e:
+            raise InputError(f"--template {template!r}: not a built-in (llama2, llama3, chatml) and not a "
+                             f"readable file ({e.strerror})") from None
+    run = make_backend(backend, load(model_path, progress=not quiet), device)
+
+    def on_drop(n: int) -> None:
+        click.secho(f"[the context window is full: dropped the oldest {n} turn{'s' * (n != 1)}]",
+                    err=True, fg="yellow")
+
+    session = ChatSession(run.model, system, settings, seed, max_new_tokens, generate_fn=run.generate,
+                          template=template, max_seq_len=context, on_drop=on_drop)
+    if not quiet:
+        click.echo(f"npllama chat ({backend}, {session.window}-token window, {session.template_source} "
+                   f"chat template)\n{COMMANDS_HELP}", err=True)
+    # Ctrl-C stops an answer: make sure it raises KeyboardInterrupt even if this process was started
+    # with SIGINT ignored (a parent such as a test runner's worker can pass that on, and Python then
+    # keeps ignoring it).
+    if threading.current_thread() is threading.main_thread():    # signal handlers live in the main thread
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            line = input(PROMPT)
+        except EOFError:
+            click.echo()
+            break
+        except KeyboardInterrupt:
+            click.echo("\n(/quit or Ctrl-D to leave)", err=True)
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command in ("/quit", "/exit", "/bye"):
+                break
+            if command == "/reset":
+                session.reset()
+                click.echo("[new conversation]", err=True)
+            elif command == "/system":
+                session.set_system(arg.strip() or None)
+                click.echo(f"[system prompt {'set' if arg.strip() else 'removed'}]", err=True)
+            else:
+                click.echo(f"unknown command {command!r}\n{COMMANDS_HELP}", err=True)
+            continue
+        pieces = session.send(line)
+        try:
+            for piece in pieces:
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pieces.close()
+            click.echo(" [stopped]", nl=False)
+        click.echo()
+        if stats:
+            s = session.last_turn
+            click.echo(f"[{s.reused} tokens reused from the cache, {s.prefilled} read, {s.generated} generated "
+                       f"in {s.seconds:.1f}s; {s.stopped}]", err=True)

@@ -1,0 +1,50 @@
+"""``npllama eval``: perplexity of a model on a text file (npllama.evaluate)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from ..errors import InputError
+from .options import backend_options, make_backend, model_option
+
+
+@click.command(name="eval", help="Report the perplexity of a model on a text file, with the NumPy reference "
+               "or another backend. Every token is scored once, in chunks of --seq-len that each start "
+               "from BOS (as npllama train builds its windows).")
+@model_option
+@click.option("--data", "-d", required=True, type=click.Path(exists=True, dir_okay=False), help="UTF-8 text file.")
+@backend_options
+@click.option("--seq-len", type=int, default=None, help="Tokens per window (default: the context, at most 256).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens of the text.")
+@click.option("--dtype", default="float32", show_default=True,
+              help="float32 or float64 (and bfloat16, float16 with --backend torch).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a sentence.")
+def eval_command(model_path, data, backend, device, seq_len, batch_size, max_tokens, dtype, as_json):
+    from ..evaluate import perplexity
+    from ..formats import load
+
+    try:
+        text = Path(data).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{data}: not UTF-8 text ({e})") from None
+    if backend == "numpy":
+        if dtype not in ("float32", "float64"):
+            raise InputError(f"--dtype {dtype}: the numpy backend computes in float32 or float64")
+        run = make_backend(backend, load(model_path, progress=False, dtype=np.dtype(dtype)), device)
+    else:
+        run = make_backend(backend, load(model_path, progress=False), device, dtype)
+    model = run.model
+    result = perplexity(model, text, seq_len or min(256, model.config.max_seq_len), batch_size, max_tokens,
+                        progress=not as_json, loss=run.loss)
+    result.update(model=str(model_path), data=str(data), backend=backend)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{model_path} on {data}: perplexity {result['perplexity']:.3f} "
+                   f"({result['nll']:.4f} nats/token over {result['tokens']:,} tokens, {backend}, "
+                   f"windows of {result['seq_len']})")

@@ -1,0 +1,80 @@
+"""Options that several commands share, and the compute backends they can run on.
+
+Backends. "numpy" is npllama itself. Other packages add backends through the entry-point group
+``npllama.backends``: each entry point is a function ``(model, device=None, dtype=None) ->
+Backend`` that takes the loaded NumPy model and returns its twin (the Torch backend declares
+"torch"). npllama's code never names them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+import click
+import numpy as np
+
+from ..errors import InputError
+
+BACKEND_GROUP = "npllama.backends"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A model ready to run, and the functions the commands call on it.
+
+    model     .config, .tokenizer, .new_cache(batch_size, max_seq_len)
+    generate  npllama.generate.generate's signature
+    loss      (ids: (batch, seq) int64 array) -> mean next-token cross-entropy, a float
+    """
+    name: str
+    model: Any
+    generate: Callable
+    loss: Callable[[np.ndarray], float]
+
+
+def backend_names() -> list[str]:
+    return ["numpy", *sorted(ep.name for ep in entry_points(group=BACKEND_GROUP) if ep.name != "numpy")]
+
+
+def make_backend(name: str, model, device: str | None = None, dtype: str | None = None) -> Backend:
+    """The loaded NumPy model as the named backend (the model itself for "numpy")."""
+    if name == "numpy":
+        if device not in (None, "cpu"):
+            raise InputError(f"the numpy backend runs on the CPU; --device {device} needs --backend torch")
+        from ..generate import generate
+        return Backend("numpy", model, generate, lambda ids: float(model.loss(ids)))
+    found = {ep.name: ep for ep in entry_points(group=BACKEND_GROUP)}
+    if name not in found:
+        raise InputError(f"unknown backend {name!r}; installed: {', '.join(backend_names())}")
+    try:
+        factory = found[name].load()
+    except ModuleNotFoundError as e:
+        raise InputError(f"backend {name!r} needs {getattr(e, 'name', None) or e}, which is not installed "
+                         f"(pip install 'npllama[torch]')") from None
+    return factory(model, device=device, dtype=dtype)
+
+
+def model_option(f):
+    return click.option("--model", "-m", "model_path", default=None, metavar="PATH",
+                        help="A Hugging Face folder, a Meta folder, or a .gguf file "
+                             "(default: SmolLM2-135M-Instruct in weights/).")(f)
+
+
+def backend_options(f):
+    f = click.option("--device", default=None, help="Device for a non-NumPy backend: cpu, cuda, cuda:1 ... (default: cpu).")(f)
+    f = click.option("--backend", type=click.Choice(backend_names()), default="numpy", show_default=True,
+                     help="numpy: the reference; torch: the Torch twin (needs torch).")(f)
+    return f
+
+
+def sampling_options(f):
+    f = click.option("--seed", type=int, default=None, help="Seed for the sampler's random numbers (repeatable runs).")(f)
+    f = click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass, in (0, 1].")(f)
+    f = click.option("--top-k", type=int, default=0, show_default=True, help="Keep only the k most likely tokens (0: off).")(f)
+    f = click.option("--temperature", "-t", type=float, default=0.0, show_default=True,
+                     help="Softmax temperature; 0 is greedy decoding.")(f)
+    f = click.option("--max-new-tokens", "-n", type=int, default=128, show_default=True,
+                     help="Stop after this many new tokens.")(f)
+    return f

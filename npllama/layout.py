@@ -1,0 +1,118 @@
+"""How the weights are laid out for compute: npllama's performance choices, all in one place.
+
+Nothing here changes a number the model computes; each choice only decides in which order the
+same arithmetic touches memory. They are applied once, when a model is built from checkpoint
+weights (``npllama.model.Transformer``), so the maths in model.py reads as the equations. Why each
+was chosen, with the measurements, is in bench/RESULTS.md.
+
+1. Fused projections. Projections of the same input are placed side by side, so that each pair or
+   triple is one matrix product: wq|wk|wv -> ``attention.wqkv`` and w1|w3 -> ``feed_forward.w13``.
+   ``fuse_params`` and ``split_params`` are the one place that knows how; the Torch backend, the
+   trainer and the tests use them too.
+2. Memory order. Every matrix is used as ``x @ w`` with w (in, out); a decode step is one
+   matrix-vector product per matrix, and which memory order OpenBLAS streams faster depends on the
+   shape. ``IN_OUT_IN_MEMORY`` names the matrices kept (in, out) row-major; the others keep
+   nn.Linear's (out, in) rows in memory behind an (in, out) view (``compute_matrix``).
+3. Attention. ``attention="auto"`` runs blockwise (flash) attention from FLASH_MIN_LEN keys on
+   (when more than one query is computed), naive attention below; BLOCK_Q x BLOCK_K is the tile.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .config import ModelArgs
+
+# ------------------------------------------------------------------------------ 1. fused projections
+# fused name -> the checkpoint modules stacked along "out", in this order
+FUSED = {"attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+         "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3")}
+
+
+def fused_sizes(args: ModelArgs) -> dict[str, list[int]]:
+    """Rows each part contributes to a fused matrix: wqkv [n_heads, n_kv_heads, n_kv_heads] * head_dim."""
+    kv = args.n_kv_heads * args.head_dim
+    return {"attention.wqkv": [args.n_heads * args.head_dim, kv, kv],
+            "feed_forward.w13": [args.hidden_dim, args.hidden_dim]}
+
+
+def fuse_params(args: ModelArgs, params: Mapping[str, Any], concat: Callable[[Sequence[Any]], Any] = np.concatenate,
+                prefix: str = "") -> dict[str, Any]:
+    """Checkpoint names -> fused names: wq|wk|wv -> attention.wqkv, w1|w3 -> feed_forward.w13.
+
+    params: name -> (out, in) weight or (out,) bias; concat: joins a list along axis 0
+    (np.concatenate, or torch.cat for tensors). Other names, and names already fused, pass through.
+    """
+    out = dict(params)
+    for i in range(args.n_layers):
+        p = f"{prefix}layers.{i}."
+        for fused, parts in FUSED.items():
+            for kind in ("weight", "bias"):
+                names = [f"{p}{part}.{kind}" for part in parts]
+                if all(n in out for n in names):
+                    out[f"{p}{fused}.{kind}"] = concat([out.pop(n) for n in names])
+    return out
+
+
+def split_params(args: ModelArgs, params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The inverse of fuse_params: views (slices along axis 0) of each fused tensor under its
+    checkpoint names, in checkpoint order. Works for NumPy arrays and torch tensors alike."""
+    sizes = fused_sizes(args)
+    out: dict[str, Any] = {}
+    for name, value in params.items():
+        layer, module, kind = _parse(name[len(prefix):]) if name.startswith(prefix) else (None, None, None)
+        if module not in FUSED:
+            out[name] = value
+            continue
+        start = 0
+        for part, rows in zip(FUSED[module], sizes[module]):
+            out[f"{prefix}layers.{layer}.{part}.{kind}"] = value[start: start + rows]
+            start += rows
+    return out
+
+
+def _parse(name: str) -> tuple[str | None, str | None, str | None]:
+    """'layers.3.attention.wqkv.weight' -> ('3', 'attention.wqkv', 'weight')."""
+    parts = name.split(".", 2)
+    if len(parts) != 3 or parts[0] != "layers":
+        return None, None, None
+    module, _, kind = parts[2].rpartition(".")
+    return parts[1], module, kind
+
+
+# ------------------------------------------------------------------------------ 2. memory order
+# Matrices stored (in, out) row-major; every other one is an (in, out) view of (out, in) memory.
+# SmolLM2-135M decodes ~10% faster on the project's 2-core CPU this way (bench/bench_layout.py).
+IN_OUT_IN_MEMORY = frozenset({"wo", "w13", "output"})
+
+
+def compute_matrix(name: str, weight: np.ndarray, dtype) -> np.ndarray:
+    """An nn.Linear weight (out, in) as the (in, out) matrix ``x @ w`` uses, in the chosen memory order.
+
+    name: the matrix's short name ("wqkv", "wo", "w13", "w2", "output"). The numbers are the same
+    either way; only the order they lie in memory differs.
+    """
+    if name in IN_OUT_IN_MEMORY:
+        return np.ascontiguousarray(np.asarray(weight).T, dtype=dtype)     # (in, out), C order
+    return np.ascontiguousarray(weight, dtype=dtype).T                    # (in, out), F order
+
+
+# ------------------------------------------------------------------------------ 3. attention
+# Blockwise attention pays for its Python loop over tiles. On the 2-core CPU one SmolLM2-135M
+# layer's prefill attention is 0.8x naive's speed at 128 keys, 1.2x at 256 and 1.7x at 512
+# (bench/RESULTS.md, "Crossover"), so from 256 keys on it is the faster one, and it never
+# allocates seq x seq.
+FLASH_MIN_LEN = 256
+# A tile of 128 queries by 512 keys for every head at once stays near the CPU's caches while
+# leaving few tiles for the loop (bench/RESULTS.md, section 2).
+BLOCK_Q = 128
+BLOCK_K = 512
+
+
+def choose_attention(impl: str, q_len: int, kv_len: int) -> str:
+    """"auto" -> "flash" for a long prefill (FLASH_MIN_LEN keys or more, several queries), else "naive"."""
+    if impl == "auto":
+        return "flash" if kv_len >= FLASH_MIN_LEN and q_len > 1 else "naive"
+    return impl

@@ -1,0 +1,27 @@
+"""The Torch backend as a compute backend of npllama's commands (``--backend torch``).
+
+Declared in the entry-point group ``npllama.backends``; npllama's command line calls
+``torch_backend(model, device=..., dtype=...)`` with the loaded NumPy model and gets back its Torch
+twin with the functions the commands need (npllama.cli.options.Backend).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from npllama.cli.options import Backend
+
+from . import from_numpy
+from .generate import generate
+
+
+def torch_backend(model, device: str | None = None, dtype: str | None = None) -> Backend:
+    """The NumPy model as a parity.Transformer on ``device`` in ``dtype`` (default cpu, float32)."""
+    twin = from_numpy(model, device=device, dtype=dtype or "float32")
+
+    @torch.no_grad()
+    def loss(ids: np.ndarray) -> float:
+        return float(twin.loss(torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(twin.device)))
+
+    return Backend("torch", twin, generate, loss)

@@ -1,0 +1,135 @@
+"""The layout of the code itself: the spec is NumPy alone, arrows run one way, knowledge lives once.
+
+These read the source (ast, not grep) and run the command line in a process where torch cannot be
+imported, the way a NumPy-only install sees npllama.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from npllama.cli import main
+from npllama.config import ModelArgs
+from npllama.layout import FUSED, fuse_params, split_params
+from npllama.model import Transformer, trace_names
+from npllama.params import init_params
+
+ROOT = Path(__file__).resolve().parent.parent
+SPEC = ROOT / "npllama"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (lazy imports inside functions included)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+    return found
+
+
+def spec_files() -> list[Path]:
+    return sorted(SPEC.rglob("*.py"))
+
+
+def test_the_spec_never_imports_torch_or_its_torch_twin():
+    for path in spec_files():
+        bad = {m for m in imported_modules(path) if m.split(".")[0] in ("torch", "parity")}
+        assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_click_is_imported_only_by_the_command_line():
+    for path in spec_files():
+        if "cli" in path.relative_to(SPEC).parts:
+            continue
+        assert "click" not in {m.split(".")[0] for m in imported_modules(path)}, path.relative_to(ROOT)
+
+
+def test_config_knows_no_file_format():
+    text = (SPEC / "config.py").read_text(encoding="utf-8")
+    for key in ("num_attention_heads", "hidden_size", "intermediate_size", "rms_norm_eps",
+                "max_position_embeddings", "num_key_value_heads", "block_count", "llama.block", "multiple_of",
+                "ffn_dim_multiplier", "use_scaled_rope", "params.json", "config.json", "gguf", "GGUF"):
+        assert key not in text, f"config.py mentions the file-format key {key!r}"
+
+
+def test_the_rotation_comes_before_any_scaling_variant():
+    text = (SPEC / "rope.py").read_text(encoding="utf-8")
+    assert "register" not in text and "yarn" not in text.lower().split("scaled variants")[0]
+    names = [n.name for n in ast.parse(text).body if isinstance(n, ast.FunctionDef)]
+    assert names[:4] == ["default_inv_freq", "rope_cos_sin", "rotate_half", "apply_rotary_emb"]
+
+
+def test_fused_weights_split_back_exactly_for_numpy_and_torch():
+    args = ModelArgs(dim=16, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=30, hidden_dim=24,
+                     attention_bias=True, attention_out_bias=True, mlp_bias=True)
+    params = init_params(args, seed=3)
+    fused = fuse_params(args, params)
+    assert {f"layers.0.{name}.weight" for name in FUSED} <= set(fused)
+    assert not any(".wq." in n or ".w1." in n for n in fused)
+    back = split_params(args, fused)
+    assert set(back) == set(params) and all(np.array_equal(back[n], params[n]) for n in params)
+    tensors = {n: torch.from_numpy(a) for n, a in params.items()}
+    back = split_params(args, fuse_params(args, tensors, concat=torch.cat))
+    assert all(torch.equal(back[n], tensors[n]) for n in params)
+    model = Transformer(args, params)
+    assert all(np.array_equal(model.state_dict()[n], params[n]) for n in params)
+
+
+def test_the_model_traces_exactly_the_names_of_trace_names():
+    args = ModelArgs(dim=16, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=30, hidden_dim=24)
+    model = Transformer(args, init_params(args))
+    seen = []
+    model(np.array([[1, 2, 3]]), trace=lambda name, x: seen.append(name))
+    assert sorted(seen) == sorted(trace_names(3)) and len(seen) == len(set(seen))
+
+
+def test_torch_commands_arrive_as_plug_ins():
+    result = CliRunner().invoke(main, ["--help"])
+    assert result.exit_code == 0
+    listed = result.output.split("Commands:")[1]
+    for name in ("generate", "chat", "eval", "convert", "fetch", "parity", "train"):
+        assert f"  {name} " in listed, name
+
+
+WITHOUT_TORCH = """
+import sys
+sys.modules["torch"] = None          # `import torch` now fails, as where torch is not installed
+from npllama.cli import main
+main(sys.argv[1:])
+"""
+
+
+def run_without_torch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT_TORCH, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_without_torch_the_help_says_what_the_plug_ins_need():
+    out = run_without_torch("--help")
+    assert out.returncode == 0, out.stderr
+    assert "parity" in out.stdout and "needs torch" in out.stdout
+    out = run_without_torch("parity")
+    assert out.returncode != 0 and "pip install 'npllama[torch]'" in out.stderr
+
+
+@pytest.mark.slow
+def test_eval_computes_perplexity_with_numpy_where_torch_is_absent(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("The capital of France is Paris. The capital of Italy is Rome.\n" * 3, encoding="utf-8")
+    out = run_without_torch("eval", "--data", str(text), "--seq-len", "16", "--json")
+    assert out.returncode == 0, out.stderr
+    assert '"backend": "numpy"' in out.stdout and '"perplexity"' in out.stdout
+    out = run_without_torch("eval", "--data", str(text), "--backend", "torch")
+    assert out.returncode != 0 and "torch" in out.stderr
