@@ -11,8 +11,10 @@ Two implementations compute the same function:
 - ``flash_attention`` (Dao et al. 2022, "FlashAttention") walks tiles of queries and keys with an
   online softmax, so its memory grows with the sequence, not with its square (docs/flash_attention.md).
 
-Positions. q holds the *last* q_len of the kv_len positions (decoding after a cache): query i sits
-at absolute position kv_len - q_len + i and sees key j iff j <= kv_len - q_len + i.
+Slots and padding. q holds the *last* q_len of the kv_len slots (decoding after a cache): query i
+sits in slot kv_len - q_len + i and, causally, sees key j iff j <= kv_len - q_len + i. In a padded
+batch, ``kv_mask`` (batch, kv_len) says which slots hold real tokens; padding is never attended.
+A query that sees no key at all (padding before its row's first token) gets zeros, never NaN.
 """
 
 from __future__ import annotations
@@ -39,6 +41,20 @@ def causal_mask(q_len: int, kv_len: int) -> np.ndarray:
     return np.arange(kv_len)[None, :] <= (np.arange(q_len)[:, None] + offset)
 
 
+def visible_keys(q_len: int, kv_len: int, causal: bool, kv_mask: np.ndarray | None) -> np.ndarray | None:
+    """Which keys each query may see, broadcastable to the grouped scores
+    (batch, n_kv_heads, n_rep, q_len, kv_len); None when every query sees every key.
+
+    causal: key j visible to query i iff j <= kv_len - q_len + i; kv_mask: (batch, kv_len), True
+    where a slot holds a real token.
+    """
+    visible = causal_mask(q_len, kv_len) if causal and q_len > 1 else None   # a last-slot query sees all
+    if kv_mask is not None:
+        keys = kv_mask[:, None, None, None, :]                               # (batch, 1, 1, 1, kv_len)
+        visible = keys if visible is None else visible & keys
+    return visible
+
+
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """exp(x - max) / sum(exp(x - max)): the max is subtracted for range, not for maths.
 
@@ -54,12 +70,14 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / np.maximum(e.sum(axis=axis, keepdims=True), info.tiny)
 
 
-def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True) -> np.ndarray:
+def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True,
+                    kv_mask: np.ndarray | None = None) -> np.ndarray:
     """softmax(Q K^T / sqrt(d) + mask) V, as written in "Attention Is All You Need".
 
-    q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim)
-    -> (batch, n_heads, q_len, head_dim). Materialises the (q_len, kv_len) score matrix per head.
-    Each query head is its own product against its kv head, broadcast over the group.
+    q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim);
+    kv_mask: (batch, kv_len) bool, False for padding, or None -> (batch, n_heads, q_len, head_dim).
+    Materialises the (q_len, kv_len) score matrix per head. Each query head is its own product
+    against its kv head, broadcast over the group.
     """
     b, n_heads, q_len, d = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -68,8 +86,9 @@ def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = 
     kt = np.swapaxes(k, -1, -2)[:, :, None]                  # (b, n_kv, 1, d, kv_len): shared by the group
     scores = qg @ kt                                         # (b, n_kv, n_rep, q_len, kv_len)
     scores *= q.dtype.type(1.0 / math.sqrt(d))
-    if causal and q_len > 1:                  # a single last-position query sees every key
-        scores = np.where(causal_mask(q_len, kv_len), scores, -np.inf)
+    visible = visible_keys(q_len, kv_len, causal, kv_mask)
+    if visible is not None:
+        scores = np.where(visible, scores, -np.inf)
     probs = softmax(scores.astype(np.promote_types(q.dtype, np.float32), copy=False), axis=-1)
     probs = probs.astype(q.dtype, copy=False)                # float32 softmax, back to q's dtype
     out = probs @ v[:, :, None]                              # (b, n_kv, n_rep, q_len, d)
@@ -77,7 +96,8 @@ def naive_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = 
 
 
 def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = True,
-                    block_q: int = BLOCK_Q, block_k: int = BLOCK_K, return_lse: bool = False):
+                    block_q: int = BLOCK_Q, block_k: int = BLOCK_K, return_lse: bool = False,
+                    kv_mask: np.ndarray | None = None):
     """Exact attention, tile by tile, with an online softmax: the FlashAttention algorithm.
 
     Dao et al. 2022, "FlashAttention: Fast and Memory-Efficient Exact Attention with IO-Awareness",
@@ -85,7 +105,8 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = 
     one division at the end); the running-max softmax is Milakov & Gimelshein 2018, "Online
     normalizer calculation for softmax".
 
-    q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim)
+    q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim);
+    kv_mask: (batch, kv_len) bool, False for padding, or None
     -> out (batch, n_heads, q_len, head_dim), and lse (batch, n_heads, q_len) if return_lse.
 
     For a tile of block_q queries, the keys are read block_k at a time, and each query row keeps
@@ -106,9 +127,10 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = 
     accumulators, never a (q_len, kv_len) matrix.
 
     Causal: a key tile that lies wholly after the tile's last query is never read (about half of
-    the tiles when q_len == kv_len), and only tiles that cross the diagonal are masked. A query
-    that sees no key at all (possible only if causal and q_len > kv_len) gets zeros and lse -inf.
-    Block sizes need not divide the lengths: the last tile is simply shorter.
+    the tiles when q_len == kv_len), and only tiles that cross the diagonal are masked. Padding:
+    a key tile that is padding in every row is never read either (the front of a left-padded
+    batch), and a tile with some padding hides it. A query that sees no key at all gets zeros and
+    lse -inf. Block sizes need not divide the lengths: the last tile is simply shorter.
     """
     b, n_heads, q_len, d = q.shape
     n_kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -138,12 +160,17 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = 
 
         for j0 in range(0, kv_end, block_k):         # one tile of keys: positions j0 .. j1-1
             j1 = min(j0 + block_k, kv_end)
+            keys = None if kv_mask is None else kv_mask[:, j0:j1]  # (b, bk): real tokens of the tile
+            if keys is not None and not keys.any():  # padding in every row: nothing to read
+                continue
             s = qi @ kt[..., j0:j1]                                 # (b, n_kv, n_rep, bq, bk)
             s *= scale
             s = s.astype(acc_dtype, copy=False)
             if causal and j1 - 1 > offset + i0:      # the tile crosses the diagonal: hide later keys
                 visible = np.arange(j0, j1)[None, :] <= np.arange(offset + i0, offset + i1)[:, None]
                 s = np.where(visible, s, -np.inf)
+            if keys is not None and not keys.all():  # hide the padding
+                s = np.where(keys[:, None, None, None, :], s, -np.inf)
             m_new = np.maximum(m, s.max(axis=-1, keepdims=True))
             m_ref = np.where(m_new == -np.inf, 0, m_new)            # a row with no key yet: any finite value
             alpha = np.exp(m - m_ref)                               # rescales what was summed against m

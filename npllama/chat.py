@@ -39,7 +39,8 @@ from datetime import datetime
 from typing import Callable, Iterator, Sequence
 
 from .errors import InputError, TokenizerError
-from .generate import generate, stream_text
+from .generate import CONTEXT_FULL, generate, stream_text
+from .rope_scaling import context_window
 from .sampling import SamplingSettings
 
 # ------------------------------------------------------------------------------------ built-ins
@@ -229,7 +230,8 @@ class TurnStats:
     prefilled   prompt tokens run through the model for this turn
     generated   answer tokens produced (the stop token included)
     dropped     oldest turns dropped to fit the context window
-    stopped     "end of turn", "length" (max_new_tokens or the window) or "interrupted"
+    stopped     "end of turn", "length" (max_new_tokens), "context window full" (no room was
+                left for more) or "interrupted"
     seconds     wall time of the turn
     answer_ids  the generated token ids, the stop token included
     """
@@ -275,7 +277,7 @@ class ChatSession:
             raise InputError("this checkpoint has no tokenizer, so it cannot chat; load one that ships a tokenizer")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        window = model.config.max_seq_len
+        window = context_window(model.config)
         if max_seq_len is not None and not 0 < max_seq_len <= window:
             raise InputError(f"max_seq_len must lie in 1..{window} (the model's context window), got {max_seq_len!r}")
         self.model = model
@@ -393,7 +395,9 @@ class ChatSession:
         pieces = stream_text(self.tokenizer, recorded(), skip_ids=stops)
         try:
             yield from pieces
-            stats.stopped = "end of turn" if answer and answer[-1] in stops else "length"
+            full = getattr(tokens, "stopped", [None])[0] == CONTEXT_FULL
+            stats.stopped = ("end of turn" if answer and answer[-1] in stops
+                             else "context window full" if full else "length")
         finally:
             pieces.close()
             tokens.close()

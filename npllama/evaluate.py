@@ -38,27 +38,37 @@ def eval_windows(ids: np.ndarray, seq_len: int, bos: int | None) -> list[np.ndar
     return [ids[i: i + seq_len] for i in range(0, len(ids) - 1, step)]
 
 
-def total_nll(loss: Callable[[np.ndarray], float], windows: list[np.ndarray], batch_size: int = 8,
-              progress: bool = False) -> tuple[float, int]:
+def total_nll(loss: Callable[[np.ndarray, np.ndarray | None], float], windows: list[np.ndarray],
+              batch_size: int = 8, progress: bool = False) -> tuple[float, int]:
     """Sum of next-token negative log-likelihoods over the windows, and how many tokens were scored.
 
-    loss: (batch, length) ids -> the mean cross-entropy over its (batch, length - 1) predicted
-    positions (e.g. ``model.loss``). Windows of equal length share a batch.
+    loss: (ids (batch, length), attention mask (batch, length) or None) -> the mean cross-entropy
+    over the predicted positions of each row's real tokens (e.g. ``model.loss``). Windows go
+    batch_size at a time in their order; a batch of windows of different lengths (the text's last
+    one is shorter) is right-padded, and the mask keeps the padding out of the loss.
     """
-    by_len: dict[int, list[np.ndarray]] = {}
-    for w in windows:
-        if len(w) >= 2:
-            by_len.setdefault(len(w), []).append(w)
-    batches = [np.stack(ws[i: i + batch_size]) for n, ws in by_len.items() for i in range(0, len(ws), batch_size)]
+    windows = [w for w in windows if len(w) >= 2]
+    batches = [windows[i: i + batch_size] for i in range(0, len(windows), batch_size)]
     if progress:
         from tqdm import tqdm
         batches = tqdm(batches, unit="batch", desc="eval", leave=False)
     nll, count = 0.0, 0
     for batch in batches:
-        n = batch.shape[0] * (batch.shape[1] - 1)
-        nll += float(loss(batch)) * n
+        n = sum(len(w) - 1 for w in batch)
+        ids, mask = right_pad(batch)
+        nll += float(loss(ids, None if mask.all() else mask)) * n
         count += n
     return nll, count
+
+
+def right_pad(windows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of different lengths as ids (batch, L) and mask (batch, L), padding at the end."""
+    length = max(len(w) for w in windows)
+    ids = np.zeros((len(windows), length), dtype=np.int64)
+    mask = np.zeros((len(windows), length), dtype=bool)
+    for r, w in enumerate(windows):
+        ids[r, : len(w)], mask[r, : len(w)] = w, True
+    return ids, mask
 
 
 def encode_text(tokenizer, text: str) -> tuple[np.ndarray, int | None]:
@@ -70,10 +80,11 @@ def encode_text(tokenizer, text: str) -> tuple[np.ndarray, int | None]:
 
 def perplexity(model, text: str, seq_len: int | None = None, batch_size: int = 8,
                max_tokens: int | None = None, progress: bool = False,
-               loss: Callable[[np.ndarray], float] | None = None) -> dict[str, Any]:
+               loss: Callable[[np.ndarray, np.ndarray | None], float] | None = None) -> dict[str, Any]:
     """{"perplexity", "nll" (nats/token), "tokens"} of a model on a text (see the module docstring).
 
-    model: gives .config and .tokenizer; loss: the batch loss (default: model.loss).
+    model: gives .config and .tokenizer; loss: the batch loss, (ids, mask) -> float (default:
+    the model's own, model.loss(ids, attention_mask=mask)).
     """
     if model.tokenizer is None:
         raise InputError("the model has no tokenizer; perplexity of text needs one")
@@ -83,6 +94,7 @@ def perplexity(model, text: str, seq_len: int | None = None, batch_size: int = 8
     ids, bos = encode_text(model.tokenizer, text)
     if max_tokens is not None:
         ids = ids[:max_tokens]
-    nll, count = total_nll(loss or model.loss, eval_windows(ids, seq_len, bos), batch_size, progress)
+    loss = loss or (lambda batch, mask: model.loss(batch, attention_mask=mask))
+    nll, count = total_nll(loss, eval_windows(ids, seq_len, bos), batch_size, progress)
     mean = nll / count
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": count, "seq_len": seq_len}

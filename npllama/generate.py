@@ -1,10 +1,16 @@
-"""Autoregressive generation: prefill the prompt, then feed back one sampled token at a time.
+"""Autoregressive generation: prefill the prompts, then feed back one sampled token at a time.
 
-    logits = model(prompt, cache)          # prefill: every prompt position at once
+    logits = model(prompts, cache)          # prefill: every prompt position at once (left padded)
     repeat:
-        token = sample(logits[-1], settings, u[step])
-        stop on an end-of-sequence token
-        logits = model([token], cache)     # decode: one position, reusing the cached keys/values
+        token = sample(logits[:, -1], settings, u[step])     # one per row
+        a row stops on its own end-of-sequence token or budget
+        logits = model(tokens, cache)       # decode: one position per row, reusing the cache
+
+Several prompts of different lengths run as one batch: they are left padded into one prefill
+(the model's attention_mask hides the padding and counts each row's positions from its first
+token), then every step decodes all rows at once; a row that has stopped is fed padding until the
+last row stops. Each row draws its own random numbers, ``uniforms(seed, steps, 1)`` for that row,
+exactly as it would alone, so a row's tokens never depend on its neighbours.
 """
 
 from __future__ import annotations
@@ -18,10 +24,17 @@ from .errors import InputError
 from .sampling import SamplingSettings, sample, uniforms
 from .tokenizer import StreamDecoder
 
+PAD_ID = 0   # the id padding columns carry: any valid id does, since padding is never attended
+
+STOP_TOKEN, MAX_NEW_TOKENS, CONTEXT_FULL = "stop token", "max_new_tokens", "context window full"
+
 
 def check_budget(prompt_len: int, cached: int, window: int, max_new_tokens: int) -> int:
-    """How many tokens may be generated; an InputError when the prompt itself does not fit."""
-    if max_new_tokens < 0 or int(max_new_tokens) != max_new_tokens:
+    """How many tokens may be generated; an InputError when the prompt itself does not fit.
+
+    cached: positions the cache already holds for this row; window: the positions it may hold.
+    """
+    if isinstance(max_new_tokens, bool) or max_new_tokens < 0 or int(max_new_tokens) != max_new_tokens:
         raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if prompt_len == 0:
         raise InputError("the prompt is empty: give at least one token to continue from")
@@ -32,28 +45,127 @@ def check_budget(prompt_len: int, cached: int, window: int, max_new_tokens: int)
     return min(int(max_new_tokens), window - used + 1)   # the last token is never fed back
 
 
-def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 128,
-             settings: SamplingSettings = SamplingSettings(), seed: int | None = None,
-             stop_ids: Iterable[int] | None = None, cache: KVCache | None = None) -> Iterator[int]:
-    """Yield new token ids as they are chosen, up to max_new_tokens or a stop token (yielded too).
+def left_pad(prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of different lengths as one batch: ids (batch, L) and attention mask (batch, L),
+    each row right-aligned (its padding first), L the longest prompt."""
+    length = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), length), PAD_ID, dtype=np.int64)
+    mask = np.zeros((len(prompts), length), dtype=bool)
+    for r, p in enumerate(prompts):
+        ids[r, length - len(p):] = p
+        mask[r, length - len(p):] = True
+    return ids, mask
 
-    prompt_ids: (seq,) token ids; with a cache, they continue the sequence it already holds.
-    The random numbers come from ``uniforms(seed, ...)``, one per step.
+
+def is_batch(prompts) -> bool:
+    """Several prompts (a sequence of sequences of ids) rather than one (a sequence of ids)?"""
+    if isinstance(prompts, np.ndarray):
+        return prompts.ndim == 2
+    return isinstance(prompts, Sequence) and not isinstance(prompts, (str, bytes)) and len(prompts) > 0 \
+        and all(isinstance(p, (Sequence, np.ndarray)) and not isinstance(p, (str, bytes)) for p in prompts)
+
+
+def row_seeds(seed, rows: int) -> list:
+    """One seed per row: the same seed for every row (each draws as it would alone), or one each."""
+    if seed is None or isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return [seed] * rows
+    seeds = list(seed) if isinstance(seed, Sequence) else None
+    if seeds is None or len(seeds) != rows:
+        raise InputError(f"seed must be an integer, None, or one per prompt ({rows}), got {seed!r}")
+    return seeds
+
+
+class Generation:
+    """The new tokens of one ``generate`` call, as an iterator, and why each row stopped.
+
+    Iterating yields, for one prompt, each new token id; for several prompts, one list per step
+    with each row's new id, or None for a row that has already stopped. ``stopped[r]`` is then
+    STOP_TOKEN, MAX_NEW_TOKENS or CONTEXT_FULL (the window had no room for more); ``budgets[r]``
+    how many tokens row r could have had; ``window`` the positions a row may hold, and
+    ``prompt_lengths[r]`` how many of them row r held before generating (its prompt and cache).
     """
-    prompt = model.check_ids(np.asarray(prompt_ids, dtype=np.int64))      # (1, seq)
-    cache = cache if cache is not None else model.new_cache(1)
-    budget = check_budget(prompt.shape[1], cache.length, cache.max_seq_len, max_new_tokens)
+
+    def __init__(self, steps: Iterator[list[int | None]], budgets: list[int], stops: set[int],
+                 max_new_tokens: int, batched: bool, window: int, prompt_lengths: list[int]):
+        self._steps, self.budgets, self._stops = steps, budgets, stops
+        self._max, self._batched = max_new_tokens, batched
+        self.window, self.prompt_lengths = window, prompt_lengths
+        self.tokens: list[list[int]] = [[] for _ in budgets]
+
+    def __iter__(self) -> "Generation":
+        return self
+
+    def __next__(self):
+        step = next(self._steps)
+        for row, token in zip(self.tokens, step):
+            if token is not None:
+                row.append(token)
+        return step if self._batched else step[0]
+
+    def close(self) -> None:
+        self._steps.close()
+
+    @property
+    def stopped(self) -> list[str | None]:
+        """Why each row stopped (None while it may still go on)."""
+        reasons = []
+        for tokens, budget in zip(self.tokens, self.budgets):
+            if tokens and tokens[-1] in self._stops:
+                reasons.append(STOP_TOKEN)
+            elif len(tokens) < budget:
+                reasons.append(None)
+            else:
+                reasons.append(CONTEXT_FULL if budget < self._max else MAX_NEW_TOKENS)
+        return reasons
+
+
+def generate(model, prompt_ids, max_new_tokens: int = 128, settings: SamplingSettings = SamplingSettings(),
+             seed: int | Sequence[int | None] | None = None, stop_ids: Iterable[int] | None = None,
+             cache: KVCache | None = None) -> Generation:
+    """Generate up to max_new_tokens for each prompt, each row stopping at its own stop token
+    (yielded too) or at the end of the context window.
+
+    prompt_ids: one prompt, (seq,) token ids, or several, a list of them (any lengths). With a
+    cache, the prompts continue the sequences it holds (one row each). seed: one integer for
+    every row (each draws ``uniforms(seed, steps, 1)``, as alone), or one per prompt.
+    Returns a Generation: iterate it for the tokens (see its docstring).
+    """
+    batched = is_batch(prompt_ids)
+    prompts = [model.check_ids(np.asarray(p, dtype=np.int64))[0] for p in (prompt_ids if batched else [prompt_ids])]
+    rows = len(prompts)
+    cache = cache if cache is not None else model.new_cache(rows)
+    if cache.batch_size != rows:
+        raise InputError(f"{rows} prompt{'s' * (rows != 1)} for a cache of {cache.batch_size} rows")
+    budgets = [check_budget(len(p), int(cache.positions[r]), cache.max_seq_len, max_new_tokens)
+               for r, p in enumerate(prompts)]
     stops = set(model.config.eos_token_ids if stop_ids is None else stop_ids)
-    u = uniforms(seed, budget, 1)[:, 0]                                    # (budget,)
-    if budget == 0:
+    draws = [uniforms(s, budget, 1)[:, 0] for s, budget in zip(row_seeds(seed, rows), budgets)]   # (budget,) each
+    steps = _decode(model, prompts, cache, settings, draws, budgets, stops)
+    held = [int(cache.positions[r]) + len(p) for r, p in enumerate(prompts)]
+    return Generation(steps, budgets, stops, int(max_new_tokens), batched, cache.max_seq_len, held)
+
+
+def _decode(model, prompts, cache, settings, draws, budgets, stops) -> Iterator[list[int | None]]:
+    """The loop itself: one padded prefill, then one decode step for every row still going."""
+    rows = len(prompts)
+    going = np.array([budget > 0 for budget in budgets])                     # (batch,)
+    if not going.any():
         return
-    logits = model(prompt, cache=cache)[0, -1]                             # (vocab,)
-    for step in range(budget):
-        token = sample(logits, settings, float(u[step]))
-        yield token
-        if token in stops or step == budget - 1:
+    ids, mask = left_pad(prompts)                                            # (batch, L)
+    logits = model(ids, cache=cache, attention_mask=None if mask.all() else mask)[:, -1]   # (batch, vocab)
+    produced = [0] * rows
+    while True:
+        step: list[int | None] = [None] * rows
+        for r in np.flatnonzero(going):
+            token = sample(logits[r], settings, float(draws[r][produced[r]]))
+            produced[r] += 1
+            step[r] = token
+            going[r] = token not in stops and produced[r] < budgets[r]      # the last token is not fed back
+        yield step
+        if not going.any():
             return
-        logits = model(np.array([[token]]), cache=cache)[0, -1]
+        feed = np.array([[t if t is not None and g else PAD_ID] for t, g in zip(step, going)])   # (batch, 1)
+        logits = model(feed, cache=cache, attention_mask=None if going.all() else going[:, None])[:, -1]
 
 
 def stream_text(tokenizer, tokens: Iterable[int], skip_ids: Iterable[int] = ()) -> Iterator[str]:
@@ -71,16 +183,64 @@ def stream_text(tokenizer, tokens: Iterable[int], skip_ids: Iterable[int] = ()) 
         yield tail
 
 
-def generate_text(model, prompt: str, max_new_tokens: int = 128,
-                  settings: SamplingSettings = SamplingSettings(), seed: int | None = None,
-                  stop_ids: Iterable[int] | None = None, *, generate_fn=generate) -> Iterator[str]:
-    """Encode prompt, generate, and stream the continuation as text (stop tokens not shown).
+class TextStream:
+    """The text of one ``generate_text`` call, as an iterator of pieces, and why it stopped.
+
+    One prompt: yields text pieces. Several: yields one list per step, a piece (often "") per row.
+    ``generation`` is the underlying Generation (stop reasons, budgets, token ids).
+    """
+
+    def __init__(self, generation: Generation, tokenizer, stops: set[int], batched: bool):
+        self.generation = generation
+        self._batched = batched
+        if batched:
+            self._decoders = [StreamDecoder(tokenizer) for _ in generation.budgets]
+            self._stops, self._done = stops, False
+            self._pieces = self._batch_pieces()
+        else:
+            single = (step for step in generation)
+            self._pieces = stream_text(tokenizer, single, skip_ids=stops)
+
+    def _batch_pieces(self) -> Iterator[list[str]]:
+        for step in self.generation:
+            yield [self._decoders[r].push(t) if t is not None and t not in self._stops else ""
+                   for r, t in enumerate(step)]
+        tails = [d.flush() for d in self._decoders]
+        if any(tails):
+            yield tails
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self):
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+        self.generation.close()
+
+    @property
+    def stopped(self) -> str | list[str | None] | None:
+        reasons = self.generation.stopped
+        return reasons if self._batched else reasons[0]
+
+
+def generate_text(model, prompt: str | Sequence[str], max_new_tokens: int = 128,
+                  settings: SamplingSettings = SamplingSettings(), seed=None,
+                  stop_ids: Iterable[int] | None = None, *, generate_fn=generate) -> TextStream:
+    """Encode the prompt (or each of several prompts), generate, and stream the text (stop tokens
+    not shown); see TextStream.
 
     generate_fn: the token generator (this module's ``generate``, or the Torch backend's twin).
     """
-    if not prompt:
+    batched = not isinstance(prompt, str)
+    texts = list(prompt) if batched else [prompt]
+    if not texts or not all(isinstance(t, str) and t for t in texts):
         raise InputError("the prompt is empty: give some text to continue")
     tok = model.tokenizer
+    if tok is None:
+        raise InputError("this model has no tokenizer, so it cannot read text; give token ids to generate()")
     stops = set(tok.eos_ids if stop_ids is None else stop_ids) | set(model.config.eos_token_ids if stop_ids is None else ())
-    ids = tok.encode(prompt)
-    return stream_text(tok, generate_fn(model, ids, max_new_tokens, settings, seed, stops), skip_ids=stops)
+    ids = [tok.encode(t) for t in texts]
+    generation = generate_fn(model, ids if batched else ids[0], max_new_tokens, settings, seed, stops)
+    return TextStream(generation, tok, stops, batched)

@@ -72,13 +72,14 @@ class Layer:
 @dataclass(frozen=True)
 class Context:
     """What every layer of one forward call shares: the rotary angles of its positions, the cache,
-    the attention implementation, and the trace hook."""
+    which keys are real tokens, the attention implementation, and the trace hook."""
     args: ModelArgs
-    cos: np.ndarray                   # (seq, rotary_dim)
-    sin: np.ndarray                   # (seq, rotary_dim)
+    cos: np.ndarray                   # (seq, rotary_dim), or (batch, 1, seq, rotary_dim) per row
+    sin: np.ndarray                   # the same shape as cos
     cache: KVCache | None
     attention: str                    # "naive", "flash" or "auto" (layout.choose_attention)
     trace: Trace | None = None
+    kv_mask: np.ndarray | None = None  # (batch, kv_len): False where a slot is padding; None: no padding
 
     def record(self, layer: int | None, outputs: Mapping[str, np.ndarray]) -> None:
         """Hand named intermediates to the trace hook (``layers.{layer}.`` + name), if there is one."""
@@ -102,23 +103,24 @@ def attention(x: np.ndarray, layer: Layer, ctx: Context) -> np.ndarray:
     qk = apply_rotary_emb(qkv[:, : nq + nkv], ctx.cos, ctx.sin)  # q and k rotated together
     q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]          # (batch, nq | nkv | nkv, seq, hd)
     keys, values = (k, v) if ctx.cache is None else ctx.cache.update(layer.index, k, v)  # (batch, nkv, kv_len, hd)
-    out = scaled_dot_product_attention(q, keys, values, ctx.attention)   # (batch, nq, seq, hd)
+    out = scaled_dot_product_attention(q, keys, values, ctx.attention, ctx.kv_mask)   # (batch, nq, seq, hd)
     ctx.record(layer.index, {"attention.q": q, "attention.k": k, "attention.v": v, "attention.scores_v": out})
     out = out.transpose(0, 2, 1, 3).reshape(b, seq, nq * hd)    # (batch, seq, nq * hd)
     return linear(out, layer.wo, layer.bo)                       # (batch, seq, dim)
 
 
-def scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, impl: str) -> np.ndarray:
+def scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, impl: str,
+                                 kv_mask: np.ndarray | None = None) -> np.ndarray:
     """Causal attention, naive or blockwise: both compute the same function.
 
-    q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim)
-    -> (batch, n_heads, q_len, head_dim).
+    q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim);
+    kv_mask: (batch, kv_len), False where a key is padding -> (batch, n_heads, q_len, head_dim).
     """
     impl = choose_attention(impl, q.shape[2], k.shape[2])
     if impl == "naive":
-        return naive_attention(q, k, v, causal=True)
+        return naive_attention(q, k, v, causal=True, kv_mask=kv_mask)
     if impl == "flash":
-        return flash_attention(q, k, v, causal=True)
+        return flash_attention(q, k, v, causal=True, kv_mask=kv_mask)
     raise InputError(f"unknown attention implementation {impl!r}; choose 'naive', 'flash' or 'auto'")
 
 
@@ -153,6 +155,25 @@ def cross_entropy_loss(logits: np.ndarray, labels: np.ndarray, ignore_index: int
     return float(((log_z - picked) * keep).sum() / keep.sum())
 
 
+def pack_real_tokens(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray,
+                     ignore_index: int = -100) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's real tokens moved to its front, in order, as if the row had run alone.
+
+    logits: (batch, seq, vocab); labels, mask: (batch, seq) -> logits (batch, n, vocab) and
+    labels (batch, n), n the most real tokens of any row; the tail of a shorter row is labelled
+    ignore_index. Then position t predicts labels[t + 1] within the row's own tokens, wherever
+    the padding was (left, right, or between).
+    """
+    n = int(mask.sum(axis=1).max())
+    packed_logits = np.zeros((logits.shape[0], n, logits.shape[2]), logits.dtype)
+    packed_labels = np.full((labels.shape[0], n), ignore_index, dtype=np.int64)
+    for b, real in enumerate(mask):
+        count = int(real.sum())
+        packed_logits[b, :count] = logits[b, real]
+        packed_labels[b, :count] = labels[b, real]
+    return packed_logits, packed_labels
+
+
 def check_token_ids(ids: np.ndarray, vocab_size: int, where: str = "") -> np.ndarray:
     """ids (any shape) as int64, or an InputError (its message prefixed by where, e.g. "prompt 2: ")
     naming the first non-integer or out-of-vocabulary id."""
@@ -162,6 +183,65 @@ def check_token_ids(ids: np.ndarray, vocab_size: int, where: str = "") -> np.nda
     if bad.any():
         raise InputError(f"{where}token id {int(ids[bad][0])} lies outside the vocabulary (0..{vocab_size - 1})")
     return ids.astype(np.int64, copy=False)
+
+
+def check_mask(attention_mask, shape: tuple[int, int], cache: KVCache | None = None) -> np.ndarray:
+    """The mask of a call's new columns as (batch, seq) bool, or an InputError that says what is wrong.
+
+    None means every token is real. A mask as wide as the cache plus the new columns (what
+    transformers' generate passes) is accepted when its first columns equal the cache's mask.
+    Without a cache every row needs a real token; with one, a row may be all padding in one call
+    (a left-padded prompt prefilled in chunks) and get its tokens later.
+    """
+    if attention_mask is None:
+        return np.ones(shape, dtype=bool)
+    mask = np.asarray(attention_mask)
+    cached = 0 if cache is None else cache.length
+    if mask.ndim != 2 or mask.shape[0] != shape[0] or mask.shape[1] not in (shape[1], cached + shape[1]):
+        wide = f" (or {(shape[0], cached + shape[1])}, the cache's columns included)" if cached else ""
+        raise InputError(f"attention_mask has shape {mask.shape}; the ids have shape {shape}{wide}")
+    if mask.dtype != bool and not (np.issubdtype(mask.dtype, np.number) and np.isin(mask, (0, 1)).all()):
+        raise InputError("attention_mask must hold 1 for a token and 0 for padding, and nothing else")
+    mask = mask.astype(bool)
+    if mask.shape[1] != shape[1]:
+        if not np.array_equal(mask[:, :cached], cache.mask):
+            raise InputError("attention_mask's first columns do not match the padding the cache holds; "
+                             "pass the mask of the new columns only, or the whole mask unchanged")
+        mask = mask[:, cached:]
+    empty = ~mask.any(axis=1)
+    if cache is None and empty.any():   # with a cache, a row's real tokens may come in a later call
+        raise InputError(f"row {int(np.argmax(empty))} of attention_mask has no real token; every row "
+                         f"needs at least one (drop rows that are all padding)")
+    return mask
+
+
+def call_positions(mask: np.ndarray, cache: KVCache | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The rotary position of each column of a call, and which keys it may attend to.
+
+    mask: (batch, seq), False for padding -> positions (batch, seq): each real token's count of
+    real tokens before it in its row (the cache's included); kv_mask (batch, kv_len): the real
+    tokens among every key of the call, or None when there is no padding at all.
+    """
+    if cache is None:
+        return np.cumsum(mask, axis=1) - mask, (None if mask.all() else mask)
+    if cache.batch_size != mask.shape[0]:
+        raise InputError(f"the cache holds {cache.batch_size} sequences but ids has {mask.shape[0]} rows")
+    positions = cache.start(mask)
+    return positions, (cache.visible(mask.shape[1]) if cache.padded or not mask.all() else None)
+
+
+def rotary_angles(args: ModelArgs, positions: np.ndarray, mask: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin for every column of a call: (seq, rotary_dim) when every row has the same
+    positions, else (batch, 1, seq, rotary_dim). positions, mask: (batch, seq).
+
+    The variant's length (dynamic NTK) is one past the largest position of a real token in the
+    call, as transformers takes max(position_ids) + 1.
+    """
+    inv_freq, scaling = rope_init(args, int(positions[mask].max(initial=0)) + 1)
+    if (positions == positions[:1]).all():
+        return rope_cos_sin(inv_freq, positions[0], scaling, dtype)              # (seq, rotary_dim)
+    cos, sin = rope_cos_sin(inv_freq, positions, scaling, dtype)                 # (batch, seq, rotary_dim)
+    return cos[:, None], sin[:, None]                                            # (batch, 1, seq, rotary_dim)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -194,26 +274,29 @@ class Transformer:
                 w2=matrix("w2", p + "feed_forward.w2.weight"), b2=vector(p + "feed_forward.w2.bias")))
 
     # -------------------------------------------------------------- the call
-    def __call__(self, ids, cache: KVCache | None = None, *, attention: str = "auto",
+    def __call__(self, ids, cache: KVCache | None = None, *, attention_mask=None, attention: str = "auto",
                  trace: Trace | None = None) -> np.ndarray:
         """ids: (batch, seq) integer token ids -> logits (batch, seq, vocab), float32.
 
-        With a cache, the ids continue the sequences the cache holds (positions cache.length ...),
-        the cache is extended, and only the new positions' logits are returned.
+        attention_mask: (batch, seq) of 1 (a token) and 0 (padding), transformers' convention, for
+        a batch of sequences of different lengths. Each row's real tokens get positions 0, 1, 2,
+        ... counted from its first one, and padding is never attended, so a row's logits at its
+        real tokens are what the row alone gives (padding may sit anywhere: left, right, between).
+        The logits at padding are finite and meaningless.
+
+        With a cache, the ids continue the sequences the cache holds (it keeps each row's mask and
+        position count), and only the new columns' logits are returned; attention_mask then
+        covers the new columns only, or, as transformers' generate passes it, every column so far
+        (its cached part must match what the cache holds).
         trace(name, array), if given, sees every named intermediate (see the module docstring).
         """
         args = self.config
         ids = self.check_ids(ids)
-        b, seq = ids.shape
-        start = 0
-        if cache is not None:
-            if cache.batch_size != b:
-                raise InputError(f"the cache holds {cache.batch_size} sequences but ids has {b} rows")
-            start = cache.length
-            cache.reserve(seq)
-        inv_freq, scaling = rope_init(args, start + seq)
-        cos, sin = rope_cos_sin(inv_freq, np.arange(start, start + seq), scaling, self.dtype)
-        ctx = Context(args, cos, sin, cache, attention, trace)
+        seq = ids.shape[1]
+        mask = check_mask(attention_mask, ids.shape, cache)                # (batch, seq) bool
+        positions, kv_mask = call_positions(mask, cache)                   # (batch, seq), (batch, kv_len)
+        cos, sin = rotary_angles(args, positions, mask, self.dtype)
+        ctx = Context(args, cos, sin, cache, attention, trace, kv_mask)
         h = self.tok_embeddings[ids]                                  # (batch, seq, dim)
         ctx.record(None, {"tok_embeddings": h})
         for layer in self.layers:
@@ -226,14 +309,25 @@ class Transformer:
         return logits
 
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
-        """An empty KV cache for batch_size sequences of up to max_seq_len (default: the context)."""
+        """An empty KV cache for batch_size sequences of up to max_seq_len positions each (default:
+        the context window, as far as the rotary scaling extends it)."""
         return KVCache(self.config, batch_size, max_seq_len, dtype=self.dtype)
 
-    def loss(self, ids, labels=None, ignore_index: int = -100) -> float:
-        """Next-token cross-entropy of ids (labels default to ids, as in causal LM training)."""
+    def loss(self, ids, labels=None, ignore_index: int = -100, attention_mask=None) -> float:
+        """Next-token cross-entropy of ids (labels default to ids, as in causal LM training).
+
+        attention_mask: (batch, seq), 0 for padding: padded positions are neither predicted nor
+        predict; each row's real tokens are scored as if the row ran alone (pack_real_tokens).
+        """
         ids = self.check_ids(ids)
         labels = ids if labels is None else np.asarray(labels)
-        return cross_entropy_loss(self(ids), labels, ignore_index)
+        if labels.shape != ids.shape:
+            raise InputError(f"labels have shape {labels.shape}, but ids have {ids.shape}")
+        logits = self(ids, attention_mask=attention_mask)
+        if attention_mask is not None:
+            logits, labels = pack_real_tokens(logits, labels, check_mask(attention_mask, ids.shape), ignore_index)
+        return cross_entropy_loss(logits, labels, ignore_index)
+
 
     def check_ids(self, ids) -> np.ndarray:
         """Token ids as an int64 (batch, seq) array, or an InputError that says what is wrong."""

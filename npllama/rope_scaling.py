@@ -299,3 +299,11 @@ def rope_yarn(args: ModelArgs, seq_len: int) -> tuple[np.ndarray, float]:
     low, high = yarn_correction_range(beta_fast, beta_slow, d, base, old_ctx, truncate)
     gamma = yarn_linear_ramp(low, high, d // 2)             # 0: keep, 1: interpolate
     return inv_freq * (1 - gamma) + (inv_freq / factor) * gamma, attention_factor
+
+
+def context_window(args: ModelArgs) -> int:
+    """How many positions the model may run: max_seq_len, or factor x max_seq_len where the variant
+    exists to run past the trained context (dynamic NTK, whose base grows with the length)."""
+    if args.rope_type == "dynamic":
+        return max(args.max_seq_len, int(args.max_seq_len * _factor(args)))
+    return args.max_seq_len

@@ -21,7 +21,8 @@ def torch_backend(model, device: str | None = None, dtype: str | None = None) ->
     twin = from_numpy(model, device=device, dtype=dtype or "float32")
 
     @torch.no_grad()
-    def loss(ids: np.ndarray) -> float:
-        return float(twin.loss(torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(twin.device)))
+    def loss(ids: np.ndarray, mask: np.ndarray | None = None) -> float:
+        ids = torch.from_numpy(np.asarray(ids, dtype=np.int64)).to(twin.device)
+        return float(twin.loss(ids, attention_mask=mask))
 
     return Backend("torch", twin, generate, loss)

@@ -45,7 +45,7 @@ from torch import nn
 
 from npllama.config import ModelArgs
 from npllama.errors import InputError
-from npllama.generate import check_budget
+from npllama.generate import check_budget, row_seeds
 from npllama.layout import fuse_params
 from npllama.model import check_token_ids
 
@@ -409,8 +409,8 @@ class FastDecoder(nn.Module):
 
         prompts: up to batch_size lists of token ids, of any lengths. Each row stops after its own
         stop token (yielded too) or its budget (npllama.generate.check_budget, capped by the slots
-        left after the longest prompt). seed: one int (uniforms(seed, steps, rows), npllama's batch
-        convention) or one per row (row r draws uniforms(seed[r], steps, 1), as if it were alone).
+        left after the longest prompt). seed: one int or one per row: row r draws
+        uniforms(seed_r, steps, 1), as it would alone (npllama.generate's convention).
         The host reads the device only when it yields: after the first token (time to first
         token), then once per sync_every steps.
         """
@@ -497,13 +497,9 @@ class FastDecoder(nn.Module):
         return ids, pad
 
     def _uniforms(self, seed, steps: int, n: int) -> np.ndarray:
-        """(steps, n) uniforms: npllama's draw for a batch, or each row's own seed."""
-        if seed is None or isinstance(seed, (int, np.integer)):
-            return uniforms(seed, steps, n)
-        seeds = list(seed)
-        if len(seeds) != n:
-            raise InputError(f"{len(seeds)} seeds for {n} prompts; give one seed, or one per prompt")
-        return np.stack([uniforms(s, steps, 1)[:, 0] for s in seeds], axis=1)
+        """(steps, n) uniforms, npllama.generate's convention: row r draws uniforms(seed_r, steps, 1)
+        as it would alone, seed_r the one seed or the row's own (row_seeds)."""
+        return np.stack([uniforms(s, steps, 1)[:, 0] for s in row_seeds(seed, n)], axis=1)
 
     def _set_sampling(self, settings: SamplingSettings, u: np.ndarray, longest: int, stops: list[int]) -> None:
         """Settings (a compile-time constant of the step), uniforms and stop ids into the buffers."""

@@ -1,64 +1,87 @@
 """Autoregressive generation in Torch, the twin of npllama.generate.
 
-Where the random draw happens (the same for both backends): every uniform number of a generation
-is drawn up front on the host by ``npllama.sampling.uniforms(seed, steps, batch)`` (NumPy PCG64),
-one per step. Here they are copied to the device once, and step t samples on the device with
-``parity.sampling.sample_batch(logits, settings, u[t])``, the same inverse-CDF draw as npllama's.
-So for the same seed the two backends pick the same tokens whenever their logits agree (to the
-rounding that cannot move a draw across a CDF boundary), and the decode loop needs no host
-random numbers. The token stays on the device and is fed back as is; the one sync per step is
-``int(token)`` to yield it and test it against the stop tokens.
+The same loop: one left-padded prefill of every prompt, then one decode step for every row still
+going, each row stopping on its own stop token or budget, and each row drawing
+``npllama.sampling.uniforms(seed, steps, 1)`` as it would alone (NumPy PCG64 on the host). Here
+the numbers are copied to the device once, and each step samples on the device with
+``parity.sampling.sample_batch``, the same inverse-CDF draw as npllama's; so for the same seed the
+two backends pick the same tokens whenever their logits agree (to the rounding that cannot move a
+draw across a CDF boundary). The tokens stay on the device and are fed back as they are; the one
+sync per step reads them to yield them and test them against the stop tokens.
 """
 
 from __future__ import annotations
 
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from npllama.errors import InputError
-from npllama.generate import check_budget
+from npllama.generate import Generation, check_budget, is_batch, left_pad, row_seeds
 from npllama.generate import generate_text as generate_text_with
 
 from .cache import KVCache
 from .sampling import SamplingSettings, sample_batch, uniforms
 
 
-@torch.no_grad()
-def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 128,
-             settings: SamplingSettings = SamplingSettings(), seed: int | None = None,
-             stop_ids: Iterable[int] | None = None, cache: KVCache | None = None) -> Iterator[int]:
-    """Yield new token ids as they are chosen, up to max_new_tokens or a stop token (yielded too).
+def generate(model, prompt_ids, max_new_tokens: int = 128, settings: SamplingSettings = SamplingSettings(),
+             seed: int | Sequence[int | None] | None = None, stop_ids: Iterable[int] | None = None,
+             cache: KVCache | None = None) -> Generation:
+    """Generate up to max_new_tokens for each prompt (npllama.generate.generate's contract).
 
-    prompt_ids: (seq,) token ids; with a cache, they continue the sequence it already holds.
-    Without one, a static cache just large enough for the prompt and the budget is allocated.
+    Without a cache, a static one just large enough for the prompts and their budgets is allocated.
     """
-    prompt = model.check_ids(prompt_ids)                                   # (1, seq) on the device
-    if prompt.shape[0] != 1:
-        raise InputError(f"generate continues one sequence; got {prompt.shape[0]} rows")
-    seq = prompt.shape[1]
+    batched = is_batch(prompt_ids)
+    prompts = [np.asarray(model.check_ids(p)[0].cpu()) for p in (prompt_ids if batched else [prompt_ids])]
+    rows = len(prompts)
+    window = cache.max_seq_len if cache is not None else model.config.max_seq_len
+    held = [0] * rows if cache is None else [int(n) for n in cache.positions]
+    budgets = [check_budget(len(p), held[r], window, max_new_tokens) for r, p in enumerate(prompts)]
     if cache is None:
-        budget = check_budget(seq, 0, model.config.max_seq_len, max_new_tokens)
-        cache = model.new_cache(1, max_seq_len=max(1, min(model.config.max_seq_len, seq + budget)))
-    else:
-        budget = check_budget(seq, cache.length, cache.max_seq_len, max_new_tokens)
+        longest = max(len(p) for p in prompts)
+        cache = KVCache(model.config, rows, window, dtype=model.dtype, device=model.device,
+                        slots=max(1, longest + max(budgets) - 1))
+    if cache.batch_size != rows:
+        raise InputError(f"{rows} prompt{'s' * (rows != 1)} for a cache of {cache.batch_size} rows")
     stops = set(model.config.eos_token_ids if stop_ids is None else stop_ids)
-    u = torch.from_numpy(uniforms(seed, budget, 1)).to(model.device)      # (budget, 1) float64
-    if budget == 0:
+    draws = [torch.from_numpy(uniforms(s, b, 1)[:, 0]).to(model.device)                # (budget,) each
+             for s, b in zip(row_seeds(seed, rows), budgets)]
+    steps = _decode(model, prompts, cache, settings, draws, budgets, stops)
+    lengths = [held[r] + len(p) for r, p in enumerate(prompts)]
+    return Generation(steps, budgets, stops, int(max_new_tokens), batched, cache.max_seq_len, lengths)
+
+
+@torch.no_grad()
+def _decode(model, prompts, cache, settings, draws, budgets, stops) -> Iterator[list[int | None]]:
+    """The loop of npllama.generate._decode, sampling on the device."""
+    rows = len(prompts)
+    going = np.array([budget > 0 for budget in budgets])                          # (batch,)
+    if not going.any():
         return
-    logits = model(prompt, cache=cache)[:, -1]                             # (1, vocab)
-    for step in range(budget):
-        token = sample_batch(logits, settings, u[step])                    # (1,) on the device
-        t = int(token)
-        yield t
-        if t in stops or step == budget - 1:
+    ids, mask = left_pad(prompts)                                                 # (batch, L)
+    logits = model(ids, cache=cache, attention_mask=None if mask.all() else mask)[:, -1]   # (batch, vocab)
+    produced = [0] * rows
+    while True:
+        live = np.flatnonzero(going)
+        u = torch.stack([draws[r][produced[r]] for r in live])                    # (live,)
+        chosen = sample_batch(logits[torch.from_numpy(live).to(logits.device)], settings, u)  # (live,) on the device
+        step: list[int | None] = [None] * rows
+        for r, token in zip(live, chosen.tolist()):                               # the one host sync
+            produced[r] += 1
+            step[r] = token
+            going[r] = token not in stops and produced[r] < budgets[r]
+        yield step
+        if not going.any():
             return
-        logits = model(token[:, None], cache=cache)[:, -1]
+        feed = torch.zeros((rows, 1), dtype=torch.int64, device=logits.device)     # padding: id 0, never attended
+        feed[torch.from_numpy(live).to(logits.device), 0] = chosen
+        logits = model(feed, cache=cache, attention_mask=None if going.all() else going[:, None])[:, -1]
 
 
-def generate_text(model, prompt: str, max_new_tokens: int = 128,
-                  settings: SamplingSettings = SamplingSettings(), seed: int | None = None,
-                  stop_ids: Iterable[int] | None = None) -> Iterator[str]:
-    """Encode prompt, generate, and stream the continuation as text (stop tokens not shown):
+def generate_text(model, prompt, max_new_tokens: int = 128,
+                  settings: SamplingSettings = SamplingSettings(), seed=None,
+                  stop_ids: Iterable[int] | None = None):
+    """Encode the prompt(s), generate, and stream the text (stop tokens not shown):
     npllama.generate.generate_text with this module's ``generate``."""
     return generate_text_with(model, prompt, max_new_tokens, settings, seed, stop_ids, generate_fn=generate)

@@ -35,7 +35,7 @@ from torch import nn
 from npllama.config import ModelArgs
 from npllama.errors import InputError
 from npllama.layout import fuse_params, split_params
-from npllama.model import Context
+from npllama.model import Context, call_positions, check_mask
 from npllama.params import check_params
 
 from .attention import flash_attention, naive_attention, sdpa_attention
@@ -64,27 +64,29 @@ def attention(x: torch.Tensor, layer: "TransformerBlock", ctx: Context) -> torch
     qk = apply_rotary_emb(qkv[:, : nq + nkv], ctx.cos, ctx.sin)  # q and k rotated together
     q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]          # (batch, nq | nkv | nkv, seq, hd)
     keys, values = (k, v) if ctx.cache is None else ctx.cache.update(layer.index, k, v)  # (batch, nkv, kv_len, hd)
-    out = scaled_dot_product_attention(q, keys, values, ctx.attention)   # (batch, nq, seq, hd)
+    out = scaled_dot_product_attention(q, keys, values, ctx.attention, ctx.kv_mask)   # (batch, nq, seq, hd)
     ctx.record(layer.index, {"attention.q": q, "attention.k": k, "attention.v": v, "attention.scores_v": out})
     out = out.transpose(1, 2).reshape(b, seq, nq * hd)          # (batch, seq, nq * hd)
     return linear(out, a.wo.weight, a.wo.bias)                   # (batch, seq, dim)
 
 
-def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str) -> torch.Tensor:
+def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str,
+                                 kv_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention by the named implementation; all compute the same function.
 
-    q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim)
-    -> (batch, n_heads, q_len, head_dim). impl: "naive" (scores materialised, as npllama),
-    "flash" (blockwise, online softmax), "sdpa" (torch's fused kernel), "auto" (= "sdpa").
+    q: (batch, n_heads, q_len, head_dim); k, v: (batch, n_kv_heads, kv_len, head_dim);
+    kv_mask: (batch, kv_len), False where a key is padding -> (batch, n_heads, q_len, head_dim).
+    impl: "naive" (scores materialised, as npllama), "flash" (blockwise, online softmax),
+    "sdpa" (torch's fused kernel), "auto" (= "sdpa").
     """
     if impl == "auto":
         impl = "sdpa"
     if impl == "naive":
-        return naive_attention(q, k, v, causal=True)
+        return naive_attention(q, k, v, causal=True, kv_mask=kv_mask)
     if impl == "flash":
-        return flash_attention(q, k, v, causal=True)
+        return flash_attention(q, k, v, causal=True, kv_mask=kv_mask)
     if impl == "sdpa":
-        return sdpa_attention(q, k, v, causal=True)
+        return sdpa_attention(q, k, v, causal=True, kv_mask=kv_mask)
     raise InputError(f"unknown attention implementation {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
 
 
@@ -115,6 +117,41 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index:
     log_z = torch.logsumexp(logits, dim=-1)                                        # (batch, seq-1)
     picked = torch.gather(logits, -1, torch.where(keep, targets, 0)[..., None])[..., 0]
     return ((log_z - picked) * keep).sum() / keep.sum()
+
+
+def pack_real_tokens(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                     ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's real tokens moved to its front, in order, as if the row had run alone
+    (npllama.model.pack_real_tokens). logits: (batch, seq, vocab); labels, mask: (batch, seq)
+    -> logits (batch, n, vocab), labels (batch, n), the tail of shorter rows labelled ignore_index."""
+    n = int(mask.sum(dim=1).max())
+    packed_logits = logits.new_zeros((logits.shape[0], n, logits.shape[2]))
+    packed_labels = torch.full((labels.shape[0], n), ignore_index, dtype=torch.int64, device=labels.device)
+    for b in range(mask.shape[0]):
+        count = int(mask[b].sum())
+        packed_logits[b, :count] = logits[b, mask[b]]
+        packed_labels[b, :count] = labels[b, mask[b]]
+    return packed_logits, packed_labels
+
+
+def rotary_angles(args: ModelArgs, positions: np.ndarray, mask: np.ndarray, dtype: torch.dtype,
+                  device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for every column of a call (npllama.model.rotary_angles): (seq, rotary_dim) when
+    every row has the same positions, else (batch, 1, seq, rotary_dim). positions, mask: (batch,
+    seq) on the host; the table is npllama's float64 one, the angles are computed on the device."""
+    inv_freq, scaling = rope_init(args, int(positions[mask].max(initial=0)) + 1, device=device)
+    positions = torch.from_numpy(np.ascontiguousarray(positions)).to(device)
+    if bool((positions == positions[:1]).all()):
+        return rope_cos_sin(inv_freq, positions[0], scaling, dtype)                 # (seq, rotary_dim)
+    cos, sin = rope_cos_sin(inv_freq, positions, scaling, dtype)                    # (batch, seq, rotary_dim)
+    return cos[:, None], sin[:, None]                                               # (batch, 1, seq, rotary_dim)
+
+
+def _host(mask):
+    """An attention mask given as a tensor (on any device) or array-like, as a host array, or None."""
+    if isinstance(mask, torch.Tensor):
+        return mask.detach().cpu().numpy()
+    return mask
 
 
 # ---------------------------------------------------------------------------- the weights
@@ -229,30 +266,27 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight if self.config.tie_word_embeddings else self.output.weight
 
     # -------------------------------------------------------------- the call
-    def forward(self, ids, cache: KVCache | None = None, *, attention: str = "auto",
+    def forward(self, ids, cache: KVCache | None = None, *, attention_mask=None, attention: str = "auto",
                 trace: Trace | None = None) -> torch.Tensor:
         """ids: (batch, seq) integer token ids -> logits (batch, seq, vocab), float32, on the device.
 
-        With a cache, the ids continue the sequences the cache holds (positions cache.length ...),
-        the cache is extended, and only the new positions' logits are returned.
-        trace(name, tensor), if given, sees every named intermediate under npllama's names.
+        attention_mask: (batch, seq) of 1 (a token) and 0 (padding), with npllama.model's meaning:
+        each row's real tokens get positions counted from its first one, and padding is never
+        attended. With a cache, the ids continue the sequences the cache holds, and only the new
+        columns' logits are returned. trace(name, tensor), if given, sees every named
+        intermediate under npllama's names.
         """
         args = self.config
         if attention not in ATTENTION_IMPLS:
             raise InputError(f"unknown attention implementation {attention!r}; "
                              f"choose one of {', '.join(ATTENTION_IMPLS)}")
         ids = self.check_ids(ids)
-        b, seq = ids.shape
-        start = 0
-        if cache is not None:
-            if cache.batch_size != b:
-                raise InputError(f"the cache holds {cache.batch_size} sequences but ids has {b} rows")
-            start = cache.length
-            cache.reserve(seq)
-        inv_freq, scaling = rope_init(args, start + seq, device=self.device)  # npllama's float64 table
-        positions = torch.arange(start, start + seq, device=self.device)
-        cos, sin = rope_cos_sin(inv_freq, positions, scaling, self.dtype)     # (seq, rotary_dim)
-        ctx = Context(args, cos, sin, cache, attention, trace)
+        seq = ids.shape[1]
+        mask = check_mask(_host(attention_mask), tuple(ids.shape), cache)       # (batch, seq) bool, host
+        positions, kv_mask = call_positions(mask, cache)                         # host bookkeeping, as npllama
+        cos, sin = rotary_angles(args, positions, mask, self.dtype, self.device)
+        kv_mask = None if kv_mask is None else torch.from_numpy(np.ascontiguousarray(kv_mask)).to(self.device)
+        ctx = Context(args, cos, sin, cache, attention, trace, kv_mask)
         h = F.embedding(ids, self.tok_embeddings.weight)                      # (batch, seq, dim)
         ctx.record(None, {"tok_embeddings": h})
         for layer in self.layers:
@@ -269,11 +303,21 @@ class Transformer(nn.Module):
         context window; it is allocated at once, so name a smaller one when you know it)."""
         return KVCache(self.config, batch_size, max_seq_len, dtype=self.dtype, device=self.device)
 
-    def loss(self, ids, labels=None, ignore_index: int = -100) -> torch.Tensor:
-        """Next-token cross-entropy of ids (labels default to ids), a differentiable 0-dim tensor."""
+    def loss(self, ids, labels=None, ignore_index: int = -100, attention_mask=None) -> torch.Tensor:
+        """Next-token cross-entropy of ids (labels default to ids), a differentiable 0-dim tensor.
+
+        attention_mask: (batch, seq), 0 for padding: as npllama.model.Transformer.loss, each row's
+        real tokens are scored as if the row ran alone.
+        """
         ids = self.check_ids(ids)
         labels = ids if labels is None else torch.as_tensor(labels, device=self.device)
-        return cross_entropy_loss(self(ids), labels, ignore_index)
+        if tuple(labels.shape) != tuple(ids.shape):
+            raise InputError(f"labels have shape {tuple(labels.shape)}, but ids have {tuple(ids.shape)}")
+        logits = self(ids, attention_mask=attention_mask)
+        if attention_mask is not None:
+            mask = torch.from_numpy(check_mask(_host(attention_mask), tuple(ids.shape))).to(self.device)
+            logits, labels = pack_real_tokens(logits, labels, mask, ignore_index)
+        return cross_entropy_loss(logits, labels, ignore_index)
 
     def check_ids(self, ids) -> torch.Tensor:
         """Token ids as an int64 (batch, seq) tensor on the model's device, or an InputError.

@@ -221,14 +221,17 @@ def autocast_context(device: torch.device, mode: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def batch_loss(model: Transformer, ids: np.ndarray, autocast: str = "off") -> torch.Tensor:
+def batch_loss(model: Transformer, ids: np.ndarray, autocast: str = "off",
+               mask: np.ndarray | None = None) -> torch.Tensor:
     """The loss the trainer reports and differentiates: mean next-token cross-entropy of ids.
 
     ids: (batch, seq_len) -> 0-dim tensor; npllama's Transformer.loss(ids) on the same weights
-    computes the same number (positions 0 .. seq_len - 2 predict ids 1 .. seq_len - 1).
+    computes the same number (positions 0 .. seq_len - 2 predict ids 1 .. seq_len - 1). mask:
+    (batch, seq_len), 0 for padding, for a batch of windows of different lengths: each row's real
+    tokens are scored as if it ran alone (npllama's Transformer.loss(ids, attention_mask=mask)).
     """
     with autocast_context(model.device, autocast):
-        return model.loss(torch.from_numpy(ids).to(model.device))
+        return model.loss(torch.from_numpy(ids).to(model.device), attention_mask=mask)
 
 
 def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -213,8 +213,8 @@ def test_cache_holds_what_npllamas_holds(dtype, chunks, n_kv, seed):
     assert ours.k[0].shape == (2, n_kv, 32, 4)                 # static: allocated once, full size
     buffers = [t.data_ptr() for t in ours.k + ours.v]
     for n in chunks:
-        ours.reserve(n)
-        theirs.reserve(n)
+        ours.start(np.ones((2, n), bool))
+        theirs.start(np.ones((2, n), bool))
         for layer in range(2):
             k, k64 = rounded(rng.standard_normal((2, n_kv, n, 4)), dtype)
             v, v64 = rounded(rng.standard_normal((2, n_kv, n, 4)), dtype)
@@ -234,10 +234,10 @@ def test_cache_holds_what_npllamas_holds(dtype, chunks, n_kv, seed):
 def test_cache_refuses_to_overflow_and_bad_batch():
     args = ModelArgs(dim=8, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=8, hidden_dim=8, max_seq_len=16)
     cache = tc.KVCache(args, 1, max_seq_len=4)
-    cache.reserve(4)
+    cache.start(np.ones((1, 4), bool))
     with pytest.raises(InputError, match="5 positions exceed the cache's 4"):
-        cache.reserve(5)
-    with pytest.raises(InputError, match="batch_size must be positive"):
+        cache.start(np.ones((1, 5), bool))
+    with pytest.raises(InputError, match="batch_size must be a positive integer"):
         tc.KVCache(args, 0)
 
 

@@ -66,9 +66,9 @@ def plant(monkeypatch, model, where: str, layer: int, n_layers: int = ARGS.n_lay
     if where == "attention scale":                               # softmax(q k / sqrt(d)) with d off
         real = parity.model.scaled_dot_product_attention
 
-        def wrong(q, k, v, impl):
+        def wrong(q, k, v, impl, kv_mask=None):
             calls["n"] += 1
-            return real(q * (1.02 if (calls["n"] - 1) % n_layers == layer else 1.0), k, v, impl)
+            return real(q * (1.02 if (calls["n"] - 1) % n_layers == layer else 1.0), k, v, impl, kv_mask)
         monkeypatch.setattr(parity.model, "scaled_dot_product_attention", wrong)
         return "attention.scores_v"
     if where == "mlp":                                           # a slightly wrong SwiGLU

@@ -97,6 +97,9 @@ def chat(model_path, backend, device, system, template, context, max_new_tokens,
             pieces.close()
             click.echo(" [stopped]", nl=False)
         click.echo()
+        if session.last_turn.stopped == "context window full":
+            click.secho(f"[the answer stopped: the context window of {session.window} tokens is full; "
+                        f"/reset to start again, or a larger --context]", err=True, fg="yellow")
         if stats:
             s = session.last_turn
             click.echo(f"[{s.reused} tokens reused from the cache, {s.prefilled} read, {s.generated} generated "

@@ -1,49 +1,92 @@
-"""``npllama generate``: continue a prompt, streaming the text."""
+"""``npllama generate``: continue a prompt, streaming the text; or several prompts as one batch."""
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import click
 
+from ..errors import InputError
 from .options import backend_options, make_backend, model_option, sampling_options
 
 
-@click.command(help="Continue a prompt with a model (the default model if none is named).")
+def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str]:
+    """The --prompt options, then the lines of --prompts FILE (blank lines skipped)."""
+    found = list(prompts)
+    if prompts_file is not None:
+        try:
+            text = Path(prompts_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--prompts {prompts_file}: cannot read it as UTF-8 text ({e})") from None
+        found += [line for line in text.splitlines() if line.strip()]
+    if not found:
+        raise click.UsageError("give a prompt: --prompt TEXT (repeatable) or --prompts FILE (one per line)")
+    if not all(found):
+        raise click.UsageError("--prompt is empty: give some text to continue")
+    return found
+
+
+def context_note(generation, row: int = 0) -> str:
+    """One line saying that a row stopped because the context window was full."""
+    made, held, window = len(generation.tokens[row]), generation.prompt_lengths[row], generation.window
+    return (f"[stopped: the context window of {window} tokens is full (the prompt took {held}); "
+            f"{made} of the requested tokens were generated]")
+
+
+@click.command(help="Continue a prompt with a model (the default model if none is named). Several prompts "
+                    "(--prompt repeated, or --prompts FILE) run as one padded batch; each answer is printed "
+                    "under its prompt.")
 @model_option
-@click.option("--prompt", "-p", required=True, help="The text to continue.")
+@click.option("--prompt", "-p", "prompts", multiple=True, help="The text to continue (repeatable).")
+@click.option("--prompts", "prompts_file", default=None, metavar="FILE",
+              help="A UTF-8 file with one prompt per line.")
 @click.option("--chat/--raw", "as_chat", default=None,
-              help="Wrap the prompt in the model's chat template as a user message "
+              help="Wrap each prompt in the model's chat template as a user message "
                    "(default: on when the model has a chat template).")
 @click.option("--system", default=None, help="System message, with --chat.")
 @sampling_options
 @backend_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no speed report.")
-def generate(model_path, prompt, as_chat, system, max_new_tokens, temperature, top_k, top_p, seed,
-             backend, device, quiet):
+def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens, temperature, top_k, top_p,
+             seed, backend, device, quiet):
     from ..chat import render_prompt
     from ..formats import load
-    from ..generate import generate_text
+    from ..generate import CONTEXT_FULL, generate_text
     from ..sampling import SamplingSettings
 
     settings = SamplingSettings(temperature, top_k, top_p)   # checked before the slow load
-    if not prompt:
-        raise click.UsageError("--prompt is empty: give some text to continue")
+    texts = read_prompts(prompts, prompts_file)
     run = make_backend(backend, load(model_path, progress=not quiet), device)
     stops = None
     if as_chat is None:
         as_chat = bool(getattr(run.model.tokenizer, "chat_template", None))
+    inputs = texts
     if as_chat:
-        prompt, stops = render_prompt(run.model, prompt, system)
+        rendered = [render_prompt(run.model, text, system) for text in texts]
+        inputs, stops = [text for text, _ in rendered], rendered[0][1]
     start = time.perf_counter()
-    n = 0
-    for piece in generate_text(run.model, prompt, max_new_tokens, settings, seed, stop_ids=stops,
-                               generate_fn=run.generate):
-        n += 1
-        click.echo(piece, nl=False)
-        sys.stdout.flush()
-    click.echo()
+    if len(inputs) == 1:
+        stream = generate_text(run.model, inputs[0], max_new_tokens, settings, seed, stop_ids=stops,
+                               generate_fn=run.generate)
+        for piece in stream:
+            click.echo(piece, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        notes = [context_note(stream.generation)] if stream.stopped == CONTEXT_FULL else []
+    else:
+        stream = generate_text(run.model, inputs, max_new_tokens, settings, seed, stop_ids=stops,
+                               generate_fn=run.generate)
+        answers = [""] * len(inputs)
+        for pieces in stream:
+            answers = [a + p for a, p in zip(answers, pieces)]
+        for r, (text, answer) in enumerate(zip(texts, answers)):
+            click.echo(f"{'' if r == 0 else chr(10)}>>> {text}\n{answer}")
+        notes = [f"prompt {r + 1}: {context_note(stream.generation, r)}"
+                 for r, why in enumerate(stream.stopped) if why == CONTEXT_FULL]
+    for note in notes:
+        click.secho(note, err=True, fg="yellow")
     if not quiet:
-        dt = time.perf_counter() - start
-        click.echo(f"[{n} pieces in {dt:.1f}s]", err=True)
+        made = sum(len(t) for t in stream.generation.tokens)
+        click.echo(f"[{made} tokens in {time.perf_counter() - start:.1f}s]", err=True)

@@ -26,12 +26,13 @@ class Backend:
 
     model     .config, .tokenizer, .new_cache(batch_size, max_seq_len)
     generate  npllama.generate.generate's signature
-    loss      (ids: (batch, seq) int64 array) -> mean next-token cross-entropy, a float
+    loss      (ids: (batch, seq) int64, mask: (batch, seq) bool or None) -> the mean next-token
+              cross-entropy of each row's real tokens, a float
     """
     name: str
     model: Any
     generate: Callable
-    loss: Callable[[np.ndarray], float]
+    loss: Callable[[np.ndarray, np.ndarray | None], float]
 
 
 def backend_names() -> list[str]:
@@ -44,7 +45,7 @@ def make_backend(name: str, model, device: str | None = None, dtype: str | None 
         if device not in (None, "cpu"):
             raise InputError(f"the numpy backend runs on the CPU; --device {device} needs --backend torch")
         from ..generate import generate
-        return Backend("numpy", model, generate, lambda ids: float(model.loss(ids)))
+        return Backend("numpy", model, generate, lambda ids, mask=None: float(model.loss(ids, attention_mask=mask)))
     found = {ep.name: ep for ep in entry_points(group=BACKEND_GROUP)}
     if name not in found:
         raise InputError(f"unknown backend {name!r}; installed: {', '.join(backend_names())}")
