@@ -17,10 +17,11 @@ the tolerance, in forward order, is named: that is where to look for a bug. The 
 when any op is over, so it can gate CI.
 
 ``--transformers`` adds the same table for transformers' LlamaForCausalLM (eager attention) run
-with the same weights, dtype and device; ``--plot FILE.png`` draws the error of each op by layer.
+with the same weights, dtype and device, captured by parity.hooks with its ready-made name map;
+``--plot FILE.png`` draws the error of each op by layer.
 
 The rows, the verdict, the table and the plot are NumPy and live in npllama/report.py (re-exported
-here), so that they can be used without torch.
+here), so that a dump of anyone's activations can be checked without torch (npllama/oracle.py).
 """
 
 from __future__ import annotations
@@ -31,16 +32,16 @@ import torch
 from npllama.errors import InputError, NpllamaError
 from npllama.formats.names import rename
 from npllama.model import Context
+from npllama.oracle import DEFAULT_PROMPT
 from npllama.report import (Report, Row, compare, errors, format_compact, format_table, in_forward_order,  # noqa: F401
                             plot_errors, split_name, verdict)
 from npllama.tolerances import dtype_name, parity_rtol
 
-DEFAULT_PROMPT = "The capital of France is"
-
 
 # ---------------------------------------------------------------------------- capturing
 def capture(model, ids, **kwargs) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Run model(ids, trace=...) and keep every traced output as float64 NumPy.
+    """Run model(ids, trace=...) and keep every traced output as float64 NumPy. (For a model
+    without npllama's trace hook, parity.capture records the same names by forward hooks.)
 
     Works for npllama and parity models alike. -> (name -> array in forward order, name -> the
     dtype it had).
@@ -167,65 +168,15 @@ def transformers_twin(model):
 
 
 def capture_transformers(hf, ids: torch.Tensor) -> dict[str, np.ndarray]:
-    """Run transformers' model with hooks that record the same ops under npllama's names.
+    """Run transformers' model under parity.hooks.capture with the ready-made map of its names.
 
     q and k after rotary come from wrapping modeling_llama.apply_rotary_pos_emb for the call.
     """
-    from transformers.models.llama import modeling_llama
+    from . import hooks
 
-    cfg = hf.config
-    out: dict[str, np.ndarray] = {}
-    hooks = []
-    current = {"layer": None}
-
-    def put(name, x):
-        out[name] = x.detach().to("cpu", torch.float64).numpy()
-
-    def heads(x, n):     # (batch, seq, n * head_dim) -> (batch, n, seq, head_dim)
-        b, s, _ = x.shape
-        return x.view(b, s, n, -1).transpose(1, 2)
-
-    def on_output(name, fn=lambda o: o):
-        return lambda mod, inp, o: put(name, fn(o[0] if isinstance(o, tuple) else o))
-
-    def on_input(name, fn=lambda i: i):
-        return lambda mod, inp: put(name, fn(inp[0]))
-
-    m = hf.model
-    hooks.append(m.embed_tokens.register_forward_hook(on_output("tok_embeddings")))
-    for i, layer in enumerate(m.layers):
-        p = f"layers.{i}."
-        hooks.append(layer.register_forward_pre_hook(lambda mod, inp, i=i: current.__setitem__("layer", i)))
-        hooks.append(layer.input_layernorm.register_forward_hook(on_output(p + "attention_norm")))
-        hooks.append(layer.self_attn.v_proj.register_forward_hook(
-            on_output(p + "attention.v", lambda o: heads(o, cfg.num_key_value_heads))))
-        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
-            on_input(p + "attention.scores_v", lambda x: heads(x, cfg.num_attention_heads))))
-        hooks.append(layer.self_attn.o_proj.register_forward_hook(on_output(p + "attention")))
-        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(on_input(p + "attention_residual")))
-        hooks.append(layer.post_attention_layernorm.register_forward_hook(on_output(p + "ffn_norm")))
-        hooks.append(layer.mlp.register_forward_hook(on_output(p + "feed_forward")))
-        hooks.append(layer.register_forward_hook(on_output(p + "ffn_residual")))
-    hooks.append(m.norm.register_forward_hook(on_output("norm")))
-    hooks.append(hf.lm_head.register_forward_hook(on_output("logits", lambda o: o.float())))
-
-    real_rope = modeling_llama.apply_rotary_pos_emb
-
-    def traced_rope(q, k, *args, **kwargs):
-        q, k = real_rope(q, k, *args, **kwargs)
-        put(f"layers.{current['layer']}.attention.q", q)
-        put(f"layers.{current['layer']}.attention.k", k)
-        return q, k
-
-    modeling_llama.apply_rotary_pos_emb = traced_rope
-    try:
-        with torch.no_grad():
-            hf(input_ids=ids.to(hf.device), use_cache=False)
-    finally:
-        modeling_llama.apply_rotary_pos_emb = real_rope
-        for h in hooks:
-            h.remove()
-    return out
+    with hooks.capture(hf, hooks.transformers_llama(hf.config)) as captured, torch.no_grad():
+        hf(input_ids=ids.to(hf.device), use_cache=False)
+    return captured.numpy()
 
 
 def transformers_report(model, ids, reference=None) -> Report:
