@@ -26,7 +26,8 @@ string metadata (safetensors' ``__metadata__``), all optional for a dump that is
     dtype           the dtype the model computed in (its tolerances judge the dump)
     rotary_layout   "half" (rotate-half, Hugging Face and npllama) or "interleaved" (Meta,
                     llama.cpp, gpt-fast): the channel order of q and k within each head
-    producer, npllama_version, prompt, model, model_sha256, layout (JSON: op -> its axes)
+    producer, npllama_version, prompt, model, model_sha256, layout (JSON: op -> its axes),
+    rotary_dim (the channels of each head that rotate)
 
 ``npllama trace`` writes the reference's dump (write_dump); ``npllama parity --against`` and
 ``npllama trace --against`` check anyone's (check_dump): the reference recomputes on the dump's
@@ -324,7 +325,9 @@ def check_dump(theirs: Dump, model: Transformer | None = None, reference: Dump |
     if known and theirs_known and known != theirs_known:
         notes.append(f"{theirs.name} was made from a model file with sha256 {theirs_known[:12]}..., the "
                      f"reference's has {known[:12]}...: other weights differ by more than rounding")
-    candidate = their_activations(theirs, ref, model.config.rotary_dim if model is not None else None, notes)
+    declared = reference.metadata.get("rotary_dim", "") if reference is not None else ""
+    rotary_dim = model.config.rotary_dim if model is not None else (int(declared) if declared.isdigit() else None)
+    candidate = their_activations(theirs, ref, rotary_dim, notes)
     if isolate:      # shapes are checked: now run each layer from the dump's own input to it
         ref, own = isolated_trace(ref_model, ids, theirs.tensors)
     ref = {k: np.asarray(v, dtype=np.float64) for k, v in ref.items()}
@@ -333,7 +336,7 @@ def check_dump(theirs: Dump, model: Transformer | None = None, reference: Dump |
     if not rows:
         raise InputError(f"{theirs.path}: holds none of npllama's trace names ({', '.join(sorted(theirs.tensors)[:4])} "
                          f"...); name the activations as docs/parity.md lists them, e.g. layers.0.ffn_norm")
-    hint = rotary_hint(theirs, ref, rows, model.config.rotary_dim if model is not None else None)
+    hint = rotary_hint(theirs, ref, rows, rotary_dim)
     if hint:
         notes.append(hint)
     missing = [n for n in trace_names(n_layers) if n in ref and n not in candidate]

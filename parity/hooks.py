@@ -279,7 +279,9 @@ class Capture:
         ids = torch.as_tensor(np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids))
         if ids.ndim == 1:
             ids = ids[None]
-        dtype = dtype if dtype is not None else next(self.module.parameters()).dtype
+        if dtype is None:
+            first = next(self.module.parameters(), None)
+            dtype = first.dtype if first is not None else next(iter(self.tensors.values())).dtype
         meta = dump_metadata(dtype_name(dtype), producer or f"parity.capture of {type(self.module).__name__}",
                              rotary_layout, **metadata)
         tensors = {IDS: ids.to(torch.int64).contiguous(), **{k: v.contiguous() for k, v in self.tensors.items()}}

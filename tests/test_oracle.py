@@ -148,6 +148,19 @@ def test_a_port_that_writes_only_the_residual_stream_is_compared_on_it_alone(fol
     assert {r.layer for r in report.rows if not r.ok} <= {2, None}
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_bug_planted_in_transformers_on_cuda_is_named(model, tmp_path):
+    hf = hf_model("bfloat16").to("cuda")
+    op = plant(hf, "norm eps", 2)
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3, 42, 8]], device="cuda")
+    with capture(hf, transformers_llama(hf.config)) as captured, torch.no_grad():
+        hf(input_ids=ids, use_cache=False)
+    captured.save(tmp_path / "cuda.safetensors", ids)
+    report = check_dump(read_dump(tmp_path / "cuda.safetensors"), model, isolate=True)
+    assert (report.first_break.layer, report.first_break.op) == (2, op), format_table(report)
+
+
 # ------------------------------------------------------------------------------ npllama trace
 def test_trace_writes_every_activation_under_its_name_with_ids_and_metadata(folder, tmp_path):
     ids_file = tmp_path / "ids.json"
@@ -170,7 +183,7 @@ def test_trace_writes_every_activation_under_its_name_with_ids_and_metadata(fold
         assert tensors[name].dtype == (np.float32 if name == "logits" else np.float64), name
     assert meta["format"] == "npllama-trace" and meta["schema_version"] == "1"
     assert meta["dtype"] == "float64" and meta["rotary_layout"] == "half" and json.loads(meta["layout"]) == LAYOUT
-    assert meta["npllama_version"] == npllama.__version__ and "prompt" not in meta
+    assert meta["npllama_version"] == npllama.__version__ and "prompt" not in meta and meta["rotary_dim"] == "16"
     assert meta["model_sha256"] == hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.json", "ref.safetensors"]   # no temporary left
 
@@ -196,7 +209,7 @@ def test_a_trace_checked_against_itself_shows_zero_error(folder, model, tmp_path
     # the reference in float32 against the float64 one: within float32's bars, not equal
     assert cli("trace", "--model", folder, "--ids", "1,5,9,200,7", "--out", ref, "--dtype", "float32").exit_code == 0
     report = check_dump(read_dump(ref), model)
-    assert report.ok and report.dtype == "float32" and 0 < max(r.rel for r in report.rows) < 1e-5
+    assert report.ok and report.dtype == "float32" and max(r.rel for r in report.rows) > 0
 
 
 def test_the_oracle_runs_where_torch_is_absent(folder, tmp_path):
@@ -230,6 +243,9 @@ def test_the_gpt_fast_style_port_passes_and_its_planted_bug_is_found(my_port, fo
     assert theirs.metadata["rotary_layout"] == "interleaved"
     report = check_dump(theirs, model)
     assert report.ok and len(report.rows) == len(trace_names(N_LAYERS)), format_table(report)
+    ref = tmp_path / "ref.safetensors"
+    assert cli("trace", "--model", folder, "--ids", "1,17,42,99,7,3,250,64", "--out", ref).exit_code == 0
+    assert check_dump(theirs, reference=read_dump(ref)).ok
 
     # the same dump read as rotate-half: q breaks first, and the note says which layout fits
     meta = {**theirs.metadata, "rotary_layout": "half"}

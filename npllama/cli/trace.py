@@ -154,6 +154,6 @@ def write_reference(model_path, prompt, ids, out, dtype: str) -> None:
     activations = trace(model, ids)
     meta = dump_metadata(dtype, f"npllama {__version__}, the NumPy reference", prompt=prompt,
                          model=Path(model_path).name if model_path else DEFAULT_FILE,
-                         model_sha256=model_sha256(model_path))
+                         model_sha256=model_sha256(model_path), rotary_dim=model.config.rotary_dim)
     write_dump(out, activations, ids, meta)
     click.echo(describe(out, activations, ids))
