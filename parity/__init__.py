@@ -7,7 +7,9 @@
     cache = model.new_cache(1, max_seq_len=512); model(ids, cache=cache)
 
 Modules mirror npllama's: norm, rope, attention, mlp, cache, model, sampling, generate; report.py
-runs both backends and compares the output of every op (``npllama parity``).
+runs both backends and compares the output of every op (``npllama parity``); hooks.py records any
+PyTorch model's activations under npllama's names (``parity.capture(module, name_map)``) and
+writes them as a dump that ``npllama parity --against`` checks.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 
 from .cache import KVCache
 from .generate import generate, generate_text
+from .hooks import capture
 from .model import Transformer
 from .sampling import SamplingSettings
 
@@ -67,4 +70,4 @@ def load(path=None, device=None, dtype=torch.float32, requires_grad: bool = Fals
 
 
 __all__ = ["Transformer", "KVCache", "SamplingSettings", "generate", "generate_text", "load",
-           "from_numpy", "resolve_dtype", "resolve_device", "DTYPES"]
+           "from_numpy", "resolve_dtype", "resolve_device", "capture", "DTYPES"]

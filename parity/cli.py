@@ -14,40 +14,62 @@ import time
 import click
 import torch
 
+from npllama.cli.trace import check_against, parse_ids, reference_option, show, view_option
 from npllama.io import atomic_write
 
-from .report import (DEFAULT_PROMPT, NotComparable, format_table, parity_report, plot_errors, reference_of,
-                     transformers_report)
+from .report import DEFAULT_PROMPT, NotComparable, parity_report, plot_errors, reference_of, transformers_report
 from .train import TrainConfig, setup, sample_text, summary, train
 
 
 @click.command(name="parity", help="Run a prompt through the NumPy reference and the Torch backend; "
-                                   "compare every op. Exits 1 when an op breaks its dtype's tolerance.")
+                                   "compare every op. With --against THEIRS.safetensors, compare a file of "
+                                   "anyone's activations instead (docs/porting.md). Exits 1 when an op breaks "
+                                   "its dtype's tolerance.")
 @click.option("--model", "-m", "model_path", default=None, metavar="PATH",
               help="A Hugging Face folder, a Meta folder, or a .gguf file (default: SmolLM2-135M-Instruct).")
 @click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, cuda:1 ...")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]), default="float32",
-              show_default=True, help="The Torch backend's dtype (the reference is npllama in float64).")
+              show_default=True, help="The Torch backend's dtype (the reference is npllama in float64). With "
+                                      "--against: the dtype whose tolerances judge THEIRS (default: its own).")
 @click.option("--prompt", "-p", default=DEFAULT_PROMPT, show_default=True, help="The text to run.")
-@click.option("--ids", default=None, metavar="1,2,3", help="Token ids instead of a prompt (comma-separated).")
+@click.option("--ids", default=None, metavar="IDS.json|1,2,3",
+              help="Token ids instead of a prompt: comma-separated, or a JSON file (a list, or a list of lists).")
 @click.option("--attention", type=click.Choice(["auto", "naive", "flash", "sdpa"]), default="auto",
               show_default=True, help="The Torch attention implementation.")
 @click.option("--isolate", is_flag=True,
-              help="Run each layer from the reference's input to it, so errors do not carry over "
-                   "between layers (tighter 'layer' tolerances; best to find a bug in half precision).")
+              help="Run each layer from the reference's input to it (with --against: from THEIRS' own input to "
+                   "it), so errors do not carry over between layers (tighter 'layer' tolerances; best to find "
+                   "a bug in half precision).")
 @click.option("--transformers", "with_hf", is_flag=True,
               help="Also compare transformers' LlamaForCausalLM (same weights, dtype and device).")
+@click.option("--against", default=None, type=click.Path(dir_okay=False), metavar="THEIRS.safetensors",
+              help="Compare this file of activations (npllama's trace names, any subset, plus input_ids) with "
+                   "the reference recomputed on its input_ids. `npllama trace --against` does the same without torch.")
+@reference_option
+@view_option
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="Draw the error of each op by layer.")
-def parity_command(model_path, device, dtype, prompt, ids, attention, isolate, with_hf, plot_path):
+@click.pass_context
+def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isolate, with_hf, against, reference_path,
+                   show_all, plot_path):
     import npllama
     import parity
 
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if against is not None:
+        clash = sorted(given & {"device", "prompt", "ids", "attention", "with_hf"})
+        if clash:
+            flags = ", ".join("--transformers" if n == "with_hf" else f"--{n}" for n in clash)
+            raise click.UsageError(f"--against compares a file of activations on its own input_ids: {flags} "
+                                   f"belong to the Torch comparison")
+        if not check_against(against, model_path, reference_path, dtype if "dtype" in given else None,
+                             isolate, show_all, plot_path):
+            sys.exit(1)
+        return
+    if reference_path is not None:
+        raise click.UsageError("--reference goes with --against")
     torch_dtype, torch_device = parity.resolve_dtype(dtype), parity.resolve_device(device)
     if ids is not None:
-        try:
-            ids = [int(t) for t in ids.split(",") if t.strip()]
-        except ValueError:
-            raise click.UsageError(f"--ids must be comma-separated integers, got {ids!r}") from None
+        ids = parse_ids(ids)
     elif not prompt:
         raise click.UsageError("--prompt is empty: give some text to run")
     base = npllama.load(model_path, progress=False)
@@ -68,7 +90,7 @@ def parity_command(model_path, device, dtype, prompt, ids, attention, isolate, w
     click.echo(f"{ids.shape[1]} tokens")
     for report in reports:
         click.echo()
-        click.echo(format_table(report))
+        show(report, show_all)
     if plot_path:
         plot_errors(reports, plot_path)
         click.echo(f"plot: {plot_path}")

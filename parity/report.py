@@ -17,113 +17,31 @@ the tolerance, in forward order, is named: that is where to look for a bug. The 
 when any op is over, so it can gate CI.
 
 ``--transformers`` adds the same table for transformers' LlamaForCausalLM (eager attention) run
-with the same weights, dtype and device; ``--plot FILE.png`` draws the error of each op by layer.
+with the same weights, dtype and device, captured by parity.hooks with its ready-made name map;
+``--plot FILE.png`` draws the error of each op by layer.
+
+The rows, the verdict, the table and the plot are NumPy and live in npllama/report.py (re-exported
+here), so that a dump of anyone's activations can be checked without torch (npllama/oracle.py).
 """
 
 from __future__ import annotations
-
-import io
-import math
-from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
 from npllama.errors import InputError, NpllamaError
 from npllama.formats.names import rename
-from npllama.io import atomic_write
-from npllama.model import Context, trace_names
+from npllama.model import Context
+from npllama.oracle import DEFAULT_PROMPT
+from npllama.report import (Report, Row, compare, errors, format_compact, format_table, in_forward_order,  # noqa: F401
+                            plot_errors, split_name, verdict)
 from npllama.tolerances import dtype_name, parity_rtol
-
-DEFAULT_PROMPT = "The capital of France is"
-
-
-# ---------------------------------------------------------------------------- rows and reports
-@dataclass(frozen=True)
-class Row:
-    """One op of one layer: its errors against the reference, and its tolerance."""
-    name: str            # the trace name, e.g. "layers.3.ffn_norm"
-    layer: int | None    # 3, or None for tok_embeddings / norm / logits
-    op: str              # "ffn_norm"
-    max_abs: float       # max |candidate - reference|
-    rel: float           # max_abs / max |reference|
-    rtol: float
-
-    @property
-    def ok(self) -> bool:
-        return self.rel <= self.rtol      # False for nan
-
-
-@dataclass
-class Report:
-    title: str
-    rows: list[Row]
-    dtype: str
-    device: str
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def first_break(self) -> Row | None:
-        """The first op, in forward order, over its tolerance (None when all are within)."""
-        return next((r for r in self.rows if not r.ok), None)
-
-    @property
-    def ok(self) -> bool:
-        return self.first_break is None
-
-
-def split_name(name: str) -> tuple[int | None, str]:
-    """'layers.3.attention.q' -> (3, 'attention.q'); 'logits' -> (None, 'logits')."""
-    parts = name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit():
-        return int(parts[1]), parts[2]
-    return None, name
-
-
-def errors(candidate: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
-    """(max |a - b|, max |a - b| / max |b|), in float64; shapes must agree."""
-    if candidate.shape != reference.shape:
-        raise InputError(f"shapes differ: {candidate.shape} vs reference {reference.shape}")
-    diff = float(np.max(np.abs(candidate.astype(np.float64) - reference.astype(np.float64)), initial=0.0))
-    scale = float(np.max(np.abs(reference), initial=0.0))
-    if math.isnan(diff):
-        return diff, diff
-    rel = diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
-    return diff, rel
-
-
-def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray],
-            rtol: Callable[[str], float], require_all: bool = True) -> list[Row]:
-    """Rows for every op of the reference trace (in its order) that the candidate also traced.
-
-    require_all: a name missing from the candidate is an error (the backends must trace alike).
-    """
-    missing = [n for n in reference if n not in candidate]
-    if require_all and missing:
-        raise InputError(f"the candidate did not trace {missing[:5]}: the backends' trace names differ")
-    rows = []
-    for name, ref in in_forward_order(reference).items():
-        if name not in candidate:
-            continue
-        max_abs, rel = errors(candidate[name], ref)
-        layer, op = split_name(name)
-        rows.append(Row(name, layer, op, max_abs, rel, rtol(name)))
-    return rows
-
-
-def in_forward_order(traced: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The traced tensors in the order the forward pass computes them (npllama.model.trace_names),
-    whatever order the hook saw them in; names outside that list keep their place at the end."""
-    layers = [split_name(n)[0] for n in traced]
-    order = trace_names(1 + max((i for i in layers if i is not None), default=-1))
-    rank = {name: i for i, name in enumerate(order)}
-    return dict(sorted(traced.items(), key=lambda item: rank.get(item[0], len(rank))))
 
 
 # ---------------------------------------------------------------------------- capturing
 def capture(model, ids, **kwargs) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Run model(ids, trace=...) and keep every traced output as float64 NumPy.
+    """Run model(ids, trace=...) and keep every traced output as float64 NumPy. (For a model
+    without npllama's trace hook, parity.capture records the same names by forward hooks.)
 
     Works for npllama and parity models alike. -> (name -> array in forward order, name -> the
     dtype it had).
@@ -250,65 +168,15 @@ def transformers_twin(model):
 
 
 def capture_transformers(hf, ids: torch.Tensor) -> dict[str, np.ndarray]:
-    """Run transformers' model with hooks that record the same ops under npllama's names.
+    """Run transformers' model under parity.hooks.capture with the ready-made map of its names.
 
     q and k after rotary come from wrapping modeling_llama.apply_rotary_pos_emb for the call.
     """
-    from transformers.models.llama import modeling_llama
+    from . import hooks
 
-    cfg = hf.config
-    out: dict[str, np.ndarray] = {}
-    hooks = []
-    current = {"layer": None}
-
-    def put(name, x):
-        out[name] = x.detach().to("cpu", torch.float64).numpy()
-
-    def heads(x, n):     # (batch, seq, n * head_dim) -> (batch, n, seq, head_dim)
-        b, s, _ = x.shape
-        return x.view(b, s, n, -1).transpose(1, 2)
-
-    def on_output(name, fn=lambda o: o):
-        return lambda mod, inp, o: put(name, fn(o[0] if isinstance(o, tuple) else o))
-
-    def on_input(name, fn=lambda i: i):
-        return lambda mod, inp: put(name, fn(inp[0]))
-
-    m = hf.model
-    hooks.append(m.embed_tokens.register_forward_hook(on_output("tok_embeddings")))
-    for i, layer in enumerate(m.layers):
-        p = f"layers.{i}."
-        hooks.append(layer.register_forward_pre_hook(lambda mod, inp, i=i: current.__setitem__("layer", i)))
-        hooks.append(layer.input_layernorm.register_forward_hook(on_output(p + "attention_norm")))
-        hooks.append(layer.self_attn.v_proj.register_forward_hook(
-            on_output(p + "attention.v", lambda o: heads(o, cfg.num_key_value_heads))))
-        hooks.append(layer.self_attn.o_proj.register_forward_pre_hook(
-            on_input(p + "attention.scores_v", lambda x: heads(x, cfg.num_attention_heads))))
-        hooks.append(layer.self_attn.o_proj.register_forward_hook(on_output(p + "attention")))
-        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(on_input(p + "attention_residual")))
-        hooks.append(layer.post_attention_layernorm.register_forward_hook(on_output(p + "ffn_norm")))
-        hooks.append(layer.mlp.register_forward_hook(on_output(p + "feed_forward")))
-        hooks.append(layer.register_forward_hook(on_output(p + "ffn_residual")))
-    hooks.append(m.norm.register_forward_hook(on_output("norm")))
-    hooks.append(hf.lm_head.register_forward_hook(on_output("logits", lambda o: o.float())))
-
-    real_rope = modeling_llama.apply_rotary_pos_emb
-
-    def traced_rope(q, k, *args, **kwargs):
-        q, k = real_rope(q, k, *args, **kwargs)
-        put(f"layers.{current['layer']}.attention.q", q)
-        put(f"layers.{current['layer']}.attention.k", k)
-        return q, k
-
-    modeling_llama.apply_rotary_pos_emb = traced_rope
-    try:
-        with torch.no_grad():
-            hf(input_ids=ids.to(hf.device), use_cache=False)
-    finally:
-        modeling_llama.apply_rotary_pos_emb = real_rope
-        for h in hooks:
-            h.remove()
-    return out
+    with hooks.capture(hf, hooks.transformers_llama(hf.config)) as captured, torch.no_grad():
+        hf(input_ids=ids.to(hf.device), use_cache=False)
+    return captured.numpy()
 
 
 def transformers_report(model, ids, reference=None) -> Report:
@@ -329,66 +197,3 @@ def transformers_report(model, ids, reference=None) -> Report:
         report.notes.append(f"not captured from transformers: {', '.join(skipped[:6])}"
                             f"{' ...' if len(skipped) > 6 else ''}")
     return report
-
-
-# ---------------------------------------------------------------------------- output
-def format_table(report: Report) -> str:
-    """The report as a fixed-width table, with the verdict on its last line."""
-    lines = [report.title, f"{'layer':>5}  {'op':<20} {'max abs':>10} {'rel':>10} {'rtol':>8}  ok"]
-    for r in report.rows:
-        layer = "-" if r.layer is None else str(r.layer)
-        lines.append(f"{layer:>5}  {r.op:<20} {r.max_abs:10.3e} {r.rel:10.3e} {r.rtol:8.1e}  "
-                     f"{'ok' if r.ok else 'BREAK'}")
-    lines.extend(f"note: {n}" for n in report.notes)
-    lines.append(verdict(report))
-    return "\n".join(lines)
-
-
-def verdict(report: Report) -> str:
-    b = report.first_break
-    if b is None:
-        worst = max(report.rows, key=lambda r: r.rel / r.rtol, default=None)
-        tail = f"; closest: {worst.name} at {worst.rel:.2e} of {worst.rtol:.0e}" if worst else ""
-        return f"all {len(report.rows)} ops within tolerance{tail}"
-    where = f"layer {b.layer} op {b.op}" if b.layer is not None else f"op {b.op}"
-    n = sum(not r.ok for r in report.rows)
-    return f"first break: {where} (rel {b.rel:.2e} > rtol {b.rtol:.0e}); {n} of {len(report.rows)} ops over"
-
-
-def plot_errors(reports: list[Report], path: str) -> None:
-    """A PNG of the relative error of each op by layer (one panel per report), with the tolerance.
-
-    Written atomically (npllama.io.atomic_write), so no half-written file remains.
-    """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, axes = plt.subplots(len(reports), 1, figsize=(10, 4.2 * len(reports)), squeeze=False)
-    for ax, report in zip(axes[:, 0], reports):
-        ops = list(dict.fromkeys(r.op for r in report.rows if r.layer is not None))
-        for op in ops:
-            pts = [(r.layer, max(r.rel, 1e-18)) for r in report.rows if r.op == op and r.layer is not None]
-            ax.plot(*zip(*pts), marker=".", label=op)
-        for r in report.rows:
-            if r.layer is None and r.op != "tok_embeddings":
-                last = max((x.layer for x in report.rows if x.layer is not None), default=0)
-                ax.scatter([last + 0.5], [max(r.rel, 1e-18)], marker="*", s=80, label=r.op)
-        for rtol in sorted({r.rtol for r in report.rows}):
-            ax.axhline(rtol, color="red", linestyle="--", linewidth=1)
-        b = report.first_break
-        if b is not None and b.layer is not None:
-            ax.axvline(b.layer, color="red", alpha=0.3, linewidth=6)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_yscale("log")
-        ax.set_xlabel("layer")
-        ax.set_ylabel("max|a-b| / max|b|")
-        ax.set_title(report.title, fontsize=9)
-        ax.legend(fontsize=7, ncol=4)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    with atomic_write(path) as f:
-        f.write(buf.getvalue())
