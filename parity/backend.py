@@ -2,7 +2,9 @@
 
 Declared in the entry-point group ``npllama.backends``; npllama's command line calls
 ``torch_backend(model, device=..., dtype=...)`` with the loaded NumPy model and gets back its Torch
-twin with the functions the commands need (npllama.cli.options.Backend).
+twin with the functions the commands need (npllama.cli.options.Backend); before the model loads it
+calls ``torch_backend.check(device=..., dtype=...)``, so that a device this torch cannot see or an
+unknown dtype is refused first.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 
 from npllama.cli.options import Backend
 
-from . import from_numpy
+from . import from_numpy, resolve_device, resolve_dtype
 from .generate import generate
 
 
@@ -26,3 +28,12 @@ def torch_backend(model, device: str | None = None, dtype: str | None = None) ->
         return float(twin.loss(ids, attention_mask=mask))
 
     return Backend("torch", twin, generate, loss)
+
+
+def check(device: str | None = None, dtype: str | None = None) -> None:
+    """Refuse (InputError) a device this torch cannot use or a dtype it does not compute in."""
+    resolve_device(device)
+    resolve_dtype(dtype or "float32")
+
+
+torch_backend.check = check

@@ -7,6 +7,7 @@ in the entry-point group ``npllama.commands``; npllama itself never imports them
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ import time
 import click
 import torch
 
+from npllama.cli import STARTED
 from npllama.cli.trace import check_against, parse_ids, reference_option, show, view_option
 from npllama.io import atomic_write
 
@@ -68,6 +70,8 @@ def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isola
     if reference_path is not None:
         raise click.UsageError("--reference goes with --against")
     torch_dtype, torch_device = parity.resolve_dtype(dtype), parity.resolve_device(device)
+    if plot_path:
+        check_plot_path(plot_path)
     if ids is not None:
         ids = parse_ids(ids)
     elif not prompt:
@@ -98,7 +102,17 @@ def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isola
         sys.exit(1)
 
 
+def check_plot_path(path: str) -> None:
+    """--plot needs matplotlib and an existing folder: refused before the run, not after it."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise click.UsageError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise click.UsageError(f"--plot {path}: the folder {folder} does not exist")
+
+
 D = TrainConfig()   # the command line's defaults
+EXIT_SECONDS = 3.0  # kept at the end of a --minutes budget for leaving Python (torch's teardown: 0.5-2.5 s here)
 
 
 @click.command(name="train", help="Train a model on a text file with the Torch backend. A fresh model comes from "
@@ -134,17 +148,18 @@ D = TrainConfig()   # the command line's defaults
 @click.option("--eval-batches", type=int, default=D.eval_batches, show_default=True)
 @click.option("--save-every", type=int, default=D.save_every, show_default=True, help="Steps between checkpoints.")
 @click.option("--keep", type=int, default=D.keep, show_default=True, help="Checkpoints to keep.")
-@click.option("--minutes", type=float, default=None,
+@click.option("--minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Fit --steps to this wall-time budget (measured a few steps in; the whole command, "
-                   "tokenizer and sample included, ends within it).")
-@click.option("--time-limit", type=float, default=None, help="Stop (and save) after this many minutes.")
+                   "tokenizer, evaluations, checkpoints and sample included, ends within it).")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop (and save) rather than start a step that would end after this many minutes.")
 @click.option("--sample-prompt", default="\n", show_default="a newline", help="Prompt of the sample printed at the end.")
-@click.option("--sample-tokens", type=int, default=200, show_default=True, help="Tokens to sample at the end (0: none).")
+@click.option("--sample-tokens", type=click.IntRange(min=0), default=200, show_default=True, help="Tokens to sample at the end (0: none).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
 def train_command(ctx, data, valid, config, init, out, resume, tokenizer, vocab_size, minutes, time_limit,
                   sample_prompt, sample_tokens, quiet, device, **hyper):
-    started = time.perf_counter()
+    started = ctx.meta.get(STARTED, time.perf_counter())   # when the command line began: --minutes holds it all
     threads = os.environ.get("NPLLAMA_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
@@ -169,7 +184,8 @@ def train_command(ctx, data, valid, config, init, out, resume, tokenizer, vocab_
           progress=not quiet, log=click.echo)
     click.echo(summary(run))
     if sample_tokens > 0:
-        text = sample_text(run, sample_prompt.replace("\\n", "\n"), sample_tokens)
+        until = None if minutes is None else started + minutes * 60 - EXIT_SECONDS
+        text = sample_text(run, sample_prompt.replace("\\n", "\n"), sample_tokens, until=until)
         with atomic_write(run.out / "samples.txt", "w") as f:
             f.write(text + "\n")
         click.echo("---- sample (temperature 0.8, top-p 0.95) ----")

@@ -570,7 +570,8 @@ def fit_steps(run: Run, budget_s: float, elapsed_s: float, reserve_s: float | No
 
     Called once, a few steps into the warm-up (where the schedule does not yet depend on the total):
     times one evaluation and one checkpoint, takes the median seconds per step so far, and keeps
-    reserve_s (default: 5% of the budget, at most 20 s) for the final evaluation, checkpoint and sample. The chosen count is saved with the
+    the time of the final evaluation and checkpoint, and reserve_s (default: 5% of the budget, at most 20 s)
+    for the sample and the command's exit, out of what is left. The chosen count is saved with the
     run, so a resumed or repeated run (``--steps N``) follows the same schedule.
     """
     cfg, state = run.cfg, run.state
@@ -581,15 +582,22 @@ def fit_steps(run: Run, budget_s: float, elapsed_s: float, reserve_s: float | No
     t = time.perf_counter()
     run.save()
     t_save = time.perf_counter() - t
-    recent = [h["seconds"] for h in state["history"][-10:]][1:] or [state["history"][-1]["seconds"]]
-    per_step = float(np.median(recent))            # the first step (allocations, warm caches) left out
+    per_step = seconds_per_step(run)
     per_step += (t_eval / cfg.eval_every if cfg.eval_every else 0) + (t_save / cfg.save_every if cfg.save_every else 0)
-    left = budget_s - elapsed_s - t_eval - t_save - reserve_s
+    left = budget_s - elapsed_s - 2 * (t_eval + t_save) - reserve_s    # this evaluation and checkpoint, and the final ones
     cfg.steps = max(run.step + 1, run.step + int(left / per_step))
     state["train_config"]["steps"] = cfg.steps
     state["fitted"] = {"budget_s": budget_s, "seconds_per_step": per_step, "eval_s": t_eval, "save_s": t_save,
                        "reserve_s": reserve_s, "at_step": run.step, "steps": cfg.steps}
     return cfg.steps
+
+
+def seconds_per_step(run: Run) -> float:
+    """The median wall time of the last steps (the run's first step, which allocates, left out); 0 before any."""
+    recent = [h["seconds"] for h in run.state["history"][-10:]]
+    if len(recent) > 1 and len(recent) == len(run.state["history"]):
+        recent = recent[1:]
+    return float(np.median(recent)) if recent else 0.0
 
 
 def train(run: Run, stop_after: int | None = None, time_limit: float | None = None,
@@ -598,63 +606,83 @@ def train(run: Run, stop_after: int | None = None, time_limit: float | None = No
     """Run optimizer steps until cfg.steps (or stop_after steps, or time_limit seconds), evaluating
     and saving as configured; always saves and evaluates at the point where it stops.
 
-    minutes: fit cfg.steps to a wall-time budget counted from ``started`` (perf_counter; default
-    now), measured a few steps in (fit_steps). The budget is also a hard limit: should the machine
-    slow down, the run stops early enough for the final evaluation, checkpoint and sample to fit.
+    time_limit: no step begins that would end more than time_limit seconds after ``started``
+    (perf_counter; default now). minutes: fit cfg.steps to a wall-time budget counted from
+    ``started`` (fit_steps), measured a few steps in, or as soon as half the budget is spent. The
+    budget is also a hard limit: no step begins that would leave too little time for the final
+    evaluation, checkpoint and the reserve (fit_steps), should the machine slow down.
     """
     from tqdm import tqdm
     cfg = run.cfg
     started = time.perf_counter() if started is None else started
-    probe = None
-    if minutes is not None:
-        probe = run.step + max(1, min(20, cfg.warmup))
-        budget = minutes * 60
-        time_limit = budget if time_limit is None else min(time_limit, budget)
+    budget = None if minutes is None else minutes * 60
+    probe = None if minutes is None else run.step + max(1, min(20, cfg.warmup))
+    limit = time_limit
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
     bar = tqdm(total=end, initial=run.step, disable=not progress, unit="step", dynamic_ncols=True,
                file=sys.stderr, desc=run.out.name)
     last_eval = run.state["evals"][-1]["loss"] if run.state["evals"] else float("nan")
+    evaluated = saved = run.step   # the steps of the last evaluation and checkpoint (none needed before a step)
+    timed_out = False
     try:
         while run.step < end:
-            rec = run.train_step()
-            step = run.step
-            if step == probe:
-                fit_steps(run, budget, time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            if probe is not None and run.step > 0 and (run.step >= probe or elapsed > budget / 2):
+                fit_steps(run, budget, elapsed)
+                probe = None
+                evaluated = saved = run.step
                 end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
                 f = run.state["fitted"]
-                time_limit = min(time_limit, budget - f["eval_s"] - f["save_s"] - f["reserve_s"])
+                finish_by = budget - f["eval_s"] - f["save_s"] - f["reserve_s"]
+                limit = finish_by if limit is None else min(limit, finish_by)
                 bar.total = end
-                log(f"\n--minutes {minutes:g}: {run.state['fitted']['seconds_per_step']:.2f} s per step "
-                    f"-> --steps {cfg.steps}")
+                log(f"\n--minutes {minutes:g}: {f['seconds_per_step']:.2f} s per step -> --steps {cfg.steps}")
                 last_eval = run.state["evals"][-1]["loss"]
-            timed_out = time_limit is not None and time.perf_counter() - started > time_limit
-            finishing = step >= end or timed_out
-            if (cfg.eval_every and step % cfg.eval_every == 0) or finishing:
+                elapsed = time.perf_counter() - started
+            if limit is not None and run.step > 0 and elapsed + seconds_per_step(run) > limit:
+                timed_out = True
+                break
+            rec = run.train_step()
+            step = run.step
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step >= end:
                 last_eval = run.evaluate()
+                evaluated = step
             bar.set_postfix(loss=f"{rec['loss']:.3f}", eval=f"{last_eval:.3f}", lr=f"{rec['lr']:.1e}",
                             tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
             bar.update(1)
-            if (cfg.save_every and step % cfg.save_every == 0) or finishing:
+            if (cfg.save_every and step % cfg.save_every == 0) or step >= end:
                 run.save()
-            if timed_out:
-                log(f"time limit reached at step {step} of {cfg.steps}; `--resume` continues the run")
-                break
+                saved = step
     finally:
         bar.close()
+    if evaluated != run.step:
+        run.evaluate()
+    if saved != run.step:
+        run.save()
+    if timed_out:
+        log(f"time limit reached at step {run.step} of {cfg.steps}; `--resume` continues the run")
     return run
 
 
 def sample_text(run: Run, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_p: float = 0.95,
-                seed: int = 0) -> str:
-    """Text sampled from the trained model after prompt (parity.generate, nucleus sampling)."""
+                seed: int = 0, until: float | None = None) -> str:
+    """Text sampled from the trained model after prompt (parity.generate, nucleus sampling).
+
+    until: a time.perf_counter() value; no token is started after it (the sample is then shorter).
+    """
     from .generate import generate
     from .sampling import SamplingSettings
     sp = load_tokenizer(run.tokenizer_path)
     ids = ([run.bos] if run.bos is not None else []) + sp.encode(prompt)
     budget = max(0, min(max_new_tokens, run.args.max_seq_len - len(ids)))
     run.model.eval()
-    new = list(generate(run.model, ids, budget, SamplingSettings(temperature, 0, top_p), seed,
-                        stop_ids=[sp.eos_id()]))
+    new = []
+    if until is None or time.perf_counter() < until:
+        for token in generate(run.model, ids, budget, SamplingSettings(temperature, 0, top_p), seed,
+                              stop_ids=[sp.eos_id()]):
+            new.append(token)
+            if until is not None and time.perf_counter() >= until:
+                break
     return sp.decode([i for i in ids + new if i != run.bos])
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 from click.testing import CliRunner
 from safetensors.numpy import load_file
 
@@ -221,6 +222,53 @@ def test_a_failure_inside_the_write_keeps_the_previous_checkpoint(corpus, tmp_pa
     again = load_file(str(tmp_path / "run" / "latest" / "model.safetensors"))
     for name in good:
         np.testing.assert_array_equal(again[name], good[name])
+
+
+# ---------------------------------------------------------------------------- the --minutes budget
+class Clock:
+    """A wall clock that only the run's work moves: each step, evaluation and checkpoint costs the
+    seconds the test gives it (the work itself is real); steps cost `slowdown` times more once
+    the budget has been fitted, as on a machine that gets busier."""
+
+    def __init__(self, now, step_s, eval_s, save_s, slowdown):
+        self.now, self.step_s, self.eval_s, self.save_s, self.slowdown = now, step_s, eval_s, save_s, slowdown
+        self.fitted = False
+
+    def perf_counter(self):
+        return self.now
+
+    def wrap(self, run):
+        step, evaluate, save = run.optimizer.step, run.evaluate, run.save
+
+        def timed(f, seconds):
+            def g(*a, **k):
+                self.now += seconds() if callable(seconds) else seconds
+                return f(*a, **k)
+            return g
+        run.optimizer.step = timed(step, lambda: self.step_s * (self.slowdown if "fitted" in run.state else 1))
+        run.evaluate = timed(evaluate, self.eval_s)
+        run.save = timed(save, self.save_s)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(budget=st.floats(60, 600), setup_share=st.floats(0, 0.2), step_share=st.floats(0.02, 0.08),
+       eval_share=st.floats(0, 0.08), save_share=st.floats(0, 0.08), slowdown=st.floats(1, 2))
+def test_minutes_holds_steps_evaluations_and_checkpoints_within_the_budget(
+        corpus, tmp_path_factory, monkeypatch, budget, setup_share, step_share, eval_share, save_share, slowdown):
+    import parity.train as trainer
+    run = new_run(corpus, tmp_path_factory.mktemp("budget") / "run", steps=10**6, warmup=20, eval_every=50,
+                  save_every=0, eval_batches=1)
+    clock = Clock(budget * setup_share, budget * step_share, budget * eval_share, budget * save_share, slowdown)
+    clock.wrap(run)
+    monkeypatch.setattr(trainer, "time", clock)
+    train(run, minutes=budget / 60, started=0.0, progress=False, log=quiet)
+    fitted = run.state["fitted"]
+    # done by the budget less the reserve for the sample, give or take the one step that ran slower than planned
+    assert clock.now <= budget - fitted["reserve_s"] + (slowdown - 1) * clock.step_s + 1e-9
+    assert fitted["at_step"] <= 20                       # within the warm-up: the schedule so far is the same
+    assert run.state["evals"][-1]["step"] == run.step and latest_checkpoint(run.out).name.endswith(f"{run.step:06d}")
+    if slowdown == 1:    # a steady machine: the fitted count is what runs (to the rounding of the seconds)
+        assert fitted["steps"] - 1 <= run.step <= fitted["steps"]
 
 
 # ---------------------------------------------------------------------------- the command line

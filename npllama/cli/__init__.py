@@ -10,7 +10,9 @@ Every NpllamaError is printed as one message and exit status 2; no traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import time
 from importlib.metadata import entry_points
 
 import click
@@ -18,6 +20,7 @@ import click
 from ..errors import NpllamaError
 
 PLUGIN_GROUP = "npllama.commands"
+STARTED = "npllama.started"   # ctx.meta key: time.perf_counter() when the command line began
 
 # name -> ("module:attribute" of a click command, one line of help); imported on first use.
 COMMANDS = {
@@ -52,6 +55,22 @@ def _unavailable(name: str, error: ImportError) -> click.Command:
 class LazyGroup(click.Group):
     """Commands imported on first use: npllama's own (COMMANDS) and the plug-ins."""
 
+    started: float | None = None
+
+    def main(self, args=None, **kwargs):
+        """Run a command line. One read from sys.argv (args=None: the process's own, as the
+        console script) is timed from the start of the process; one given as a list, from now."""
+        self.started = time.perf_counter() - (process_age() if args is None else 0.0)
+        return super().main(args, **kwargs)
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        """Note in ctx.meta[STARTED] when the command line began (before a plug-in's libraries
+        load), for commands that hold a wall-time budget (``npllama train --minutes``)."""
+        started = self.started if self.started is not None else time.perf_counter()
+        ctx = super().make_context(info_name, args, parent, **extra)
+        ctx.meta.setdefault(STARTED, started)
+        return ctx
+
     def list_commands(self, ctx):
         return list(COMMANDS) + sorted(plugins())
 
@@ -83,6 +102,18 @@ class LazyGroup(click.Group):
         except NpllamaError as e:
             click.echo(f"npllama: error: {e}", err=True)
             sys.exit(2)
+
+
+def process_age() -> float:
+    """Seconds since this process started: Linux's /proc; 0 where it cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])   # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -11,8 +11,7 @@ import click
 from ..chat import BUILTIN_TEMPLATES, ChatSession
 from ..errors import InputError
 from ..formats import load
-from ..sampling import SamplingSettings
-from .options import backend_options, make_backend, model_option, sampling_options
+from .options import backend_factory, backend_options, check_sampling, model_option, sampling_options
 
 PROMPT = ">>> "
 COMMANDS_HELP = ("/reset: start a new conversation   /system TEXT: set the system prompt (empty: remove it)\n"
@@ -35,7 +34,7 @@ COMMANDS_HELP = ("/reset: start a new conversation   /system TEXT: set the syste
 def chat(model_path, backend, device, system, template, context, max_new_tokens, temperature,
          top_k, top_p, seed, stats, quiet):
     """Read a line, stream the answer, repeat; commands start with a slash."""
-    settings = SamplingSettings(temperature, top_k, top_p)       # checked before the slow load
+    settings = check_sampling(max_new_tokens, temperature, top_k, top_p, seed)   # all checked before the load
     if template is not None and template not in BUILTIN_TEMPLATES:
         try:
             with open(template, encoding="utf-8") as f:
@@ -43,7 +42,8 @@ def chat(model_path, backend, device, system, template, context, max_new_tokens,
         except OSError as e:
             raise InputError(f"--template {template!r}: not a built-in (llama2, llama3, chatml) and not a "
                              f"readable file ({e.strerror})") from None
-    run = make_backend(backend, load(model_path, progress=not quiet), device)
+    attach = backend_factory(backend, device)
+    run = attach(load(model_path, progress=not quiet))
 
     def on_drop(n: int) -> None:
         click.secho(f"[the context window is full: dropped the oldest {n} turn{'s' * (n != 1)}]",

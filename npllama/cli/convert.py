@@ -14,7 +14,7 @@ from .options import model_option
                "the key and value heads of each group are mean-pooled into one (GQA, Ainslie et al. "
                "2023). Writes a Hugging Face folder that npllama, its Torch backend and transformers load.")
 @model_option
-@click.option("--kv-heads", "-g", "kv_heads", type=int, required=True,
+@click.option("--kv-heads", "-g", "kv_heads", type=click.IntRange(min=1), required=True,
               help="Key/value heads of the result: 1 is MQA; the model's own count changes nothing.")
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False),
               help="Output folder (config.json + model.safetensors + tokenizer files).")

@@ -9,7 +9,8 @@ import click
 import numpy as np
 
 from ..errors import InputError
-from .options import backend_options, make_backend, model_option
+from ..weights import DEFAULT_MODEL
+from .options import backend_factory, backend_options, model_option
 
 
 @click.command(name="eval", help="Report the perplexity of a model on a text file, with the NumPy reference "
@@ -18,9 +19,10 @@ from .options import backend_options, make_backend, model_option
 @model_option
 @click.option("--data", "-d", required=True, type=click.Path(exists=True, dir_okay=False), help="UTF-8 text file.")
 @backend_options
-@click.option("--seq-len", type=int, default=None, help="Tokens per window (default: the context, at most 256).")
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens of the text.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None,
+              help="Tokens per window (default: the context, at most 256).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Windows per batch.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Score only the first N tokens of the text.")
 @click.option("--dtype", default="float32", show_default=True,
               help="float32 or float64 (and bfloat16, float16 with --backend torch).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a sentence.")
@@ -28,23 +30,25 @@ def eval_command(model_path, data, backend, device, seq_len, batch_size, max_tok
     from ..evaluate import perplexity
     from ..formats import load
 
-    try:
+    try:   # every option and the text are checked before the slow load
         text = Path(data).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{data}: not UTF-8 text ({e})") from None
+    if not text.strip():
+        raise InputError(f"{data}: the text is empty")
+    attach = backend_factory(backend, device, dtype)
     if backend == "numpy":
-        if dtype not in ("float32", "float64"):
-            raise InputError(f"--dtype {dtype}: the numpy backend computes in float32 or float64")
-        run = make_backend(backend, load(model_path, progress=False, dtype=np.dtype(dtype)), device)
+        run = attach(load(model_path, progress=False, dtype=np.dtype(dtype)))
     else:
-        run = make_backend(backend, load(model_path, progress=False), device, dtype)
+        run = attach(load(model_path, progress=False))
     model = run.model
     result = perplexity(model, text, seq_len or min(256, model.config.max_seq_len), batch_size, max_tokens,
                         progress=not as_json, loss=run.loss)
-    result.update(model=str(model_path), data=str(data), backend=backend)
+    name = model_path or DEFAULT_MODEL
+    result.update(model=str(name), data=str(data), backend=backend)
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"{model_path} on {data}: perplexity {result['perplexity']:.3f} "
+        click.echo(f"{name} on {data}: perplexity {result['perplexity']:.3f} "
                    f"({result['nll']:.4f} nats/token over {result['tokens']:,} tokens, {backend}, "
                    f"windows of {result['seq_len']})")

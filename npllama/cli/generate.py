@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..errors import InputError
-from .options import backend_options, make_backend, model_option, sampling_options
+from .options import backend_factory, backend_options, check_sampling, model_option, sampling_options
 
 
 def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str]:
@@ -54,11 +54,14 @@ def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens,
     from ..chat import render_prompt
     from ..formats import load
     from ..generate import CONTEXT_FULL, generate_text
-    from ..sampling import SamplingSettings
 
-    settings = SamplingSettings(temperature, top_k, top_p)   # checked before the slow load
+    # every option is checked before the slow load
+    settings = check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     texts = read_prompts(prompts, prompts_file)
-    run = make_backend(backend, load(model_path, progress=not quiet), device)
+    if system is not None and as_chat is False:
+        raise click.UsageError("--system goes with --chat (the system message is part of the chat template)")
+    attach = backend_factory(backend, device)
+    run = attach(load(model_path, progress=not quiet))
     stops = None
     if as_chat is None:
         as_chat = bool(getattr(run.model.tokenizer, "chat_template", None))

@@ -3,7 +3,12 @@
 Backends. "numpy" is npllama itself. Other packages add backends through the entry-point group
 ``npllama.backends``: each entry point is a function ``(model, device=None, dtype=None) ->
 Backend`` that takes the loaded NumPy model and returns its twin (the Torch backend declares
-"torch"). npllama's code never names them.
+"torch"), and may carry ``check(device=None, dtype=None)``, which the commands call before the
+model loads so that a device or dtype the backend cannot use is refused first. npllama's code
+never names them.
+
+Every option is checked before the model loads (backend_factory, check_sampling): a typo costs a
+second, not a load.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import click
 import numpy as np
 
 from ..errors import InputError
+from ..sampling import SamplingSettings
 
 BACKEND_GROUP = "npllama.backends"
 
@@ -39,13 +45,19 @@ def backend_names() -> list[str]:
     return ["numpy", *sorted(ep.name for ep in entry_points(group=BACKEND_GROUP) if ep.name != "numpy")]
 
 
-def make_backend(name: str, model, device: str | None = None, dtype: str | None = None) -> Backend:
-    """The loaded NumPy model as the named backend (the model itself for "numpy")."""
+def backend_factory(name: str, device: str | None = None, dtype: str | None = None) -> Callable[[Any], Backend]:
+    """The named backend as a function of the loaded NumPy model, checked before the model loads.
+
+    A wrong --backend, --device or --dtype, or a backend whose library is missing, is refused here,
+    before the slow load. A plug-in's factory may carry ``check(device, dtype)``, which raises an
+    NpllamaError for what it cannot run.
+    """
     if name == "numpy":
         if device not in (None, "cpu"):
             raise InputError(f"the numpy backend runs on the CPU; --device {device} needs --backend torch")
-        from ..generate import generate
-        return Backend("numpy", model, generate, lambda ids, mask=None: float(model.loss(ids, attention_mask=mask)))
+        if dtype not in (None, "float32", "float64"):
+            raise InputError(f"--dtype {dtype}: the numpy backend computes in float32 or float64")
+        return numpy_backend
     found = {ep.name: ep for ep in entry_points(group=BACKEND_GROUP)}
     if name not in found:
         raise InputError(f"unknown backend {name!r}; installed: {', '.join(backend_names())}")
@@ -54,7 +66,31 @@ def make_backend(name: str, model, device: str | None = None, dtype: str | None 
     except ModuleNotFoundError as e:
         raise InputError(f"backend {name!r} needs {getattr(e, 'name', None) or e}, which is not installed "
                          f"(pip install 'npllama[torch]')") from None
-    return factory(model, device=device, dtype=dtype)
+    check = getattr(factory, "check", None)
+    if check is not None:
+        check(device=device, dtype=dtype)
+    return lambda model: factory(model, device=device, dtype=dtype)
+
+
+def numpy_backend(model) -> Backend:
+    """npllama itself: its generate and its model's loss."""
+    from ..generate import generate
+    return Backend("numpy", model, generate, lambda ids, mask=None: float(model.loss(ids, attention_mask=mask)))
+
+
+def make_backend(name: str, model, device: str | None = None, dtype: str | None = None) -> Backend:
+    """The loaded NumPy model as the named backend (the model itself for "numpy")."""
+    return backend_factory(name, device, dtype)(model)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                   seed: int | None) -> SamplingSettings:
+    """The sampling options, checked before the model loads: the settings, or an InputError."""
+    if max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
+    if seed is not None and seed < 0:
+        raise InputError(f"--seed must be an integer >= 0, got {seed}")
+    return SamplingSettings(temperature, top_k, top_p)
 
 
 def model_option(f):
