@@ -15,6 +15,7 @@ import numpy as np
 
 from .cache import KVCache
 from .errors import InputError
+from .numerics import check_finite_logits
 from .sampling import SamplingSettings, sample, uniforms
 from .tokenizer import StreamDecoder
 
@@ -47,13 +48,16 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 128,
     u = uniforms(seed, budget, 1)[:, 0]                                    # (budget,)
     if budget == 0:
         return
-    logits = model(prompt, cache=cache)[0, -1]                             # (vocab,)
+    logits = model(prompt, cache=cache)                                    # (1, seq, vocab)
+    check_finite_logits(logits, model, prompt)                             # every prompt position
+    logits = logits[0, -1]                                                 # (vocab,)
     for step in range(budget):
         token = sample(logits, settings, float(u[step]))
         yield token
         if token in stops or step == budget - 1:
             return
         logits = model(np.array([[token]]), cache=cache)[0, -1]
+        check_finite_logits(logits, model, [[token]], f"generated token {step + 1}")
 
 
 def stream_text(tokenizer, tokens: Iterable[int], skip_ids: Iterable[int] = ()) -> Iterator[str]:
@@ -81,6 +85,9 @@ def generate_text(model, prompt: str, max_new_tokens: int = 128,
     if not prompt:
         raise InputError("the prompt is empty: give some text to continue")
     tok = model.tokenizer
+    if tok is None:
+        raise InputError(f"{getattr(model, 'source', None) or 'this model'}: has no tokenizer, so text cannot be "
+                         f"turned into tokens; give token ids to generate(), or load a checkpoint with its tokenizer")
     stops = set(tok.eos_ids if stop_ids is None else stop_ids) | set(model.config.eos_token_ids if stop_ids is None else ())
     ids = tok.encode(prompt)
     return stream_text(tok, generate_fn(model, ids, max_new_tokens, settings, seed, stops), skip_ids=stops)

@@ -6,8 +6,9 @@ one per step. Here they are copied to the device once, and step t samples on the
 ``parity.sampling.sample_batch(logits, settings, u[t])``, the same inverse-CDF draw as npllama's.
 So for the same seed the two backends pick the same tokens whenever their logits agree (to the
 rounding that cannot move a draw across a CDF boundary), and the decode loop needs no host
-random numbers. The token stays on the device and is fed back as is; the one sync per step is
-``int(token)`` to yield it and test it against the stop tokens.
+random numbers. The token stays on the device and is fed back as is; the syncs per step are
+``int(token)`` to yield it and test it against the stop tokens, and the check that the logits were
+finite (parity.numerics), which finds the device idle after the first.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from npllama.generate import check_budget
 from npllama.generate import generate_text as generate_text_with
 
 from .cache import KVCache
+from .numerics import check_finite_logits
 from .sampling import SamplingSettings, sample_batch, uniforms
 
 
@@ -46,7 +48,9 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 128,
     u = torch.from_numpy(uniforms(seed, budget, 1)).to(model.device)      # (budget, 1) float64
     if budget == 0:
         return
-    logits = model(prompt, cache=cache)[:, -1]                             # (1, vocab)
+    logits = model(prompt, cache=cache)                                    # (1, seq, vocab)
+    check_finite_logits(logits, model, prompt)                             # every prompt position
+    logits = logits[:, -1]                                                 # (1, vocab)
     for step in range(budget):
         token = sample_batch(logits, settings, u[step])                    # (1,) on the device
         t = int(token)
@@ -54,6 +58,7 @@ def generate(model, prompt_ids: Sequence[int], max_new_tokens: int = 128,
         if t in stops or step == budget - 1:
             return
         logits = model(token[:, None], cache=cache)[:, -1]
+        check_finite_logits(logits, model, token[:, None], f"generated token {step + 1}")
 
 
 def generate_text(model, prompt: str, max_new_tokens: int = 128,
