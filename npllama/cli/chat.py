@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 
 import click
 
-from ..chat import BUILTIN_TEMPLATES, ChatSession
+from ..chat import BUILTIN_TEMPLATES, MAX_TEMPLATE_CHARS, ChatSession, ChatTemplate
 from ..errors import InputError
-from ..formats import load
+from ..formats import load, require_tokenizer
+from ..io import read_regular
 from ..sampling import SamplingSettings
-from .options import backend_options, make_backend, model_option, sampling_options
+from .options import backend_options, check_seed, check_text, make_backend, model_option, sampling_options
 
 PROMPT = ">>> "
 COMMANDS_HELP = ("/reset: start a new conversation   /system TEXT: set the system prompt (empty: remove it)\n"
                  "/quit or Ctrl-D: leave              Ctrl-C: stop the answer being written")
+
+
+def read_template(path: str) -> ChatTemplate:
+    """--template FILE: a regular file of UTF-8 Jinja text, at most MAX_TEMPLATE_CHARS characters."""
+    name = f"--template {path}"
+    try:
+        raw = read_regular(path, 4 * MAX_TEMPLATE_CHARS, InputError, name)
+    except InputError as e:
+        if "cannot read" in str(e) and not os.path.exists(path):
+            raise InputError(f"{name}: not a built-in (llama2, llama3, chatml) and not a file") from None
+        raise
+    try:
+        return ChatTemplate(raw.decode("utf-8"), name)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{name}: not UTF-8 text ({e}); a chat template is Jinja text") from None
 
 
 @click.command(name="chat", help=(
@@ -36,14 +53,11 @@ def chat(model_path, backend, device, system, template, context, max_new_tokens,
          top_k, top_p, seed, stats, quiet):
     """Read a line, stream the answer, repeat; commands start with a slash."""
     settings = SamplingSettings(temperature, top_k, top_p)       # checked before the slow load
+    check_seed(seed)
+    check_text(system, "--system")
     if template is not None and template not in BUILTIN_TEMPLATES:
-        try:
-            with open(template, encoding="utf-8") as f:
-                template = f.read()
-        except OSError as e:
-            raise InputError(f"--template {template!r}: not a built-in (llama2, llama3, chatml) and not a "
-                             f"readable file ({e.strerror})") from None
-    run = make_backend(backend, load(model_path, progress=not quiet), device)
+        template = read_template(template)
+    run = make_backend(backend, require_tokenizer(load(model_path, progress=not quiet)), device)
 
     def on_drop(n: int) -> None:
         click.secho(f"[the context window is full: dropped the oldest {n} turn{'s' * (n != 1)}]",
@@ -66,11 +80,16 @@ def chat(model_path, backend, device, system, template, context, max_new_tokens,
     while True:
         try:
             line = input(PROMPT)
+            check_text(line, "the line")
         except EOFError:
             click.echo()
             break
         except KeyboardInterrupt:
             click.echo("\n(/quit or Ctrl-D to leave)", err=True)
+            continue
+        except (UnicodeDecodeError, InputError) as e:   # bytes that are not UTF-8 on the terminal
+            reason = e if isinstance(e, InputError) else f"the line holds bytes that are not UTF-8 text ({e.reason})"
+            click.echo(f"[{reason}; type it again]", err=True)
             continue
         line = line.strip()
         if not line:

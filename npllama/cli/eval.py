@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 import numpy as np
 
 from ..errors import InputError
-from .options import backend_options, make_backend, model_option
+from ..io import read_regular
+from .options import backend_options, check_positive, make_backend, model_option
 
 
 @click.command(name="eval", help="Report the perplexity of a model on a text file, with the NumPy reference "
@@ -26,18 +26,21 @@ from .options import backend_options, make_backend, model_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a sentence.")
 def eval_command(model_path, data, backend, device, seq_len, batch_size, max_tokens, dtype, as_json):
     from ..evaluate import perplexity
-    from ..formats import load
+    from ..formats import load, require_tokenizer
 
+    check_positive(batch_size, "--batch-size")
+    check_positive(max_tokens, "--max-tokens")
+    check_positive(seq_len, "--seq-len", 2)
     try:
-        text = Path(data).read_text(encoding="utf-8")
+        text = read_regular(data, error=InputError, what=f"--data {data}").decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"{data}: not UTF-8 text ({e})") from None
+        raise InputError(f"--data {data}: not UTF-8 text ({e})") from None
     if backend == "numpy":
         if dtype not in ("float32", "float64"):
             raise InputError(f"--dtype {dtype}: the numpy backend computes in float32 or float64")
-        run = make_backend(backend, load(model_path, progress=False, dtype=np.dtype(dtype)), device)
+        run = make_backend(backend, require_tokenizer(load(model_path, progress=False, dtype=np.dtype(dtype))), device)
     else:
-        run = make_backend(backend, load(model_path, progress=False), device, dtype)
+        run = make_backend(backend, require_tokenizer(load(model_path, progress=False)), device, dtype)
     model = run.model
     result = perplexity(model, text, seq_len or min(256, model.config.max_seq_len), batch_size, max_tokens,
                         progress=not as_json, loss=run.loss)

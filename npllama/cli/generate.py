@@ -7,7 +7,7 @@ import time
 
 import click
 
-from .options import backend_options, make_backend, model_option, sampling_options
+from .options import backend_options, check_seed, check_text, make_backend, model_option, sampling_options
 
 
 @click.command(help="Continue a prompt with a model (the default model if none is named).")
@@ -23,14 +23,17 @@ from .options import backend_options, make_backend, model_option, sampling_optio
 def generate(model_path, prompt, as_chat, system, max_new_tokens, temperature, top_k, top_p, seed,
              backend, device, quiet):
     from ..chat import render_prompt
-    from ..formats import load
+    from ..formats import load, require_tokenizer
     from ..generate import generate_text
     from ..sampling import SamplingSettings
 
     settings = SamplingSettings(temperature, top_k, top_p)   # checked before the slow load
     if not prompt:
         raise click.UsageError("--prompt is empty: give some text to continue")
-    run = make_backend(backend, load(model_path, progress=not quiet), device)
+    check_seed(seed)
+    check_text(prompt, "--prompt")
+    check_text(system, "--system")
+    run = make_backend(backend, require_tokenizer(load(model_path, progress=not quiet)), device)
     stops = None
     if as_chat is None:
         as_chat = bool(getattr(run.model.tokenizer, "chat_template", None))

@@ -69,6 +69,33 @@ def backend_options(f):
     return f
 
 
+def check_seed(seed: int | None) -> None:
+    """--seed: an integer >= 0, checked before the slow load (the rule is npllama.sampling.uniforms's)."""
+    from ..sampling import uniforms
+    try:
+        uniforms(seed, 0)
+    except InputError as e:
+        raise InputError(f"--seed: {e}") from None
+
+
+def check_text(value: str | None, option: str) -> None:
+    """Text given on the command line must be Unicode: bytes that are not UTF-8 reach Python as lone
+    surrogates, which no tokenizer can encode."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{option} holds bytes that are not UTF-8 text ({value[e.start:e.end]!r} at character "
+                         f"{e.start}); give the text in UTF-8") from None
+
+
+def check_positive(value: int | None, option: str, minimum: int = 1) -> None:
+    """An integer option that must be at least ``minimum`` (None: not given)."""
+    if value is not None and value < minimum:
+        raise InputError(f"{option} must be at least {minimum}, got {value}")
+
+
 def sampling_options(f):
     f = click.option("--seed", type=int, default=None, help="Seed for the sampler's random numbers (repeatable runs).")(f)
     f = click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass, in (0, 1].")(f)
