@@ -245,6 +245,16 @@ def _checked_method(meter: _Meter, method, args, kwargs) -> tuple:
     return args
 
 
+@functools.lru_cache(maxsize=None)
+def _jinja_state() -> tuple:
+    """The types of what Jinja passes to a filter before its value (pass_context, pass_eval_context,
+    pass_environment)."""
+    from jinja2 import Environment
+    from jinja2.nodes import EvalContext
+    from jinja2.runtime import Context
+    return Environment, EvalContext, Context
+
+
 def _checked_filter(name: str, fn):
     """A Jinja filter that counts a step, refuses results larger than the budget, and predicts the
     size of the filters that can multiply their input (center, indent, replace, join, format, ...)."""
@@ -252,7 +262,7 @@ def _checked_filter(name: str, fn):
     def filtered(*args, **kwargs):
         meter = _meter()
         meter.tick()
-        plain = [a for a in args if not hasattr(a, "environment")]   # leave out a passed context/environment
+        plain = [a for a in args if not isinstance(a, _jinja_state())]   # leave out a passed context/environment
         value, rest = (plain[0], plain[1:]) if plain else (None, [])
         limit = meter.budget.value_chars
 

@@ -234,7 +234,8 @@ def _output_error(path: Path, e: OSError):
     hint = {errno.EACCES: "choose a folder you can write to", errno.EPERM: "choose a folder you can write to",
             errno.EROFS: "the file system is read-only; choose another folder",
             errno.ENOTDIR: "a part of the path is a file, not a folder",
-            errno.ENOSPC: "the disk is full; free some space or choose another disk"}.get(e.errno, "")
+            errno.ENOSPC: "the disk is full; free some space or choose another disk"}.get(e.errno,
+                                                                                            "choose another path")
     return OutputError(f"{path}: cannot write ({reason}){'; ' + hint if hint else ''}")
 
 

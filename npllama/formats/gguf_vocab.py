@@ -24,8 +24,9 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 MAX_VOCAB = 1 << 20          # tokens of one vocabulary (the largest in use have ~262,000)
 MAX_TOKEN_CHARS = 4096       # characters of one token (real vocabularies stay under a few hundred)
 MAX_TEMPLATE_CHARS = 1 << 20  # characters of a chat template (real ones are a few thousand)
-MAX_SPLIT_WORK = 1 << 30     # sum over tokens of len(token)**2, the cost of rebuilding SentencePiece merges
-                             # (Llama 2's vocabulary: ~3e6)
+MAX_SPLIT_WORK = 1 << 28     # sum over tokens of len(token)**2: the time of rebuilding SentencePiece merges,
+                             # and at worst the bytes of their strings (32,000 pieces of at most 16
+                             # characters, SentencePiece's default, cost at most 8.2e6)
 MAX_MERGES = 1 << 22         # merges of one vocabulary (given, or rebuilt from scores)
 
 
