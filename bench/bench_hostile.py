@@ -1,5 +1,5 @@
-"""Peak memory and time of loading the amplification cases of the hostile-inputs issue: small files
-that used to cost gigabytes or never finish.
+"""Peak memory and time of loading hostile files that amplify work (docs/errors.md, class 3): small
+files that used to cost gigabytes or never finish.
 
 Each case is built at full size in a scratch folder, then loaded by ``npllama.load`` in a fresh
 child process whose address space is capped (RLIMIT_AS, --cap-gib) and whose time is bounded

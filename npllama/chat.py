@@ -383,13 +383,13 @@ def _instrument(tree):
     for output in list(tree.find_all(nodes.Output)):
         output.nodes = [hook("emit", nodes.Const(child.data) if isinstance(child, nodes.TemplateData) else child)
                         for child in output.nodes]
-    for parent in list(tree.find_all(nodes.Node)):
-        for field in parent.fields:
-            value = getattr(parent, field, None)
+    for parent in reversed(list(tree.find_all(nodes.Node))):     # inner ~ before outer ones
+        for name in parent.fields:
+            value = getattr(parent, name, None)
             if isinstance(value, nodes.Concat):
-                setattr(parent, field, hook("concat", *value.nodes))
+                setattr(parent, name, hook("concat", *value.nodes))
             elif isinstance(value, list):
-                setattr(parent, field, [hook("concat", *v.nodes) if isinstance(v, nodes.Concat) else v for v in value])
+                setattr(parent, name, [hook("concat", *v.nodes) if isinstance(v, nodes.Concat) else v for v in value])
     return tree
 
 

@@ -324,7 +324,7 @@ def make_folder(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError as e:   # a file of that name: mkdir says "exists"
+    except FileExistsError:        # a file of that name: mkdir says "exists"
         from .errors import OutputError
         raise OutputError(f"{folder}: cannot make this folder (a file of that name exists; choose another "
                           f"path)") from None

@@ -15,8 +15,10 @@ The classes (docs/errors.md describes each with its message):
 10. leftovers    a later run removes what a killed one left; pruning never leaves a partial step
 
 Hypothesis draws the members (derandomized, a fixed number of examples, no shrinking, as in
-tests/test_fuzz.py), small enough that the whole module runs in well under a minute; the
-full-size cases of class 3 (a few MB each) are measured in bench/bench_hostile.py.
+tests/test_fuzz.py), small enough that the whole module runs in well under a minute. The tests
+assert behaviour and bounded sizes (tracemalloc peaks), never speed: a hang fails through the
+module's alarm, and the time and memory of the full-size cases of class 3 are measured in
+bench/bench_hostile.py.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 import tracemalloc
 import zipfile
 from pathlib import Path
@@ -45,7 +46,7 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 import npllama
 from npllama.cli import main
 from tiny import ARRAY, BOOL, FLOAT32, INT32, STRING, UINT32, gguf_bytes, gguf_spec, pack, set_kv
-from npllama.errors import CheckpointError, ConfigError, InputError, NpllamaError, OutputError, TokenizerError
+from npllama.errors import CheckpointError, ConfigError, InputError, NpllamaError, TokenizerError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -371,10 +372,8 @@ def test_a_token_longer_than_any_vocabulary_has_is_refused_at_once(length, model
     tokens = ["<unk>", "<s>", "</s>", "a", "b", "a" * length]
     meta = {"tokenizer.ggml.model": model, "tokenizer.ggml.tokens": tokens,
             "tokenizer.ggml.scores": [0.0] * len(tokens), "tokenizer.ggml.merges": ["a b"]}
-    start = time.perf_counter()
     with pytest.raises(TokenizerError, match=f"entry 5 of tokenizer.ggml.tokens is {length} characters long"):
         gguf_tokenizer(meta, Path("long.gguf"))
-    assert time.perf_counter() - start < 5
 
 
 @examples(8)
@@ -389,14 +388,12 @@ def test_rebuilding_sentencepiece_merges_is_bounded(longest):
             "tokenizer.ggml.scores": [-float(len(t)) for t in tokens],
             "tokenizer.ggml.token_type": [3, 3, 3] + [1] * longest}
     work = sum(k * k for k in range(2, longest + 1))
-    start = time.perf_counter()
     if work > MAX_SPLIT_WORK:
         with pytest.raises(TokenizerError, match="character splits"):
             gguf_tokenizer(meta, Path("runs.gguf"))
     else:
         tok = gguf_tokenizer(meta, Path("runs.gguf"))
         assert tok.decode(tok.encode("aaaa", add_bos=False)) == "aaaa"
-    assert time.perf_counter() - start < 20
 
 
 # ==================================================================================== 4. templates
@@ -416,7 +413,7 @@ def hostile_template(draw) -> str:
     kind = draw(st.sampled_from(["loops", "repeat", "range", "pow", "method", "filter", "format", "concat",
                                  "replace", "recursion", "fanout", "output", "error", "strftime", "join", "sum"]))
     body = {
-        "loops": f"{{% for a in range(100000) %}}{{% for b in range(100000) %}}{{{{ '' }}}}{{% endfor %}}{{% endfor %}}",
+        "loops": "{% for a in range(100000) %}{% for b in range(100000) %}{{ '' }}{% endfor %}{% endfor %}",
         "repeat": f"{{{{ 'x' * {n} }}}}",
         "range": f"{{{{ range({n})|list|length }}}}",
         "pow": f"{{{{ {draw(st.integers(2, 99))} ** {n} }}}}",
@@ -427,7 +424,8 @@ def hostile_template(draw) -> str:
                                         f"{{{{ messages|tojson(indent={n}) }}}}"])),
         "format": draw(st.sampled_from([f"{{{{ '%0{n}d' % 1 }}}}", f"{{{{ '{{:>{n}}}'.format(1) }}}}",
                                         f"{{{{ '%*d' % ({n}, 1) }}}}"])),
-        "concat": "{% set ns = namespace(s='xy') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        "concat": "{% set ns = namespace(s='xy') %}{% for i in range(64) %}{% set ns.s = ns.s ~ (ns.s ~ ns.s) %}"
+                  "{% endfor %}",
         "replace": "{% set ns = namespace(s='xx') %}{% for i in range(40) %}{% set ns.s = ns.s.replace('x', ns.s) %}"
                    "{% endfor %}",
         "recursion": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
@@ -451,11 +449,12 @@ ORIGINS = ["model.gguf: tokenizer.chat_template", "--template hostile.jinja", "h
 @examples(40)
 @given(source=hostile_template(), origin=st.sampled_from(ORIGINS))
 def test_a_hostile_chat_template_ends_in_one_error_that_names_it_within_its_budget(source, origin):
+    """Whatever the construct, the rendering ends (the module's alarm fails a hang), in bounded memory,
+    with the text or with one error that starts with where the template came from."""
     from npllama.chat import ChatTemplate, render_template
 
     template = ChatTemplate(source, origin)
     budget = tight_budget()
-    start = time.perf_counter()
     tracemalloc.start()
     try:
         try:
@@ -471,7 +470,6 @@ def test_a_hostile_chat_template_ends_in_one_error_that_names_it_within_its_budg
     else:
         assert message.startswith(origin + ": "), message
         assert "\n" not in message, message
-    assert time.perf_counter() - start < 6, f"{time.perf_counter() - start:.1f} s: {message}"
     assert peak < 96 << 20, f"{peak >> 20} MiB: {message}"
 
 
@@ -541,11 +539,9 @@ def test_generate_with_a_looping_gguf_template_stops_within_its_budget(tiny):
     path = tiny["root"] / "looping.gguf"
     loop = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
     path.write_bytes(gguf_bytes(set_kv(kv, "tokenizer.chat_template", STRING, loop), tensors))
-    start = time.perf_counter()
     result = CliRunner().invoke(main, ["generate", "--model", str(path), "--prompt", "hi", "--chat", "-q"])
     assert result.exit_code == 2, result.output
     assert f"{path}: tokenizer.chat_template: the chat template ran over its budget" in result.output
-    assert time.perf_counter() - start < 30
 
 
 # ==================================================================================== 5. types
@@ -786,10 +782,8 @@ def test_a_member_that_is_not_a_regular_file_is_refused_not_read(tiny, fmt, data
         path.mkdir()
     if kind == "folder" and member == "model.gguf":      # a folder named model.gguf is not a .gguf file to read
         return
-    start = time.perf_counter()
-    error = refused(path if fmt == "gguf" and kind != "folder" else folder, NpllamaError,
-                    "not a regular file|is a folder|no config.json|not GGUF|not a zip|holds no")
-    assert time.perf_counter() - start < 10, error
+    refused(path if fmt == "gguf" and kind != "folder" else folder, NpllamaError,
+            "not a regular file|is a folder|no config.json|not GGUF|not a zip|holds no")
 
 
 @pytest.mark.parametrize("command", ["eval", "train"])
