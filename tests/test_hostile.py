@@ -739,7 +739,8 @@ def test_the_command_line_says_the_weights_overflow(tiny):
     save_file(tensors, hf / "model.safetensors")
     result = CliRunner().invoke(main, ["generate", "--model", str(hf), "--prompt", "hi", "--raw", "-q"])
     assert result.exit_code == 2, result.output
-    assert f"{hf}: the activations overflow float32 (first in layers.0.feed_forward)" in result.output
+    assert result.output.startswith(f"npllama: error: {hf}: the activations overflow float32 (first in "
+                                    f"layers.0.feed_forward)") and result.output.count("\n") == 1, result.output
 
 
 def test_a_perplexity_that_is_not_finite_is_an_error(tiny):
