@@ -25,3 +25,7 @@ class TokenizerError(NpllamaError, ValueError):
 
 class InputError(NpllamaError, ValueError):
     """A prompt, token array or setting given at run time is out of range."""
+
+
+class OutputError(NpllamaError, OSError):
+    """An output file or folder cannot be written (no permission, a path under a file, a full disk)."""

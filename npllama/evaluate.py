@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import InputError
+from .numerics import non_finite_error
 
 
 def eval_windows(ids: np.ndarray, seq_len: int, bos: int | None) -> list[np.ndarray]:
@@ -90,11 +91,18 @@ def perplexity(model, text: str, seq_len: int | None = None, batch_size: int = 8
         raise InputError("the model has no tokenizer; perplexity of text needs one")
     if not text.strip():
         raise InputError("the text is empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise InputError(f"max_tokens must be a positive integer (or None: the whole text), got {max_tokens!r}")
     seq_len = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
     ids, bos = encode_text(model.tokenizer, text)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     loss = loss or (lambda batch, mask: model.loss(batch, attention_mask=mask))
-    nll, count = total_nll(loss, eval_windows(ids, seq_len, bos), batch_size, progress)
+    windows = eval_windows(ids, seq_len, bos)
+    nll, count = total_nll(loss, windows, batch_size, progress)
+    if not math.isfinite(nll):
+        raise non_finite_error(model, windows[0][None, :], "the text")
     mean = nll / count
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": count, "seq_len": seq_len}

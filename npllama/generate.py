@@ -21,6 +21,7 @@ import numpy as np
 
 from .cache import KVCache
 from .errors import InputError
+from .numerics import bad_logits, check_finite_logits, non_finite_error
 from .sampling import SamplingSettings, sample, uniforms
 from .tokenizer import StreamDecoder
 
@@ -152,8 +153,12 @@ def _decode(model, prompts, cache, settings, draws, budgets, stops) -> Iterator[
     if not going.any():
         return
     ids, mask = left_pad(prompts)                                            # (batch, L)
-    logits = model(ids, cache=cache, attention_mask=None if mask.all() else mask)[:, -1]   # (batch, vocab)
+    logits = model(ids, cache=cache, attention_mask=None if mask.all() else mask)  # (batch, L, vocab)
+    for r, p in enumerate(prompts):                                          # every prompt position
+        check_finite_logits(logits[r, -len(p):], model, p[None], "the prompt" if rows == 1 else f"prompt {r + 1}")
+    logits = logits[:, -1]                                                   # (batch, vocab)
     produced = [0] * rows
+    seqs = [list(p) for p in prompts]                                        # what each row has read
     while True:
         step: list[int | None] = [None] * rows
         for r in np.flatnonzero(going):
@@ -166,6 +171,12 @@ def _decode(model, prompts, cache, settings, draws, budgets, stops) -> Iterator[
             return
         feed = np.array([[t if t is not None and g else PAD_ID] for t, g in zip(step, going)])   # (batch, 1)
         logits = model(feed, cache=cache, attention_mask=None if going.all() else going[:, None])[:, -1]
+        live = np.flatnonzero(going)
+        for r in live:
+            seqs[r].append(step[r])
+        if bad_logits(logits[live]):                                        # one check for the batch
+            r = next(r for r in live if bad_logits(logits[r]))
+            raise non_finite_error(model, [seqs[r]], f"generated token {produced[r]}")
 
 
 def stream_text(tokenizer, tokens: Iterable[int], skip_ids: Iterable[int] = ()) -> Iterator[str]:
@@ -239,7 +250,8 @@ def generate_text(model, prompt: str | Sequence[str], max_new_tokens: int = 128,
         raise InputError("the prompt is empty: give some text to continue")
     tok = model.tokenizer
     if tok is None:
-        raise InputError("this model has no tokenizer, so it cannot read text; give token ids to generate()")
+        raise InputError(f"{getattr(model, 'source', None) or 'this model'}: has no tokenizer, so text cannot be "
+                         f"turned into tokens; give token ids to generate(), or load a checkpoint with its tokenizer")
     stops = set(tok.eos_ids if stop_ids is None else stop_ids) | set(model.config.eos_token_ids if stop_ids is None else ())
     ids = [tok.encode(t) for t in texts]
     generation = generate_fn(model, ids if batched else ids[0], max_new_tokens, settings, seed, stops)

@@ -79,8 +79,15 @@ def rope_init(args: ModelArgs, seq_len: int) -> tuple[np.ndarray, float]:
         known = ", ".join(sorted(ROPE_INIT_FUNCTIONS))
         raise ConfigError(f"unknown rope type {name!r}; known types: {known} "
                           f"(add one with npllama.rope_scaling.register)") from None
-    inv_freq, scaling = fn(args, int(seq_len))
-    inv_freq = np.asarray(inv_freq, dtype=np.float64)
+    try:
+        inv_freq, scaling = fn(args, int(seq_len))
+        inv_freq = np.asarray(inv_freq, dtype=np.float64)
+        scaling = float(scaling)
+    except ConfigError:
+        raise
+    except (ArithmeticError, ValueError, TypeError) as e:   # a division by zero, a log of a negative number ...
+        raise ConfigError(f"rope type {name!r} cannot compute its frequencies from rope_scaling={args.rope_scaling} "
+                          f"and rope_theta={args.rope_theta} ({type(e).__name__}: {e}); check the parameters") from None
     want = (args.rotary_dim // 2,)
     if inv_freq.shape != want:
         raise ConfigError(f"rope type {name!r} returned inv_freq of shape {inv_freq.shape}; "
@@ -89,7 +96,6 @@ def rope_init(args: ModelArgs, seq_len: int) -> tuple[np.ndarray, float]:
         raise ConfigError(f"rope type {name!r} gave non-finite or non-positive frequencies for "
                           f"rope_scaling={args.rope_scaling} and rope_theta={args.rope_theta}; "
                           f"check the parameters")
-    scaling = float(scaling)
     if not (math.isfinite(scaling) and scaling > 0):
         raise ConfigError(f"rope type {name!r} gave attention scaling {scaling!r}; it must be positive")
     return inv_freq, scaling
@@ -98,10 +104,11 @@ def rope_init(args: ModelArgs, seq_len: int) -> tuple[np.ndarray, float]:
 _REQUIRED = object()
 
 
-def rope_param(args: ModelArgs, key: str, default=_REQUIRED) -> float:
+def rope_param(args: ModelArgs, key: str, default=_REQUIRED, positive: bool = False) -> float:
     """The number ``args.rope_scaling[key]`` (a missing or null key gives ``default``).
 
-    Raises ConfigError naming the key when it is required and missing, or not a finite number.
+    Raises ConfigError naming the key when it is required and missing, or not a finite number
+    (or, with positive, not above zero: a length or a ratio that a formula divides by).
     """
     value = args.rope_scaling.get(key)
     if value is None:
@@ -113,10 +120,12 @@ def rope_param(args: ModelArgs, key: str, default=_REQUIRED) -> float:
         if isinstance(value, bool):
             raise TypeError
         number = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"rope_scaling[{key!r}] must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"rope_scaling[{key!r}] must be a number, got {value!r:.80}") from None
     if not math.isfinite(number):
-        raise ConfigError(f"rope_scaling[{key!r}] must be finite, got {value!r}")
+        raise ConfigError(f"rope_scaling[{key!r}] must be finite, got {value!r:.80}")
+    if positive and number <= 0:
+        raise ConfigError(f"rope_scaling[{key!r}] must be positive for rope type {args.rope_type!r}, got {value!r:.80}")
     return number
 
 
@@ -203,9 +212,9 @@ def rope_llama3(args: ModelArgs, seq_len: int) -> tuple[np.ndarray, float]:
     Parameters: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings.
     """
     factor = _factor(args)
-    low = rope_param(args, "low_freq_factor")
-    high = rope_param(args, "high_freq_factor")
-    old_ctx = rope_param(args, "original_max_position_embeddings", args.max_seq_len)
+    low = rope_param(args, "low_freq_factor", positive=True)
+    high = rope_param(args, "high_freq_factor", positive=True)
+    old_ctx = rope_param(args, "original_max_position_embeddings", args.max_seq_len, positive=True)
     inv_freq = default_inv_freq(args.rope_theta, args.rotary_dim)
     wavelen = 2 * math.pi / inv_freq
     with np.errstate(divide="ignore", invalid="ignore"):   # the middle band is empty when high == low
@@ -278,7 +287,10 @@ def rope_yarn(args: ModelArgs, seq_len: int) -> tuple[np.ndarray, float]:
     mscale, mscale_all_dim, truncate.
     """
     d, base = args.rotary_dim, args.rope_theta
-    old_ctx = rope_param(args, "original_max_position_embeddings", args.max_seq_len)
+    if base <= 1:
+        raise ConfigError(f"rope type 'yarn' needs rope_theta above 1 (its ramp divides by log(rope_theta)), "
+                          f"got {base!r}")
+    old_ctx = rope_param(args, "original_max_position_embeddings", args.max_seq_len, positive=True)
     factor = _factor(args, None)
     if factor is None:
         factor = args.max_seq_len / old_ctx
@@ -293,6 +305,9 @@ def rope_yarn(args: ModelArgs, seq_len: int) -> tuple[np.ndarray, float]:
     # `or`: like transformers, a 0 (or null) beta means the default
     beta_fast = rope_param(args, "beta_fast", None) or 32.0
     beta_slow = rope_param(args, "beta_slow", None) or 1.0
+    if beta_fast < 0 or beta_slow < 0:
+        raise ConfigError(f"rope_scaling's beta_fast and beta_slow must be positive (rotations), got "
+                          f"{beta_fast!r} and {beta_slow!r}")
     truncate = bool(args.rope_scaling.get("truncate", True))   # transformers: a null is false
 
     inv_freq = default_inv_freq(base, d)                     # extrapolation: theta_i

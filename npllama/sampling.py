@@ -43,7 +43,10 @@ def uniforms(seed: int | None, steps: int, batch: int = 1) -> np.ndarray:
     """The random numbers for a whole generation, drawn up front: (steps, batch) in [0, 1).
 
     NumPy's PCG64 seeded with ``seed`` is the one source of randomness for both backends.
+    seed: None (fresh randomness) or an integer >= 0.
     """
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise InputError(f"seed must be an integer >= 0 (or none for fresh randomness), got {seed!r:.40}")
     return np.random.default_rng(seed).random((steps, batch))
 
 

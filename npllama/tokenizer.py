@@ -71,6 +71,11 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:   # lone surrogates: bytes that were not UTF-8, decoded with surrogateescape
+            raise TokenizerError(f"the text holds {text[e.start:e.end]!r} at character {e.start}, which is not "
+                                 f"Unicode text (bytes that were not UTF-8?); give UTF-8 text") from None
         ids = self._backend.encode(text)
         if add_bos if add_bos is not None else self.add_bos:
             if self.bos_id is None:
@@ -111,6 +116,29 @@ class Tokenizer:
         if not 0 <= i < self.vocab_size:
             raise TokenizerError(f"token id {token_id!r} lies outside the vocabulary (0..{self.vocab_size - 1})")
         return self._backend.id_to_token(i)
+
+    # ---------------------------------------------------------------- as files
+    def to_files(self) -> dict[str, bytes]:
+        """The tokenizer as a Hugging Face folder holds it, so that a checkpoint written elsewhere
+        (npllama convert) carries it: tokenizer.json (or tokenizer.model, for SentencePiece),
+        tokenizer_config.json (BOS/EOS spellings, add_bos_token, the chat template) and
+        generation_config.json (the BOS and EOS ids)."""
+        import json
+
+        files = self._backend.to_files()
+        config: dict = {"add_bos_token": self.add_bos}
+        if self.bos_id is not None:
+            config["bos_token"] = self.id_to_token(self.bos_id)
+        if self.eos_ids:
+            config["eos_token"] = self.id_to_token(self.eos_ids[0])
+        if self.chat_template:
+            config["chat_template"] = str(self.chat_template)
+        generation = {"bos_token_id": self.bos_id,
+                      "eos_token_id": list(self.eos_ids) if len(self.eos_ids) > 1 else
+                      (self.eos_ids[0] if self.eos_ids else None)}
+        files["tokenizer_config.json"] = (json.dumps(config, indent=2, ensure_ascii=False) + "\n").encode()
+        files["generation_config.json"] = (json.dumps(generation, indent=2) + "\n").encode()
+        return files
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -230,6 +258,7 @@ class _Backend:
     def decode(self, ids: list[int]) -> str: ...
     def token_to_id(self, token: str) -> int | None: ...
     def id_to_token(self, i: int) -> str: ...
+    def to_files(self) -> dict[str, bytes]: ...
 
 
 class _TokenizersBackend(_Backend):
@@ -245,6 +274,9 @@ class _TokenizersBackend(_Backend):
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def to_files(self) -> dict[str, bytes]:
+        return {"tokenizer.json": self.tok.to_str().encode()}
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
@@ -274,6 +306,9 @@ class _SentencePieceBackend(_Backend):
         self._special = spellings
         self._split = (re.compile("(" + "|".join(map(re.escape, sorted(spellings, key=len, reverse=True))) + ")")
                        if spellings else None)
+
+    def to_files(self) -> dict[str, bytes]:
+        return {"tokenizer.model": self.sp.serialized_model_proto()}
 
     def encode(self, text: str) -> list[int]:
         if self._split is None:
@@ -318,13 +353,12 @@ def _refuse_crashing_bpe(path: Path) -> None:
     carry it; tokenizers then panics inside a multi-byte character and aborts the interpreter,
     which no except clause can catch. Llama-family tokenizers never set it.
     """
-    import json
+    from .io import read_json
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise TokenizerError(f"{path}: not a readable tokenizer.json ({e}); re-save it with "
-                             f"transformers or tokenizers") from None
+        data = read_json(path, TokenizerError)
+    except TokenizerError as e:
+        raise TokenizerError(f"{e}; re-save it with transformers or tokenizers") from None
     model = data.get("model") if isinstance(data, dict) else None
     if isinstance(model, dict) and model.get("continuing_subword_prefix"):
         raise TokenizerError(f"{path}: the BPE model sets continuing_subword_prefix "
@@ -334,11 +368,10 @@ def _refuse_crashing_bpe(path: Path) -> None:
 
 def _refuse_tiktoken(path: Path) -> None:
     """Llama 3's tokenizer.model is a tiktoken rank file (base64 token, rank per line), not SentencePiece."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(256)
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+    from .io import open_regular
+
+    with open_regular(path, TokenizerError) as f:
+        head = f.read(256)
     first = head.split(b"\n", 1)[0].split(b" ")
     if len(first) == 2 and first[1].strip().isdigit() and re.fullmatch(rb"[A-Za-z0-9+/=]+", first[0]):
         raise TokenizerError(f"{path}: this is a Llama 3 tiktoken vocabulary, which npllama does not read "

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from npllama.config import ModelArgs
-from npllama.errors import InputError
+from npllama.errors import CheckpointError, InputError
 from npllama.generate import check_budget, row_seeds
 from npllama.layout import fuse_params
 from npllama.model import check_token_ids
@@ -118,6 +118,7 @@ class FastWeights(nn.Module):
         super().__init__()
         self.config: ModelArgs = model.config
         self.tokenizer = getattr(model, "tokenizer", None)
+        self.source = getattr(model, "source", None)
         if layout not in ("auto", "out_in", "in_out"):
             raise InputError(f"unknown weight layout {layout!r}; choose 'auto', 'out_in' or 'in_out'")
         first = next(iter(model.state_dict().values()))
@@ -164,6 +165,11 @@ class FastWeights(nn.Module):
 # The ops below compute what parity.norm.rms_norm, parity.rope.apply_rotary_emb and
 # parity.attention compute, in fewer (eager) kernels: on a CPU each op costs a few microseconds
 # however small its tensors, and a decode step runs ~15 of them per layer.
+def bad_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(batch, vocab) -> (batch,) bool: rows no token should be drawn from (parity.numerics.bad_logits, per row)."""
+    return ~torch.isfinite(logits).all(-1) | (logits.amax(-1) == logits.amin(-1))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """parity.norm.rms_norm's arithmetic (statistic in at least float32, normalised x cast back to
     x's dtype, then the gain), with rsqrt for 1 / sqrt. x: (..., dim); weight: (dim,) -> x's shape
@@ -330,6 +336,7 @@ class FastDecoder(nn.Module):
             "stop_ids": torch.full((MAX_STOP_IDS,), -1, dtype=torch.int64, device=dev),
             "u": torch.zeros(slots + 1, b, dtype=torch.float64, device=dev),  # uniform for the token at slot+1
             "out": torch.zeros(b, slots + 1, dtype=torch.int64, device=dev),  # token sampled after each slot
+            "bad": torch.zeros(b, slots + 1, dtype=torch.bool, device=dev),   # ... from logits that overflowed
         }
         for name, t in state.items():
             self.register_buffer(name, t, persistent=False)
@@ -396,6 +403,7 @@ class FastDecoder(nn.Module):
         logits = self._decode_logits()                                        # (batch, vocab)
         nxt = sample_batch(logits, self.settings, self.u.index_select(0, self.slot + 1)[0])   # (batch,)
         self.out.index_copy_(1, self.slot + 1, nxt[:, None])
+        self.bad.index_copy_(1, self.slot + 1, bad_rows(logits)[:, None])
         self.done.logical_or_((nxt[:, None] == self.stop_ids).any(-1))          # (batch,)
         self.tokens.copy_(nxt)
         self.slot.add_(1)
@@ -434,6 +442,7 @@ class FastDecoder(nn.Module):
         logits = self.prefill(prompts)                                        # (batch, vocab)
         first = sample_batch(logits, settings, self.u[longest])               # (batch,)
         self.out[:, longest] = first
+        self.bad[:, longest] = bad_rows(logits)
         self.tokens.copy_(first)
         self.done.copy_((first[:, None] == self.stop_ids).any(-1))
         self.done[n:] = True                                                  # idle rows
@@ -443,12 +452,15 @@ class FastDecoder(nn.Module):
         while True:
             if have - start >= sync_every or have == steps or have == 1:   # first token: at once
                 block = self.out[:n, longest + start: longest + have].cpu().numpy()   # the one host sync
+                bad = self.bad[:n, longest + start: longest + have].cpu().numpy()
                 chunk = []
                 for r in range(n):
                     new = []
-                    for t in block[r].tolist():
+                    for j, t in enumerate(block[r].tolist()):
                         if finished[r]:
                             break
+                        if bad[r, j]:
+                            raise self._overflow(r, len(produced[r]))
                         new.append(t)
                         produced[r].append(t)
                         finished[r] = t in stops or len(produced[r]) >= budgets[r]
@@ -473,6 +485,14 @@ class FastDecoder(nn.Module):
         return rows
 
     # -------------------------------------------------------------- helpers
+    def _overflow(self, row: int, produced: int) -> CheckpointError:
+        """The error for row ``row``'s logits that overflowed after ``produced`` tokens (parity.numerics)."""
+        step = "the prompt" if produced == 0 else f"generated token {produced}"
+        return CheckpointError(f"{self.weights.source or 'the model'}: the activations overflow {self.dtype} (prompt "
+                               f"{row}), so the logits computed from {step} are inf, NaN or all equal and no token "
+                               f"can be chosen; the checkpoint is corrupt (weights near 1e38?). npllama generate "
+                               f"names the layer where it happens")
+
     def _check_prompts(self, prompts) -> list[list[int]]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise InputError("prompts must be a non-empty list of token-id lists")

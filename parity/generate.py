@@ -7,7 +7,8 @@ the numbers are copied to the device once, and each step samples on the device w
 ``parity.sampling.sample_batch``, the same inverse-CDF draw as npllama's; so for the same seed the
 two backends pick the same tokens whenever their logits agree (to the rounding that cannot move a
 draw across a CDF boundary). The tokens stay on the device and are fed back as they are; the one
-sync per step reads them to yield them and test them against the stop tokens.
+syncs per step read them to yield them and test them against the stop tokens, and check that
+the logits were finite (parity.numerics), which finds the device idle after the first.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from npllama.generate import Generation, check_budget, is_batch, left_pad, row_s
 from npllama.generate import generate_text as generate_text_with
 
 from .cache import KVCache
+from .numerics import bad_logits, check_finite_logits, non_finite_error
 from .sampling import SamplingSettings, sample_batch, uniforms
 
 
@@ -60,14 +62,18 @@ def _decode(model, prompts, cache, settings, draws, budgets, stops) -> Iterator[
     if not going.any():
         return
     ids, mask = left_pad(prompts)                                                 # (batch, L)
-    logits = model(ids, cache=cache, attention_mask=None if mask.all() else mask)[:, -1]   # (batch, vocab)
+    logits = model(ids, cache=cache, attention_mask=None if mask.all() else mask)  # (batch, L, vocab)
+    for r, p in enumerate(prompts):                                               # every prompt position
+        check_finite_logits(logits[r, -len(p):], model, p[None], "the prompt" if rows == 1 else f"prompt {r + 1}")
+    logits = logits[:, -1]                                                        # (batch, vocab)
     produced = [0] * rows
+    seqs = [list(p) for p in prompts]                                             # what each row has read
     while True:
         live = np.flatnonzero(going)
         u = torch.stack([draws[r][produced[r]] for r in live])                    # (live,)
         chosen = sample_batch(logits[torch.from_numpy(live).to(logits.device)], settings, u)  # (live,) on the device
         step: list[int | None] = [None] * rows
-        for r, token in zip(live, chosen.tolist()):                               # the one host sync
+        for r, token in zip(live, chosen.tolist()):                               # the host sync
             produced[r] += 1
             step[r] = token
             going[r] = token not in stops and produced[r] < budgets[r]
@@ -77,6 +83,12 @@ def _decode(model, prompts, cache, settings, draws, budgets, stops) -> Iterator[
         feed = torch.zeros((rows, 1), dtype=torch.int64, device=logits.device)     # padding: id 0, never attended
         feed[torch.from_numpy(live).to(logits.device), 0] = chosen
         logits = model(feed, cache=cache, attention_mask=None if going.all() else going[:, None])[:, -1]
+        live = np.flatnonzero(going)
+        for r in live:
+            seqs[r].append(step[r])
+        if bad_logits(logits[torch.from_numpy(live).to(logits.device)]):                                        # one check for the batch
+            r = next(r for r in live if bad_logits(logits[r]))
+            raise non_finite_error(model, [seqs[r]], f"generated token {produced[r]}")
 
 
 def generate_text(model, prompt, max_new_tokens: int = 128,

@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -46,9 +45,11 @@ import numpy as np
 import torch
 
 from npllama.config import ModelArgs
-from npllama.formats.hf import args_from_config, safetensors_bytes, save_checkpoint
+from npllama.formats.fields import build_args
+from npllama.formats.hf import args_from_config, read_safetensors_header, safetensors_bytes, save_checkpoint
 from npllama.errors import CheckpointError, ConfigError, InputError, TokenizerError
-from npllama.io import atomic_write
+from npllama.io import (atomic_write, check_regular, make_folder, read_json, read_regular, remove_folder,
+                        remove_leftovers)
 from npllama.layout import fuse_params, split_params
 from npllama.params import init_params
 
@@ -92,7 +93,38 @@ class TrainConfig:
             raise InputError(f"--min-lr ({self.min_lr}) must lie between 0 and --lr ({self.lr})")
         if self.autocast not in ("auto", "bfloat16", "off"):
             raise InputError(f"--autocast must be auto, bfloat16 or off, got {self.autocast!r}")
+        if self.seed < 0:
+            raise InputError(f"--seed must not be negative, got {self.seed}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise InputError(f"--{name} must lie in [0, 1), got {getattr(self, name)}")
         resolve_dtype(self.dtype)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str) -> "TrainConfig":
+        """A TrainConfig from a saved run's settings (trainer/state.json), every value's type checked
+        and named in the error, then validated."""
+        kinds = {f.name: {"int": int, "float": float, "str": str}[f.type] for f in dataclasses.fields(cls)}
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: train_config must be an object, got {values!r:.80}")
+        unknown = sorted(set(values) - set(kinds))
+        if unknown:
+            raise ConfigError(f"{source}: unknown training settings {unknown[:5]}; was it written by npllama train?")
+        for name, value in values.items():
+            kind = kinds[name]
+            ok = (isinstance(value, int) and not isinstance(value, bool) if kind is int else
+                  isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                  if kind is float else isinstance(value, str))
+            if not ok:
+                raise ConfigError(f"{source}: training setting {name!r} must be "
+                                  f"{'an integer' if kind is int else 'a finite number' if kind is float else 'a string'}"
+                                  f", got {value!r:.80}")
+        cfg = cls(**values)
+        try:
+            cfg.validate()
+        except InputError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        return cfg
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -135,6 +167,13 @@ def train_tokenizer(text_path: str | os.PathLike, vocab_size: int, out_path: str
     return Path(out_path)
 
 
+def copy_file(source: str | os.PathLike, dest: Path) -> None:
+    """Copy a regular file into the run folder, atomically."""
+    data = read_regular(source, error=TokenizerError)
+    with atomic_write(dest) as f:
+        f.write(data)
+
+
 def load_tokenizer(path: str | os.PathLike):
     """A sentencepiece processor from a .model file, or a TokenizerError."""
     import sentencepiece as spm
@@ -145,10 +184,11 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file (a regular file: a FIFO or /dev/zero is refused, not read for ever)."""
+    if not os.path.lexists(path):
+        raise InputError(f"{path}: no such text file")
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such text file") from None
+        text = read_regular(path, error=InputError).decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"{path}: not UTF-8 text ({e})") from None
     if not text.strip():
@@ -315,10 +355,9 @@ def point_latest(out: Path, target: Path) -> None:
 
 
 def remove_stale(out: Path) -> None:
-    """Delete the temporary folders a killed run left behind (never a complete checkpoint)."""
-    for child in out.iterdir() if out.is_dir() else ():
-        if child.name.startswith(f".{STEP_PREFIX}") and (".tmp-" in child.name or ".old-" in child.name):
-            shutil.rmtree(child, ignore_errors=True)
+    """Delete what a killed run left behind: temporary checkpoint folders and files, half-pruned
+    checkpoints (npllama.io.remove_leftovers; never a complete checkpoint)."""
+    remove_leftovers(out)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -392,7 +431,7 @@ class Run:
             "trainer/state.json": state}, overwrite=True, dtype=dtype)
         point_latest(self.out, folder)
         for old in checkpoint_steps(self.out)[:-self.cfg.keep]:
-            shutil.rmtree(checkpoint_dir(self.out, old), ignore_errors=True)
+            remove_folder(checkpoint_dir(self.out, old))     # renamed aside first: never a partial step
         write_plot(self.out / "loss.png", self.state)
         return folder
 
@@ -441,30 +480,34 @@ def write_plot(path: Path, state: Mapping[str, Any]) -> bool:
 # ---------------------------------------------------------------------------- setting a run up
 def model_args_from_json(path: str | os.PathLike, vocab_size: int, bos: int, eos: int) -> ModelArgs:
     """A model config from a Hugging Face style config.json; the tokenizer fixes the vocabulary."""
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not os.path.lexists(path):
+        raise ConfigError(f"{path}: no such config file")
+    cfg = read_json(path, ConfigError)
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a JSON object of Hugging Face config keys")
-    if cfg.get("vocab_size") not in (None, vocab_size):
-        raise ConfigError(f"{path}: vocab_size {cfg['vocab_size']} differs from the tokenizer's {vocab_size}; "
+    if cfg.get("vocab_size") is not None and cfg.get("vocab_size") != vocab_size:
+        raise ConfigError(f"{path}: vocab_size {cfg['vocab_size']!r:.40} differs from the tokenizer's {vocab_size}; "
                           f"leave vocab_size out (the tokenizer sets it) or match it")
     cfg = {**cfg, "vocab_size": vocab_size, "bos_token_id": bos, "eos_token_id": eos}
-    return args_from_config(cfg, str(path))
+    return build_args(args_from_config, path, cfg, str(path))
 
 
 def read_checkpoint_state(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """trainer/state.json and trainer/optimizer.safetensors of a checkpoint."""
     from safetensors.numpy import load_file
+    where = folder / "trainer" / "state.json"
     try:
-        state = json.loads((folder / "trainer" / "state.json").read_text())
+        state = read_json(where)
+        read_safetensors_header(folder / "trainer" / "optimizer.safetensors")
         opt = load_file(str(folder / "trainer" / "optimizer.safetensors"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:   # CheckpointError is a ValueError
         raise CheckpointError(f"{folder}: cannot read the trainer state ({e}); it is not a checkpoint "
                               f"written by npllama train") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or \
+            not isinstance(state.get("data"), dict) or not isinstance(state["data"].get("train"), str) \
+            or not isinstance(state.get("history"), list) or not isinstance(state.get("evals"), list):
+        raise CheckpointError(f"{where}: not the state of a run written by npllama train (it needs step, data, "
+                              f"history and evals)")
     return state, opt
 
 
@@ -486,6 +529,9 @@ def setup(out: str | os.PathLike, data: str | os.PathLike | None = None, valid: 
     """
     out = Path(out)
     dev = resolve_device(device)
+    for text in (data, valid):                 # before any work: a FIFO or /dev/zero is refused, not read
+        if text is not None and os.path.lexists(text):
+            check_regular(text, InputError)
     latest = latest_checkpoint(out)
     if resume:
         if latest is None:
@@ -493,16 +539,16 @@ def setup(out: str | os.PathLike, data: str | os.PathLike | None = None, valid: 
                                   f"start a run without --resume")
         remove_stale(out)
         state, opt = read_checkpoint_state(latest)
-        saved = dict(state["train_config"])
-        saved.update(overrides or {})
-        cfg = TrainConfig(**saved)
-        cfg.validate()
+        saved = state.get("train_config")
+        saved = dict(saved) if isinstance(saved, dict) else saved
+        if isinstance(saved, dict):
+            saved.update(overrides or {})
+        cfg = TrainConfig.from_mapping(saved, str(latest / "trainer" / "state.json"))
         files = state["data"]
         data, valid = files["train"], files.get("valid")
         args, params = load_params(latest)
         tokenizer_path = out / "tokenizer.model"          # the checkpoint's copy, which pruning may delete
-        with atomic_write(tokenizer_path) as f:
-            f.write((latest / "tokenizer.model").read_bytes())
+        copy_file(latest / "tokenizer.model", tokenizer_path)
         log(f"resuming {latest} at step {state['step']}")
     else:
         if latest is not None:
@@ -514,14 +560,14 @@ def setup(out: str | os.PathLike, data: str | os.PathLike | None = None, valid: 
             raise InputError("--data is required: the text file to train on")
         cfg = cfg or TrainConfig()
         cfg.validate()
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out)
         remove_stale(out)
         tokenizer_path = out / "tokenizer.model"
         if tokenizer is not None:
             if Path(tokenizer).resolve() != tokenizer_path.resolve():
-                shutil.copyfile(tokenizer, tokenizer_path)
+                copy_file(tokenizer, tokenizer_path)
         elif init is not None and (Path(init) / "tokenizer.model").is_file():
-            shutil.copyfile(Path(init) / "tokenizer.model", tokenizer_path)
+            copy_file(Path(init) / "tokenizer.model", tokenizer_path)
         elif init is not None:
             raise TokenizerError(f"{init} has no tokenizer.model; name one with --tokenizer")
         else:

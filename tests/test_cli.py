@@ -31,7 +31,7 @@ BAD = [
     (["generate", "-p", "hi"], "--top-p", st.floats(min_value=1.0, exclude_min=True, allow_infinity=False),
      r"top_p must lie in (0, 1]"),
     (["generate", "-p", "hi"], "--top-p", st.floats(max_value=0.0, allow_infinity=False), r"top_p must lie in (0, 1]"),
-    (["generate", "-p", "hi"], "--seed", negative_int, "--seed must be an integer >= 0"),
+    (["generate", "-p", "hi"], "--seed", negative_int, "--seed: seed must be an integer >= 0"),
     (["generate", "-p", "hi"], "--device", st.sampled_from(["cuda", "cuda:1", "mps"]), "the numpy backend runs on the CPU"),
     (["chat"], "--max-new-tokens", negative_int, "max_new_tokens must be an integer >= 0"),
     (["chat"], "--top-p", st.floats(min_value=1.0, exclude_min=True, allow_infinity=False), r"top_p must lie in (0, 1]"),

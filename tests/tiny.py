@@ -8,6 +8,7 @@ under pytest's rootdir-relative imports).
     save_hf(model, folder, tokenizer=train_bpe(...))        # config.json + model.safetensors (+ tokenizer)
     save_meta(model, folder, sp_model=train_sentencepiece(...))   # params.json + consolidated.00.pth
     save_gguf(model, path, vocab=gguf_vocab_from_bpe(...))  # F32 GGUF, q/k in llama.cpp's layout
+    kv, tensors = gguf_spec(path); gguf_bytes(kv, tensors)  # a GGUF as lists, written back byte by byte
 
 Weights are drawn from N(0, std) with std 0.02 .. 0.2 (norm weights around 1), so logits are far
 from flat and a wrong permutation or a swapped projection shows. The Meta and GGUF writers permute
@@ -22,6 +23,7 @@ import copy
 import io
 import json
 import random
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -306,3 +308,74 @@ def save_gguf(model, path: Path, vocab: dict | None = None) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+# -------------------------------------------------------------------------------- GGUF, byte by byte
+# Hostile values the gguf package's writer would not write: a GGUF file as a list of key/values and
+# tensors, written back with any field changed.
+STRING, ARRAY, UINT32, INT32, FLOAT32, BOOL, UINT64 = 8, 9, 4, 5, 6, 7, 10
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_value(kind: int, value) -> bytes:
+    if kind == ARRAY and isinstance(value, bytes):      # an array already encoded (item type, count, items)
+        return value
+    if kind == STRING:
+        raw = value.encode() if isinstance(value, str) else value
+        return struct.pack("<Q", len(raw)) + raw
+    if kind == ARRAY:
+        item, values = value
+        return struct.pack("<IQ", item, len(values)) + b"".join(gguf_value(item, v) for v in values)
+    return struct.pack(_SCALAR[kind], value)
+
+
+def gguf_spec(path: Path) -> tuple[list, list]:
+    """([(key, type, value)], [(name, dims, type, data)]) of a GGUF file, to write back changed."""
+    import gguf
+
+    r = gguf.GGUFReader(path, "r")
+    kv = []
+    for key, field in r.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        kind = int(field.types[0])
+        value = field.contents()
+        if kind == ARRAY:
+            value = (int(field.types[1]), value)
+        kv.append((key, kind, value))
+    tensors = [(t.name, [int(d) for d in t.shape], int(t.tensor_type), bytes(t.data.tobytes())) for t in r.tensors]
+    return kv, tensors
+
+
+def gguf_bytes(kv: list, tensors: list, offsets: list[int] | None = None, align: int = 32,
+               data: bytes | None = None) -> bytes:
+    """A GGUF v3 file: header, metadata, tensor infos, padding, data. Tensors are packed in order
+    unless ``offsets`` (and then ``data``, the data section) are given."""
+    out = [b"GGUF", struct.pack("<IQQ", 3, len(tensors), len(kv))]
+    for key, kind, value in kv:
+        out += [gguf_value(STRING, key), struct.pack("<I", kind), gguf_value(kind, value)]
+    if data is None:
+        data, packed = pack(tensors, align)
+    for (name, dims, kind, _), offset in zip(tensors, offsets or packed):
+        out += [gguf_value(STRING, name), struct.pack("<I", len(dims)), struct.pack(f"<{len(dims)}Q", *dims),
+                struct.pack("<IQ", kind, offset)]
+    head = b"".join(out)
+    return head + b"\0" * (-len(head) % align) + data
+
+
+def pack(tensors: list, align: int = 32) -> tuple[bytes, list[int]]:
+    """The data section of tensors packed in order, aligned, and each one's offset."""
+    parts, offsets, end = [], [], 0
+    for *_, blob in tensors:
+        parts.append(b"\0" * (-end % align))
+        end += len(parts[-1])
+        offsets.append(end)
+        parts.append(blob)
+        end += len(blob)
+    return b"".join(parts), offsets
+
+
+def set_kv(kv: list, key: str, kind: int, value) -> list:
+    """kv with key set (replaced in place, or appended)."""
+    out = [(k, t, v) for k, t, v in kv if k != key]
+    return out + [(key, kind, value)]

@@ -97,8 +97,12 @@ class LazyGroup(click.Group):
             formatter.write_dl(rows)
 
     def invoke(self, ctx):
+        import numpy as np
+
         try:
-            return super().invoke(ctx)
+            # Overflow in the maths is reported as one error (npllama.numerics), not as NumPy's warnings.
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                return super().invoke(ctx)
         except NpllamaError as e:
             click.echo(f"npllama: error: {e}", err=True)
             sys.exit(2)

@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 
 import click
 
-from ..chat import BUILTIN_TEMPLATES, ChatSession
+from ..chat import BUILTIN_TEMPLATES, MAX_TEMPLATE_CHARS, ChatSession, ChatTemplate
 from ..errors import InputError
-from ..formats import load
-from .options import backend_factory, backend_options, check_sampling, model_option, sampling_options
+from ..formats import load, require_tokenizer
+from ..io import read_regular
+from .options import backend_factory, backend_options, check_sampling, check_text, model_option, sampling_options
 
 PROMPT = ">>> "
 COMMANDS_HELP = ("/reset: start a new conversation   /system TEXT: set the system prompt (empty: remove it)\n"
                  "/quit or Ctrl-D: leave              Ctrl-C: stop the answer being written")
+
+
+def read_template(path: str) -> ChatTemplate:
+    """--template FILE: a regular file of UTF-8 Jinja text, at most MAX_TEMPLATE_CHARS characters."""
+    name = f"--template {path}"
+    try:
+        raw = read_regular(path, 4 * MAX_TEMPLATE_CHARS, InputError, name)
+    except InputError as e:
+        if "cannot read" in str(e) and not os.path.exists(path):
+            raise InputError(f"{name}: not a built-in (llama2, llama3, chatml) and not a file") from None
+        raise
+    try:
+        return ChatTemplate(raw.decode("utf-8"), name)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{name}: not UTF-8 text ({e}); a chat template is Jinja text") from None
 
 
 @click.command(name="chat", help=(
@@ -35,15 +52,11 @@ def chat(model_path, backend, device, system, template, context, max_new_tokens,
          top_k, top_p, seed, stats, quiet):
     """Read a line, stream the answer, repeat; commands start with a slash."""
     settings = check_sampling(max_new_tokens, temperature, top_k, top_p, seed)   # all checked before the load
+    check_text(system, "--system")
     if template is not None and template not in BUILTIN_TEMPLATES:
-        try:
-            with open(template, encoding="utf-8") as f:
-                template = f.read()
-        except OSError as e:
-            raise InputError(f"--template {template!r}: not a built-in (llama2, llama3, chatml) and not a "
-                             f"readable file ({e.strerror})") from None
+        template = read_template(template)
     attach = backend_factory(backend, device)
-    run = attach(load(model_path, progress=not quiet))
+    run = attach(require_tokenizer(load(model_path, progress=not quiet)))
 
     def on_drop(n: int) -> None:
         click.secho(f"[the context window is full: dropped the oldest {n} turn{'s' * (n != 1)}]",
@@ -66,11 +79,16 @@ def chat(model_path, backend, device, system, template, context, max_new_tokens,
     while True:
         try:
             line = input(PROMPT)
+            check_text(line, "the line")
         except EOFError:
             click.echo()
             break
         except KeyboardInterrupt:
             click.echo("\n(/quit or Ctrl-D to leave)", err=True)
+            continue
+        except (UnicodeDecodeError, InputError) as e:   # bytes that are not UTF-8 on the terminal
+            reason = e if isinstance(e, InputError) else f"the line holds bytes that are not UTF-8 text ({e.reason})"
+            click.echo(f"[{reason}; type it again]", err=True)
             continue
         line = line.strip()
         if not line:

@@ -23,14 +23,17 @@ def convert(model_path, kv_heads, out, overwrite):
     from ..convert import convert_kv_heads
     from ..formats import load
     from ..formats.hf import save_checkpoint
+    from ..io import check_writable
 
     if Path(out).exists() and not overwrite and (not Path(out).is_dir() or any(Path(out).iterdir())):
         raise CheckpointError(f"{out} already exists and is not empty; choose a new output folder "
                               f"(or pass --overwrite)")
+    check_writable(out)                       # before the slow load
     model = load(model_path)
     args = model.config
     new_args, params = convert_kv_heads(args, model.state_dict(), kv_heads)
-    folder = save_checkpoint(out, new_args, params, tokenizer_from=model_path, overwrite=overwrite)
+    folder = save_checkpoint(out, new_args, params, tokenizer_from=model_path, tokenizer=model.tokenizer,
+                             overwrite=overwrite)
     kind = "MHA" if kv_heads == args.n_heads else ("MQA" if kv_heads == 1 else f"GQA-{kv_heads}")
     click.echo(f"{folder}: {args.n_heads} query heads, {args.n_kv_heads} -> {kv_heads} key/value heads "
                f"({kind}); {sum(a.size for a in params.values()):,} parameters")

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 import numpy as np
 
 from ..errors import InputError
+from ..io import read_regular
 from ..weights import DEFAULT_MODEL
-from .options import backend_factory, backend_options, model_option
+from .options import backend_factory, backend_options, check_positive, model_option
 
 
 @click.command(name="eval", help="Report the perplexity of a model on a text file, with the NumPy reference "
@@ -19,28 +19,32 @@ from .options import backend_factory, backend_options, model_option
 @model_option
 @click.option("--data", "-d", required=True, type=click.Path(exists=True, dir_okay=False), help="UTF-8 text file.")
 @backend_options
-@click.option("--seq-len", type=click.IntRange(min=2), default=None,
+@click.option("--seq-len", type=int, default=None,
               help="Tokens per window (default: the context, at most 256).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Windows per batch.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Score only the first N tokens of the text.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per batch.")
+@click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens of the text.")
 @click.option("--dtype", default="float32", show_default=True,
               help="float32 or float64 (and bfloat16, float16 with --backend torch).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a sentence.")
 def eval_command(model_path, data, backend, device, seq_len, batch_size, max_tokens, dtype, as_json):
     from ..evaluate import perplexity
-    from ..formats import load
+    from ..formats import load, require_tokenizer
 
-    try:   # every option and the text are checked before the slow load
-        text = Path(data).read_text(encoding="utf-8")
+    # every option and the text are checked before the slow load
+    check_positive(batch_size, "--batch-size")
+    check_positive(max_tokens, "--max-tokens")
+    check_positive(seq_len, "--seq-len", 2)
+    try:
+        text = read_regular(data, error=InputError, what=f"--data {data}").decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"{data}: not UTF-8 text ({e})") from None
+        raise InputError(f"--data {data}: not UTF-8 text ({e})") from None
     if not text.strip():
-        raise InputError(f"{data}: the text is empty")
+        raise InputError(f"--data {data}: the text is empty")
     attach = backend_factory(backend, device, dtype)
     if backend == "numpy":
-        run = attach(load(model_path, progress=False, dtype=np.dtype(dtype)))
+        run = attach(require_tokenizer(load(model_path, progress=False, dtype=np.dtype(dtype))))
     else:
-        run = attach(load(model_path, progress=False))
+        run = attach(require_tokenizer(load(model_path, progress=False)))
     model = run.model
     result = perplexity(model, text, seq_len or min(256, model.config.max_seq_len), batch_size, max_tokens,
                         progress=not as_json, loss=run.loss)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import click
 
 from ..errors import InputError
-from .options import backend_factory, backend_options, check_sampling, model_option, sampling_options
+from ..io import read_regular
+from .options import backend_factory, backend_options, check_sampling, check_text, model_option, sampling_options
 
 
 def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str]:
@@ -17,9 +17,9 @@ def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str
     found = list(prompts)
     if prompts_file is not None:
         try:
-            text = Path(prompts_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"--prompts {prompts_file}: cannot read it as UTF-8 text ({e})") from None
+            text = read_regular(prompts_file, error=InputError, what=f"--prompts {prompts_file}").decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"--prompts {prompts_file}: not UTF-8 text ({e})") from None
         found += [line for line in text.splitlines() if line.strip()]
     if not found:
         raise click.UsageError("give a prompt: --prompt TEXT (repeatable) or --prompts FILE (one per line)")
@@ -52,16 +52,19 @@ def context_note(generation, row: int = 0) -> str:
 def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens, temperature, top_k, top_p,
              seed, backend, device, quiet):
     from ..chat import render_prompt
-    from ..formats import load
+    from ..formats import load, require_tokenizer
     from ..generate import CONTEXT_FULL, generate_text
 
     # every option is checked before the slow load
     settings = check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     texts = read_prompts(prompts, prompts_file)
+    for text in texts:
+        check_text(text, "--prompt")
+    check_text(system, "--system")
     if system is not None and as_chat is False:
         raise click.UsageError("--system goes with --chat (the system message is part of the chat template)")
     attach = backend_factory(backend, device)
-    run = attach(load(model_path, progress=not quiet))
+    run = attach(require_tokenizer(load(model_path, progress=not quiet)))
     stops = None
     if as_chat is None:
         as_chat = bool(getattr(run.model.tokenizer, "chat_template", None))

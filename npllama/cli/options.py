@@ -88,8 +88,7 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
     """The sampling options, checked before the model loads: the settings, or an InputError."""
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens}")
-    if seed is not None and seed < 0:
-        raise InputError(f"--seed must be an integer >= 0, got {seed}")
+    check_seed(seed)
     return SamplingSettings(temperature, top_k, top_p)
 
 
@@ -104,6 +103,33 @@ def backend_options(f):
     f = click.option("--backend", type=click.Choice(backend_names()), default="numpy", show_default=True,
                      help="numpy: the reference; torch: the Torch twin (needs torch).")(f)
     return f
+
+
+def check_seed(seed: int | None) -> None:
+    """--seed: an integer >= 0, checked before the slow load (the rule is npllama.sampling.uniforms's)."""
+    from ..sampling import uniforms
+    try:
+        uniforms(seed, 0)
+    except InputError as e:
+        raise InputError(f"--seed: {e}") from None
+
+
+def check_text(value: str | None, option: str) -> None:
+    """Text given on the command line must be Unicode: bytes that are not UTF-8 reach Python as lone
+    surrogates, which no tokenizer can encode."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{option} holds bytes that are not UTF-8 text ({value[e.start:e.end]!r} at character "
+                         f"{e.start}); give the text in UTF-8") from None
+
+
+def check_positive(value: int | None, option: str, minimum: int = 1) -> None:
+    """An integer option that must be at least ``minimum`` (None: not given)."""
+    if value is not None and value < minimum:
+        raise InputError(f"{option} must be at least {minimum}, got {value}")
 
 
 def sampling_options(f):

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
+from ..io import open_regular
 from ..model import Transformer
 from ..rope_scaling import rope_init
 
@@ -57,10 +58,22 @@ def load(path: str | os.PathLike | None = None, *, progress: bool = True, dtype=
         raise CheckpointError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model embeds "
                               f"only {args.vocab_size}; the tokenizer belongs to another model")
     model = Transformer(args, params, tokenizer, dtype=dtype, source=str(where))
+    model.source = str(where)   # named by run-time errors (npllama.numerics)
     try:   # an unknown rope type or bad rope parameters: say so now (shapes checked), not at the first call
         rope_init(args, 1)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    return model
+
+
+def require_tokenizer(model) -> Transformer:
+    """The model, if it has a tokenizer; else a CheckpointError that says so (commands that read or
+    write text call this right after loading, not at the first encode)."""
+    if model.tokenizer is None:
+        raise CheckpointError(f"{getattr(model, 'source', None) or 'the checkpoint'}: has no tokenizer "
+                              f"(tokenizer.json, tokenizer.model, or a vocabulary in the GGUF metadata), so text "
+                              f"cannot be turned into tokens; copy the tokenizer files of the model it came from "
+                              f"into the folder")
     return model
 
 
@@ -75,19 +88,16 @@ def detect_format(path: Path) -> tuple[str, Path]:
     """("hf" | "meta" | "gguf", the folder or file to read), or CheckpointError naming what was expected."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder; expected {_EXPECTED}")
-    if path.is_file():
-        try:
-            with open(path, "rb") as f:
-                magic = f.read(4)
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    if path.is_file() or not path.is_dir():   # a FIFO or a device is refused here, never opened for reading
+        with open_regular(path) as f:
+            magic = f.read(4)
         if magic == b"GGUF" or path.suffix == ".gguf":
             return "gguf", path
         raise CheckpointError(f"{path}: a file that is not GGUF; point npllama at the folder that holds "
                               f"the checkpoint instead. Expected {_EXPECTED}")
-    if (path / "config.json").is_file():
+    if os.path.lexists(path / "config.json"):     # present, whatever it is: reading it says what is wrong
         return "hf", path
-    if (path / "params.json").is_file():
+    if os.path.lexists(path / "params.json"):
         return "meta", path
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:

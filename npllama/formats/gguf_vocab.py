@@ -10,6 +10,7 @@ Source: llama.cpp's llama-vocab.cpp (pre-tokenizer regexes, token types) and ggu
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -20,28 +21,118 @@ from ..tokenizer import Tokenizer
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
 
+MAX_VOCAB = 1 << 20          # tokens of one vocabulary (the largest in use have ~262,000)
+MAX_TOKEN_CHARS = 4096       # characters of one token (real vocabularies stay under a few hundred)
+MAX_TEMPLATE_CHARS = 1 << 20  # characters of a chat template (real ones are a few thousand)
+MAX_SPLIT_WORK = 1 << 28     # sum over tokens of len(token)**2: the time of rebuilding SentencePiece merges,
+                             # and at worst the bytes of their strings (32,000 pieces of at most 16
+                             # characters, SentencePiece's default, cost at most 8.2e6)
+MAX_MERGES = 1 << 22         # merges of one vocabulary (given, or rebuilt from scores)
+
+
+class VocabFields:
+    """Typed reads of the ``tokenizer.ggml.*`` metadata: every value's type and range is checked
+    where it is read, and a bad one is a TokenizerError naming the key."""
+
+    def __init__(self, meta: dict[str, Any], source: str):
+        self.meta, self.source = meta, source
+
+    def _bad(self, key: str, what: str) -> TokenizerError:
+        return TokenizerError(f"{self.source}: {key} must be {what}, got {_describe(self.meta.get(key))}")
+
+    def strings(self, key: str, limit: int, max_chars: int, required: bool = True) -> list[str] | None:
+        value = self.meta.get(key)
+        if value is None:
+            if required:
+                raise TokenizerError(f"{self.source}: {key} is missing")
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self._bad(key, "an array of strings")
+        if len(value) > limit:
+            raise TokenizerError(f"{self.source}: {key} holds {len(value)} entries; npllama reads at most {limit}")
+        longest = max(value, key=len, default="")
+        if len(longest) > max_chars:
+            i = value.index(longest)
+            raise TokenizerError(f"{self.source}: entry {i} of {key} is {len(longest)} characters long; npllama reads "
+                                 f"at most {max_chars} (no real vocabulary comes close)")
+        return value
+
+    def numbers(self, key: str, length: int, integral: bool = False) -> list | None:
+        value = self.meta.get(key)
+        if value is None:
+            return None
+        kinds = (int,) if integral else (int, float)
+        if not isinstance(value, list) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in value):
+            raise self._bad(key, f"an array of {'integers' if integral else 'numbers'}")
+        if len(value) != length:
+            raise TokenizerError(f"{self.source}: {key} has {len(value)} entries for {length} tokens")
+        if not integral and not all(math.isfinite(v) for v in value):
+            raise self._bad(key, "an array of finite numbers")
+        return value
+
+    def token_id(self, key: str) -> int | None:
+        value = self.meta.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise self._bad(key, "a token id (an integer >= 0)")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.meta.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, "true or false")
+        return value
+
+    def text(self, key: str, max_chars: int) -> str | None:
+        value = self.meta.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise self._bad(key, "a string")
+        if len(value) > max_chars:
+            raise TokenizerError(f"{self.source}: {key} is {len(value)} characters long; npllama reads at most "
+                                 f"{max_chars}")
+        return value
+
+
+def _describe(value: Any) -> str:
+    """A short description of a metadata value for an error message."""
+    if isinstance(value, list):
+        kinds = sorted({type(v).__name__ for v in value[:1000]})
+        return f"an array of {len(value)} ({', '.join(kinds) or 'nothing'})"
+    return f"{value!r:.80}"
+
+
 def gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer | None:
     """The tokenizer described by ``tokenizer.ggml.*`` (None when the file has no vocabulary)."""
-    model = meta.get("tokenizer.ggml.model")
-    if model is None or "tokenizer.ggml.tokens" not in meta:
+    from ..chat import ChatTemplate
+
+    if meta.get("tokenizer.ggml.model") is None or "tokenizer.ggml.tokens" not in meta:
         return None
-    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
-                             "tokenizer.ggml.eom_token_id") if meta.get(k) is not None]
+    f = VocabFields(meta, str(path))
+    model = f.text("tokenizer.ggml.model", 64)
+    tokens = f.strings("tokenizer.ggml.tokens", MAX_VOCAB, MAX_TOKEN_CHARS)
+    eos = [f.token_id(k) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                   "tokenizer.ggml.eom_token_id")]
     default_bos = model == "llama"   # llama.cpp's (and transformers') default for SentencePiece vocabularies
+    template = f.text("tokenizer.chat_template", MAX_TEMPLATE_CHARS)
     try:
         return tokenizer_from_vocab(
-            model=str(model),
-            tokens=meta["tokenizer.ggml.tokens"],
-            token_types=meta.get("tokenizer.ggml.token_type"),
-            merges=meta.get("tokenizer.ggml.merges"),
-            scores=meta.get("tokenizer.ggml.scores"),
-            pre=meta.get("tokenizer.ggml.pre"),
-            bos_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_ids=dict.fromkeys(int(e) for e in eos),   # unique, in order
-            unk_id=meta.get("tokenizer.ggml.unknown_token_id"),
-            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", default_bos)),
-            add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
-            chat_template=meta.get("tokenizer.chat_template"),
+            model=model,
+            tokens=tokens,
+            token_types=f.numbers("tokenizer.ggml.token_type", len(tokens), integral=True),
+            merges=f.strings("tokenizer.ggml.merges", MAX_MERGES, 2 * MAX_TOKEN_CHARS + 1, required=False),
+            scores=f.numbers("tokenizer.ggml.scores", len(tokens)),
+            pre=f.text("tokenizer.ggml.pre", 256),
+            bos_id=f.token_id("tokenizer.ggml.bos_token_id"),
+            eos_ids=dict.fromkeys(e for e in eos if e is not None),   # unique, in order
+            unk_id=f.token_id("tokenizer.ggml.unknown_token_id"),
+            add_bos=f.flag("tokenizer.ggml.add_bos_token", default_bos),
+            add_space_prefix=f.flag("tokenizer.ggml.add_space_prefix", True),
+            chat_template=None if template is None else ChatTemplate(template, f"{path}: tokenizer.chat_template"),
             source=str(path),
         )
     except TokenizerError:
@@ -161,18 +252,29 @@ def _sentencepiece_bpe(tokens, token_types, scores, unk_id, add_space_prefix, so
     if scores is None or len(scores) != len(tokens):
         raise TokenizerError(f"{source}: a 'llama' vocabulary needs one score per token (tokenizer.ggml.scores)")
     vocab = _vocab(tokens, source)
-    ranked = []
-    for token, i in vocab.items():
-        if token_types[i] not in (TOKEN_NORMAL, TOKEN_USER_DEFINED) or len(token) < 2:
-            continue
+    candidates = [(token, i) for token, i in vocab.items()
+                  if token_types[i] in (TOKEN_NORMAL, TOKEN_USER_DEFINED) and len(token) >= 2]
+    work = sum(len(token) ** 2 for token, _ in candidates)
+    if work > MAX_SPLIT_WORK:
+        raise TokenizerError(f"{source}: rebuilding this vocabulary's merges means trying {work:.3g} character "
+                             f"splits (its tokens are very long); npllama stops at {MAX_SPLIT_WORK:.3g}. Is it a "
+                             f"real SentencePiece vocabulary?")
+    ranked = []   # (-score, left id, right id): ids, not strings, so memory stays at a few words a merge
+    for token, i in candidates:
+        score = -float(scores[i])
         for cut in range(1, len(token)):
-            left, right = token[:cut], token[cut:]
-            if left in vocab and right in vocab:
-                ranked.append((-float(scores[i]), vocab[left], vocab[right], left, right))
+            left = vocab.get(token[:cut])
+            if left is not None:
+                right = vocab.get(token[cut:])
+                if right is not None:
+                    ranked.append((score, left, right))
+        if len(ranked) > MAX_MERGES:
+            raise TokenizerError(f"{source}: this vocabulary implies more than {MAX_MERGES} merges; is it a real "
+                                 f"SentencePiece vocabulary?")
     ranked.sort()
     unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
     try:
-        model = models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in ranked], unk_token=unk,
+        model = models.BPE(vocab=vocab, merges=[(tokens[a], tokens[b]) for _, a, b in ranked], unk_token=unk,
                            fuse_unk=True, byte_fallback=True)
         tok = HFTokenizer(model)
     except Exception as e:

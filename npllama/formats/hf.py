@@ -35,8 +35,9 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..config import ModelArgs
-from ..errors import CheckpointError, ConfigError
-from ..io import write_folder
+from ..chat import MAX_TEMPLATE_CHARS, ChatTemplate
+from ..errors import CheckpointError, ConfigError, TokenizerError
+from ..io import open_regular, parse_json, read_json as io_read_json, read_regular, write_folder
 from ..params import check_params
 from ..tokenizer import Tokenizer
 from .fields import Fields, build_args, normalise_rope_scaling
@@ -53,15 +54,13 @@ MAX_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
 
 # ---------------------------------------------------------------------------- small readers
 def read_json(path: Path, required: bool = True) -> Any:
-    """A JSON file's value; None when absent and not required; CheckpointError when unreadable."""
-    if not path.is_file():
+    """A JSON file's value (npllama.io.read_json: a regular file, bounded in size and nesting);
+    None when absent and not required; CheckpointError when unreadable."""
+    if not os.path.lexists(path):
         if required:
             raise CheckpointError(f"{path}: missing")
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return io_read_json(path)
 
 
 def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
@@ -153,8 +152,8 @@ def hf_config(args: ModelArgs, dtype: str = "float32") -> dict[str, Any]:
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     """(tensor entries, byte offset where data starts), after checking every entry fits the file."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
             head = f.read(8)
             if len(head) < 8:
                 raise CheckpointError(f"{path}: {size} bytes is too short for a safetensors file (truncated?)")
@@ -166,9 +165,10 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({e})") from None
+    header = parse_json(text, f"{path}: the safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
     header.pop("__metadata__", None)
@@ -230,21 +230,25 @@ def weight_files(folder: Path) -> list[Path]:
     """model.safetensors, or the shards named by model.safetensors.index.json, or pytorch_model.bin."""
     single = folder / "model.safetensors"
     index = folder / "model.safetensors.index.json"
-    if single.is_file():
+    if os.path.lexists(single):
         return [single]
-    if index.is_file():
+    if os.path.lexists(index):
         data = read_json(index)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index}: has no weight_map naming the shards")
+        bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise CheckpointError(f"{index}: weight_map[{bad[0]!r:.80}] must be a shard's file name (a string), "
+                                  f"got {bad[1]!r:.80}")
         files = []
         for shard in dict.fromkeys(weight_map.values()):
-            p = folder / str(shard)
-            if Path(str(shard)).name != str(shard) or not p.is_file():
-                raise CheckpointError(f"{index}: names shard {shard!r}, which is not a file in {folder}")
+            p = folder / shard
+            if Path(shard).name != shard or not os.path.lexists(p):
+                raise CheckpointError(f"{index}: names shard {shard!r:.200}, which is not a file in {folder}")
             files.append(p)
         return files
-    if (folder / "pytorch_model.bin").is_file():
+    if os.path.lexists(folder / "pytorch_model.bin"):
         return [folder / "pytorch_model.bin"]
     raise CheckpointError(f"{folder}: has config.json but no model.safetensors, model.safetensors.index.json "
                           f"or pytorch_model.bin")
@@ -313,15 +317,21 @@ def hf_tokenizer(folder: Path, cfg: dict, gen: dict) -> Tokenizer | None:
         raise CheckpointError(f"{folder / 'tokenizer_config.json'}: expected a JSON object")
     template = _chat_template(folder, tok_cfg)
     add_bos = tok_cfg.get("add_bos_token")
-    eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
-    bos = gen.get("bos_token_id", cfg.get("bos_token_id"))
-    eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
-    if (folder / "tokenizer.json").is_file():
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise TokenizerError(f"{folder / 'tokenizer_config.json'}: 'add_bos_token' must be true or false, "
+                             f"got {add_bos!r:.80}")
+    ids = Fields(gen, str(folder / "generation_config.json")) if gen.get("eos_token_id") is not None \
+        else Fields(cfg, str(folder / "config.json"))
+    eos_ids = ids.token_ids("eos_token_id")
+    bos_fields = Fields(gen, str(folder / "generation_config.json")) if gen.get("bos_token_id") is not None \
+        else Fields(cfg, str(folder / "config.json"))
+    bos = bos_fields.integer("bos_token_id", None, minimum=0)
+    if os.path.lexists(folder / "tokenizer.json"):
         return Tokenizer.from_tokenizer_json(folder / "tokenizer.json", bos_id=bos, eos_ids=eos_ids,
                                              chat_template=template, add_bos=add_bos,
                                              bos_token=_spelling(tok_cfg.get("bos_token")),
                                              eos_token=_spelling(tok_cfg.get("eos_token")))
-    if (folder / "tokenizer.model").is_file():   # SentencePiece knows its own <s> and </s>
+    if os.path.lexists(folder / "tokenizer.model"):   # SentencePiece knows its own <s> and </s>
         return Tokenizer.from_sentencepiece(folder / "tokenizer.model", bos_id=-1 if bos is None else bos,
                                             eos_ids=eos_ids or None, chat_template=template,
                                             add_bos=True if add_bos is None else add_bos)
@@ -334,19 +344,25 @@ def _spelling(token: Any) -> str | None:
     return token if isinstance(token, str) else None
 
 
-def _chat_template(folder: Path, tok_cfg: dict) -> str | None:
-    """chat_template.jinja (transformers >= 4.43 writes it) or tokenizer_config.json's chat_template."""
+def _chat_template(folder: Path, tok_cfg: dict) -> ChatTemplate | None:
+    """chat_template.jinja (transformers >= 4.43 writes it) or tokenizer_config.json's chat_template,
+    as a ChatTemplate that names where it came from."""
     jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
+    if os.path.lexists(jinja):
+        raw = read_regular(jinja, MAX_TEMPLATE_CHARS * 4, TokenizerError)
         try:
-            return jinja.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{jinja}: cannot read ({e})") from None
+            return ChatTemplate(raw.decode("utf-8"), str(jinja))
+        except UnicodeDecodeError as e:
+            raise TokenizerError(f"{jinja}: not UTF-8 text ({e}); a chat template is Jinja text") from None
+    where = f"{folder / 'tokenizer_config.json'}: chat_template"
     template = tok_cfg.get("chat_template")
     if isinstance(template, list):        # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
+        named = {t.get("name"): t.get("template") for t in template
+                 if isinstance(t, dict) and isinstance(t.get("name"), str)}
+        template, where = named.get("default"), f"{where}['default']"
+    if template is not None and not isinstance(template, str):
+        raise TokenizerError(f"{where} must be Jinja text (or a list of named templates), got {template!r:.80}")
+    return None if template is None else ChatTemplate(template, where)
 
 
 # ---------------------------------------------------------------------------- writing a folder
@@ -372,23 +388,28 @@ def hf_files(args: ModelArgs, params: Mapping[str, np.ndarray], dtype=np.float32
 
 
 def tokenizer_files(source: str | os.PathLike | None) -> dict[str, Path]:
-    """The tokenizer files beside a checkpoint (see TOKENIZER_FILES), to copy along with it."""
-    if source is None:
+    """The tokenizer files of a checkpoint folder (see TOKENIZER_FILES), to copy along with it.
+
+    A file (a .gguf) has its tokenizer inside it, not beside it: nothing is taken from its folder.
+    """
+    if source is None or not Path(source).is_dir():
         return {}
-    source = Path(source)
-    folder = source if source.is_dir() else source.parent
+    folder = Path(source)
     return {name: folder / name for name in TOKENIZER_FILES if (folder / name).is_file()}
 
 
 def save_checkpoint(folder: str | os.PathLike, args: ModelArgs, params: Mapping[str, np.ndarray],
                     tokenizer_from: str | os.PathLike | None = None,
                     extra: Mapping[str, bytes | os.PathLike] | None = None,
-                    overwrite: bool = False, dtype=np.float32) -> Path:
-    """Write a Hugging Face folder: config.json, model.safetensors, the tokenizer files found beside
-    ``tokenizer_from`` (a folder, or a file in one), and any ``extra`` files; atomically as a whole.
-    Every safetensors file is read back before the folder is put in place.
+                    overwrite: bool = False, dtype=np.float32, tokenizer: Tokenizer | None = None) -> Path:
+    """Write a Hugging Face folder: config.json, model.safetensors, the tokenizer files of the folder
+    ``tokenizer_from`` (or, when it has none, ``tokenizer`` written out: a GGUF's vocabulary), and
+    any ``extra`` files; atomically as a whole. Every safetensors file is read back before the
+    folder is put in place.
     """
     files: dict[str, bytes | os.PathLike] = dict(tokenizer_files(tokenizer_from))
+    if not any(name in files for name in ("tokenizer.json", "tokenizer.model")) and tokenizer is not None:
+        files.update(tokenizer.to_files())
     files.update(hf_files(args, params, dtype))
     files.update(extra or {})
     return write_folder(folder, files, overwrite, check=verify_safetensors)
