@@ -253,6 +253,7 @@ class Transformer:
         check_params(args, params, source)
         self.config = args
         self.tokenizer = tokenizer
+        self.source = source               # what run-time errors name (npllama.numerics)
         self.dtype = np.dtype(dtype)
         fused = fuse_params(args, params)
         vector = lambda name: np.ascontiguousarray(fused[name], dtype=self.dtype) if name in fused else None  # noqa: E731

@@ -57,10 +57,8 @@ def from_numpy(model, device=None, dtype=torch.float32, requires_grad: bool = Fa
     The weights are copied from the NumPy model's arrays (no file is read) onto ``device`` in
     ``dtype``. requires_grad=True makes the parameters trainable.
     """
-    twin = Transformer(model.config, model.state_dict(), model.tokenizer, dtype=resolve_dtype(dtype),
-                       device=resolve_device(device), requires_grad=requires_grad)
-    twin.source = getattr(model, "source", None)   # named by run-time errors (parity.numerics)
-    return twin
+    return Transformer(model.config, model.state_dict(), model.tokenizer, dtype=resolve_dtype(dtype),
+                       device=resolve_device(device), source=model.source, requires_grad=requires_grad)
 
 
 def load(path=None, device=None, dtype=torch.float32, requires_grad: bool = False, **kwargs) -> Transformer:

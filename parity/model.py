@@ -227,6 +227,7 @@ class Transformer(nn.Module):
         check_params(args, params, source)
         self.config = args
         self.tokenizer = tokenizer
+        self.source = source               # what run-time errors name (parity.numerics)
         fused = fuse_params(args, params, concat=_concat)
 
         def tensor(name: str) -> torch.Tensor | None:
