@@ -38,7 +38,10 @@ from .train import TrainConfig, setup, sample_text, summary, train
 @click.option("--transformers", "with_hf", is_flag=True,
               help="Also compare transformers' LlamaForCausalLM (same weights, dtype and device).")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="Draw the error of each op by layer.")
-def parity_command(model_path, device, dtype, prompt, ids, attention, isolate, with_hf, plot_path):
+@click.option("--weights", type=click.Choice(["float32", "int8", "int4", "gguf"]), default="float32",
+              show_default=True, help="Quantized kernels: their error on their own weights, then what "
+                                      "quantization costs against the float checkpoint (docs/quantization.md).")
+def parity_command(model_path, device, dtype, prompt, ids, attention, isolate, with_hf, plot_path, weights):
     import npllama
     import parity
 
@@ -50,6 +53,11 @@ def parity_command(model_path, device, dtype, prompt, ids, attention, isolate, w
             raise click.UsageError(f"--ids must be comma-separated integers, got {ids!r}") from None
     elif not prompt:
         raise click.UsageError("--prompt is empty: give some text to run")
+    if weights != "float32":
+        from .quant_report import quant_parity
+        text, ok = quant_parity(model_path, torch_device, torch_dtype, weights, prompt, ids, attention, isolate)
+        click.echo(text)
+        sys.exit(0 if ok else 1)
     base = npllama.load(model_path, progress=False)
     if ids is None:
         if base.tokenizer is None:

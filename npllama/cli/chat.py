@@ -10,9 +10,8 @@ import click
 
 from ..chat import BUILTIN_TEMPLATES, ChatSession
 from ..errors import InputError
-from ..formats import load
 from ..sampling import SamplingSettings
-from .options import backend_options, make_backend, model_option, sampling_options
+from .options import backend_options, load_model, make_backend, model_option, sampling_options
 
 PROMPT = ">>> "
 COMMANDS_HELP = ("/reset: start a new conversation   /system TEXT: set the system prompt (empty: remove it)\n"
@@ -32,7 +31,7 @@ COMMANDS_HELP = ("/reset: start a new conversation   /system TEXT: set the syste
 @sampling_options
 @click.option("--stats", is_flag=True, help="After each answer, show the tokens reused, read and generated.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no banner.")
-def chat(model_path, backend, device, system, template, context, max_new_tokens, temperature,
+def chat(model_path, backend, device, weights, system, template, context, max_new_tokens, temperature,
          top_k, top_p, seed, stats, quiet):
     """Read a line, stream the answer, repeat; commands start with a slash."""
     settings = SamplingSettings(temperature, top_k, top_p)       # checked before the slow load
@@ -43,7 +42,8 @@ def chat(model_path, backend, device, system, template, context, max_new_tokens,
         except OSError as e:
             raise InputError(f"--template {template!r}: not a built-in (llama2, llama3, chatml) and not a "
                              f"readable file ({e.strerror})") from None
-    run = make_backend(backend, load(model_path, progress=not quiet), device)
+    run = make_backend(backend, load_model(model_path, backend, weights, progress=not quiet), device,
+                       weights=weights)
 
     def on_drop(n: int) -> None:
         click.secho(f"[the context window is full: dropped the oldest {n} turn{'s' * (n != 1)}]",

@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from ..errors import InputError
-from .options import backend_options, make_backend, model_option
+from .options import backend_options, load_model, make_backend, model_option
 
 
 @click.command(name="eval", help="Report the perplexity of a model on a text file, with the NumPy reference "
@@ -24,9 +24,8 @@ from .options import backend_options, make_backend, model_option
 @click.option("--dtype", default="float32", show_default=True,
               help="float32 or float64 (and bfloat16, float16 with --backend torch).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a sentence.")
-def eval_command(model_path, data, backend, device, seq_len, batch_size, max_tokens, dtype, as_json):
+def eval_command(model_path, data, backend, device, weights, seq_len, batch_size, max_tokens, dtype, as_json):
     from ..evaluate import perplexity
-    from ..formats import load
 
     try:
         text = Path(data).read_text(encoding="utf-8")
@@ -35,16 +34,18 @@ def eval_command(model_path, data, backend, device, seq_len, batch_size, max_tok
     if backend == "numpy":
         if dtype not in ("float32", "float64"):
             raise InputError(f"--dtype {dtype}: the numpy backend computes in float32 or float64")
-        run = make_backend(backend, load(model_path, progress=False, dtype=np.dtype(dtype)), device)
+        run = make_backend(backend, load_model(model_path, backend, weights, progress=False, dtype=np.dtype(dtype)),
+                           device, weights=weights)
     else:
-        run = make_backend(backend, load(model_path, progress=False), device, dtype)
+        run = make_backend(backend, load_model(model_path, backend, weights, progress=False), device, dtype,
+                           weights=weights)
     model = run.model
     result = perplexity(model, text, seq_len or min(256, model.config.max_seq_len), batch_size, max_tokens,
                         progress=not as_json, loss=run.loss)
-    result.update(model=str(model_path), data=str(data), backend=backend)
+    result.update(model=str(model_path), data=str(data), backend=backend, weights=weights)
     if as_json:
         click.echo(json.dumps(result))
     else:
         click.echo(f"{model_path} on {data}: perplexity {result['perplexity']:.3f} "
-                   f"({result['nll']:.4f} nats/token over {result['tokens']:,} tokens, {backend}, "
+                   f"({result['nll']:.4f} nats/token over {result['tokens']:,} tokens, {backend}, {weights} weights, "
                    f"windows of {result['seq_len']})")

@@ -7,7 +7,7 @@ import time
 
 import click
 
-from .options import backend_options, make_backend, model_option, sampling_options
+from .options import backend_options, load_model, make_backend, model_option, sampling_options
 
 
 @click.command(help="Continue a prompt with a model (the default model if none is named).")
@@ -21,16 +21,16 @@ from .options import backend_options, make_backend, model_option, sampling_optio
 @backend_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no speed report.")
 def generate(model_path, prompt, as_chat, system, max_new_tokens, temperature, top_k, top_p, seed,
-             backend, device, quiet):
+             backend, device, weights, quiet):
     from ..chat import render_prompt
-    from ..formats import load
     from ..generate import generate_text
     from ..sampling import SamplingSettings
 
     settings = SamplingSettings(temperature, top_k, top_p)   # checked before the slow load
     if not prompt:
         raise click.UsageError("--prompt is empty: give some text to continue")
-    run = make_backend(backend, load(model_path, progress=not quiet), device)
+    run = make_backend(backend, load_model(model_path, backend, weights, progress=not quiet), device,
+                       weights=weights)
     stops = None
     if as_chat is None:
         as_chat = bool(getattr(run.model.tokenizer, "chat_template", None))

@@ -3,7 +3,13 @@
 Backends. "numpy" is npllama itself. Other packages add backends through the entry-point group
 ``npllama.backends``: each entry point is a function ``(model, device=None, dtype=None) ->
 Backend`` that takes the loaded NumPy model and returns its twin (the Torch backend declares
-"torch"). npllama's code never names them.
+"torch"); a backend that computes with quantized weights also takes ``weights=`` ("int8", "int4",
+"gguf"). npllama's code never names them.
+
+Weights (``--weights``). "float32": every tensor expanded to floats. "gguf": a GGUF file's own
+blocks, kept quantized (the numpy backend dequantizes them a piece at a time; the torch backend
+runs them through its int4 kernel where they fit it). "int8", "int4": the torch backend's
+weight-only kernels on the checkpoint's floats.
 """
 
 from __future__ import annotations
@@ -38,8 +44,33 @@ def backend_names() -> list[str]:
     return ["numpy", *sorted(ep.name for ep in entry_points(group=BACKEND_GROUP) if ep.name != "numpy")]
 
 
-def make_backend(name: str, model, device: str | None = None, dtype: str | None = None) -> Backend:
-    """The loaded NumPy model as the named backend (the model itself for "numpy")."""
+WEIGHTS = ("float32", "gguf", "int8", "int4")
+
+
+def check_backend_weights(backend: str, weights: str) -> None:
+    """An InputError, before any slow load, for --weights the backend cannot compute with."""
+    if backend == "numpy" and weights in ("int8", "int4"):
+        raise InputError(f"--weights {weights} is a scheme of the Torch backend's quantized kernels; the numpy "
+                         f"backend computes with float32 or a GGUF file's own blocks (--weights gguf). "
+                         f"Add --backend torch")
+
+
+def load_model(model_path, backend: str = "numpy", weights: str = "float32", **kwargs):
+    """The NumPy model a backend with these --weights starts from: the GGUF blocks kept for "gguf",
+    floats otherwise (kwargs go to npllama.formats.load)."""
+    from ..formats import load
+    check_backend_weights(backend, weights)
+    return load(model_path, weights="gguf" if weights == "gguf" else "float32", **kwargs)
+
+
+def make_backend(name: str, model, device: str | None = None, dtype: str | None = None,
+                 weights: str = "float32") -> Backend:
+    """The loaded NumPy model as the named backend (the model itself for "numpy").
+
+    weights: as the model was loaded for (load_model); a backend other than numpy gets it as
+    ``weights=`` when it is not "float32".
+    """
+    check_backend_weights(name, weights)
     if name == "numpy":
         if device not in (None, "cpu"):
             raise InputError(f"the numpy backend runs on the CPU; --device {device} needs --backend torch")
@@ -53,6 +84,8 @@ def make_backend(name: str, model, device: str | None = None, dtype: str | None 
     except ModuleNotFoundError as e:
         raise InputError(f"backend {name!r} needs {getattr(e, 'name', None) or e}, which is not installed "
                          f"(pip install 'npllama[torch]')") from None
+    if weights != "float32":
+        return factory(model, device=device, dtype=dtype, weights=weights)
     return factory(model, device=device, dtype=dtype)
 
 
@@ -63,6 +96,9 @@ def model_option(f):
 
 
 def backend_options(f):
+    f = click.option("--weights", type=click.Choice(WEIGHTS), default="float32", show_default=True,
+                     help="float32: floats; gguf: a GGUF file's own quantized blocks (numpy or torch); "
+                          "int8, int4: the torch backend's weight-only kernels (docs/quantization.md).")(f)
     f = click.option("--device", default=None, help="Device for a non-NumPy backend: cpu, cuda, cuda:1 ... (default: cpu).")(f)
     f = click.option("--backend", type=click.Choice(backend_names()), default="numpy", show_default=True,
                      help="numpy: the reference; torch: the Torch twin (needs torch).")(f)
