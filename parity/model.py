@@ -218,7 +218,8 @@ class Transformer(nn.Module):
                 FeedForward(lin(p + "feed_forward.w13"), lin(p + "feed_forward.w2"))))
         self.norm = RMSNorm(tensor("norm.weight"), args.norm_eps, requires_grad)           # (dim,)
         if not args.tie_word_embeddings:
-            self.output = Linear(tensor("output.weight"), None, requires_grad)             # (vocab, dim)
+            head = quantize("output", fused["output.weight"]) if quantize else tensor("output.weight")
+            self.output = Linear(head, None, requires_grad)                                # (vocab, dim)
         elif quantize:                                 # tied: the head quantized, the lookup kept float
             self.output = Linear(quantize("output", fused["tok_embeddings.weight"]))
 
