@@ -64,7 +64,7 @@ def kernel_reference(model) -> NumpyTransformer:
 
 def kernel_report(model, ids, attention: str = "auto", isolate: bool = False) -> Report:
     """Table 1: the quantized model against npllama on the kernels' own weights (see the module docstring)."""
-    dt, kind = dtype_name(model.dtype), ("layer" if isolate else "model")
+    dt = dtype_name(model.dtype)
     report = parity_report(model, ids, attention, kernel_reference(model), isolate=isolate,
                            title=f"quantized kernels ({model.weights} weights, {dt} on {model.device}, "
                                  f"{'each layer from the reference input' if isolate else 'end to end'}) "

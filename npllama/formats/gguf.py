@@ -216,7 +216,9 @@ def load_gguf(path: Path, progress: Callable = lambda it, **kw: it, weights: str
                               f"per head; undoing llama.cpp's q/k permutation for partial rotary is not supported")
 
     if weights == "gguf":
-        params = keep_blocks(reader.tensors, path, progress)
+        listed = list(reader.tensors)
+        del reader, meta, tensors    # the parsed header (the vocabulary: ~150 MB of small arrays) goes first
+        params = keep_blocks(listed, path, progress)
         return args, blocks_to_half_layout(params, args, str(path)), tokenizer
     params = {npllama_name(t.name): dequantize(t, path)
               for t in progress(reader.tensors, desc=f"Loading {path.name}", unit="tensor")}
