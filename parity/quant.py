@@ -20,6 +20,9 @@ Where the weights come from (``weight_quantizer``):
   re-quantized, to int4 for types of 4 bits or fewer and to int8 otherwise, and ``Quantizer.notes``
   says which (the loaders print them on stderr).
 
+On a CPU, a call with DENSE_FROM_ROWS rows or more (a prefill) multiplies the dequantized
+weights densely instead: the kernels loop over rows, a dense product does not.
+
 Each weight module knows the exact float values its kernel multiplies by (``dequantized()``), so
 the parity report can evaluate the NumPy reference on those values and show the kernel's
 arithmetic error alone (parity/quant_report.py).
@@ -34,6 +37,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from npllama.errors import InputError
@@ -47,6 +51,10 @@ WEIGHTS = ("float32", *SCHEMES)
 GROUP_SIZE = 32                          # int4 inputs per scale and zero (GGUF's Q4_0 / Q4_1 block)
 INT4_ROW_MULTIPLE = {"cpu": 16, "cuda": 8}  # the packers' N % ... == 0 (rows are padded up to it)
 FOUR_BIT_OR_LESS = {"Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K"}   # GGUF types re-quantized to int4
+# On a CPU the int8 / int4 kernels loop over the rows of x (256 rows cost 256 times one; 3.5x a
+# dense bfloat16 product of the same matrix on this project's CPU). From this many rows on (a
+# prefill, never a decode step) a CPU call dequantizes the weights (``dense``) and multiplies densely.
+DENSE_FROM_ROWS = 64
 
 
 def _scale_dtype(dtype: torch.dtype) -> str:
@@ -76,10 +84,19 @@ class Int8Weight(nn.Module):
         self.register_buffer("scale", torch.from_numpy(np.ascontiguousarray(scale, np.float32)).to(device, dtype))
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x (..., K) -> (..., N) in x's dtype: aten._weight_int8pack_mm on x as (M, K)."""
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.n_in).contiguous(), self.q, self.scale)
+        """x (..., K) -> (..., N) in x's dtype: aten._weight_int8pack_mm on x as (M, K) (dense from
+        DENSE_FROM_ROWS rows on a CPU)."""
+        x2 = x.reshape(-1, self.n_in).contiguous()
+        if x2.device.type == "cpu" and len(x2) >= DENSE_FROM_ROWS:
+            y = F.linear(x2, self.dense(x2.dtype))
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.q, self.scale)
         y = y.reshape(*x.shape[:-1], self.n_out)
         return y if bias is None else y + bias
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weights as an (N, K) tensor in dtype: q * scale in float32 (the kernel's values), rounded to dtype."""
+        return (self.q.float() * self.scale.float()[:, None]).to(dtype)
 
     def dequantized(self) -> np.ndarray:
         """The (N, K) float32 weights the kernel multiplies by (dequantize_int8)."""
@@ -133,12 +150,23 @@ class Int4Weight(nn.Module):
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., K) -> (..., N) in x's dtype."""
         x2 = x.reshape(-1, self.n_in).contiguous()
-        if self.packed.device.type == "cuda":
+        if x2.device.type == "cpu" and len(x2) >= DENSE_FROM_ROWS:
+            y = F.linear(x2, self.dense(x2.dtype))
+        elif self.packed.device.type == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
         y = y[:, : self.n_out].reshape(*x.shape[:-1], self.n_out)
         return y if bias is None else y + bias
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weights as an (N, K) tensor in dtype, from the host codes: (q - 8) * scale + zero in
+        float32, rounded to dtype."""
+        codes = torch.from_numpy(self._codes)
+        q = torch.stack([codes & 0x0F, codes >> 4], dim=-1).reshape(self.n_out, self.n_in).float() - 8
+        scales = torch.from_numpy(self._scales).repeat_interleave(self.group_size, dim=1)
+        zeros = torch.from_numpy(self._zeros).repeat_interleave(self.group_size, dim=1)
+        return torch.addcmul(zeros, q, scales).to(dtype)
 
     def dequantized(self) -> np.ndarray:
         """The (N, K) float32 weights the kernel multiplies by (dequantize_int4; on AVX-512 CPUs bit
@@ -254,7 +282,8 @@ class Quantizer:
         self.notes = []
         for kind, (n, names, m) in self._kept.items():
             exact = "" if "kept" not in kind else (
-                "; exact" if m == 0 else f"; {m} blocks moved by rounding their zero to {_scale_dtype(self.dtype)}")
+                "; exact: the file's weights" if m == 0 else
+                f"; {m} blocks' weights moved by rounding their scale or zero to {_scale_dtype(self.dtype)}")
             shown = ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
             self.notes.append(f"gguf: {n} matri{'ces' if n != 1 else 'x'} {kind} ({shown}){exact}")
 

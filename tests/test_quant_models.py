@@ -276,6 +276,21 @@ def test_gguf_keeps_the_files_q4_values_and_says_what_it_requantized(tmp_path, c
     assert any("kept" in n for n in model.quant_notes)
 
 
+@settings(deadline=None, max_examples=10)
+@given(TORCH_SCHEMES, KERNEL_DTYPES, st.integers(0, 2 ** 32 - 1))
+def test_long_inputs_go_dense_on_the_kernels_weights(scheme, dtype, seed):
+    from parity.quant import DENSE_FROM_ROWS, int4_weight, int8_weight
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((48, 64)).astype(np.float32)
+    m = (int8_weight if scheme == "int8" else int4_weight)(w, getattr(torch, dtype), torch.device("cpu"))
+    assert np.array_equal(m.dense(torch.float32).numpy(), m.dequantized())   # the kernel's own weights
+    x = torch.from_numpy(rng.standard_normal((DENSE_FROM_ROWS + 3, 64)).astype(np.float32)).to(getattr(torch, dtype))
+    exact = x.double().numpy() @ m.dequantized().T.astype(np.float64)
+    by_rows = torch.cat([m.linear(x[i:i + 1]) for i in range(len(x))])       # the kernel, a row at a time
+    for y in (m.linear(x), by_rows):
+        assert rel(y.double().numpy(), exact) <= parity_rtol(dtype, "op")
+
+
 def test_int4_refuses_a_shape_it_cannot_group(tmp_path):
     save_hf(random_llama(tiny_config(dim=48, n_heads=4, hidden_dim=96, n_layers=1)), tmp_path / "hf")
     with pytest.raises(InputError, match="int4 groups 32 inputs.*48.*use int8"):
