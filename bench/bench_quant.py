@@ -72,7 +72,12 @@ def system_llama_cpp(path: Path, prompt: np.ndarray, n_tokens: int):
     threads = torch.get_num_threads()                 # --threads, as the Torch rows
     llm = Llama(model_path=str(path), n_ctx=PROMPT_LEN + n_tokens + 8, n_batch=PROMPT_LEN, n_threads=threads,
                 n_threads_batch=threads, verbose=False)
+    import llama_cpp
     ids = [int(t) for t in prompt]
+    vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:             # the last evaluated position's logits (llama.cpp's own buffer)
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,))
 
     def prefill():
         llm.reset()
@@ -82,10 +87,9 @@ def system_llama_cpp(path: Path, prompt: np.ndarray, n_tokens: int):
         prefill()
         t = time.perf_counter()
         for _ in range(n_tokens):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            llm.eval([int(np.argmax(last_logits()))])
         return time.perf_counter() - t
 
-    import llama_cpp
     return prefill, decode, gguf_bytes(path), llama_cpp.__version__
 
 
