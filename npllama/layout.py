@@ -13,7 +13,11 @@ was chosen, with the measurements, is in bench/RESULTS.md.
    matrix-vector product per matrix, and which memory order OpenBLAS streams faster depends on the
    shape. ``IN_OUT_IN_MEMORY`` names the matrices kept (in, out) row-major; the others keep
    nn.Linear's (out, in) rows in memory behind an (in, out) view (``compute_matrix``).
-3. Attention. ``attention="auto"`` runs blockwise (flash) attention from FLASH_MIN_LEN keys on
+3. Quantized weights. A model loaded with ``weights="gguf"`` keeps each matrix as GGUF blocks
+   (npllama.quant.matrix.QuantizedMatrix): fusing stacks the parts' blocks (``concat_rows``), the
+   memory order does not apply (each product dequantizes row pieces), and the embedding table is
+   the blocks too (``embedding_table``), looked up row by row; tied, the LM head is the same blocks.
+4. Attention. ``attention="auto"`` runs blockwise (flash) attention from FLASH_MIN_LEN keys on
    (when more than one query is computed), naive attention below; BLOCK_Q x BLOCK_K is the tile.
 """
 
@@ -24,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .config import ModelArgs
+from .quant.matrix import QuantizedMatrix
 
 # ------------------------------------------------------------------------------ 1. fused projections
 # fused name -> the checkpoint modules stacked along "out", in this order
@@ -38,12 +43,20 @@ def fused_sizes(args: ModelArgs) -> dict[str, list[int]]:
             "feed_forward.w13": [args.hidden_dim, args.hidden_dim]}
 
 
-def fuse_params(args: ModelArgs, params: Mapping[str, Any], concat: Callable[[Sequence[Any]], Any] = np.concatenate,
+def concat_rows(parts: Sequence[Any]) -> Any:
+    """Join (out_i, ...) arrays along "out": np.concatenate, or, when any part is a QuantizedMatrix,
+    one QuantizedMatrix stacking the parts' blocks (no weight is dequantized)."""
+    if any(isinstance(p, QuantizedMatrix) for p in parts):
+        return QuantizedMatrix.concat(parts)
+    return np.concatenate(parts)
+
+
+def fuse_params(args: ModelArgs, params: Mapping[str, Any], concat: Callable[[Sequence[Any]], Any] = concat_rows,
                 prefix: str = "") -> dict[str, Any]:
     """Checkpoint names -> fused names: wq|wk|wv -> attention.wqkv, w1|w3 -> feed_forward.w13.
 
     params: name -> (out, in) weight or (out,) bias; concat: joins a list along axis 0
-    (np.concatenate, or torch.cat for tensors). Other names, and names already fused, pass through.
+    (concat_rows, or torch.cat for tensors). Other names, and names already fused, pass through.
     """
     out = dict(params)
     for i in range(args.n_layers):
@@ -92,14 +105,25 @@ def compute_matrix(name: str, weight: np.ndarray, dtype) -> np.ndarray:
     """An nn.Linear weight (out, in) as the (in, out) matrix ``x @ w`` uses, in the chosen memory order.
 
     name: the matrix's short name ("wqkv", "wo", "w13", "w2", "output"). The numbers are the same
-    either way; only the order they lie in memory differs.
+    either way; only the order they lie in memory differs. A QuantizedMatrix stays blocks: its
+    (in, out) view, dequantized to dtype a piece at a time.
     """
+    if isinstance(weight, QuantizedMatrix):
+        return weight.astype(dtype).T
     if name in IN_OUT_IN_MEMORY:
         return np.ascontiguousarray(np.asarray(weight).T, dtype=dtype)     # (in, out), C order
     return np.ascontiguousarray(weight, dtype=dtype).T                    # (in, out), F order
 
 
-# ------------------------------------------------------------------------------ 3. attention
+def embedding_table(weight: Any, dtype) -> Any:
+    """The token embedding (vocab, dim) as ``tok_embeddings[ids]`` reads it: a contiguous array in
+    dtype, or a QuantizedMatrix that dequantizes the looked-up rows only."""
+    if isinstance(weight, QuantizedMatrix):
+        return weight.astype(dtype)
+    return np.ascontiguousarray(weight, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------ 4. attention
 # Blockwise attention pays for its Python loop over tiles. On the 2-core CPU one SmolLM2-135M
 # layer's prefill attention is 0.8x naive's speed at 128 keys, 1.2x at 256 and 1.7x at 512
 # (bench/RESULTS.md, "Crossover"), so from 256 keys on it is the faster one, and it never

@@ -32,7 +32,7 @@ from .attention import flash_attention, naive_attention
 from .cache import KVCache
 from .config import ModelArgs
 from .errors import InputError
-from .layout import choose_attention, compute_matrix, fuse_params, split_params
+from .layout import choose_attention, compute_matrix, embedding_table, fuse_params, split_params
 from .mlp import feed_forward, linear
 from .norm import rms_norm
 from .params import check_params
@@ -258,7 +258,7 @@ class Transformer:
         fused = fuse_params(args, params)
         vector = lambda name: np.ascontiguousarray(fused[name], dtype=self.dtype) if name in fused else None  # noqa: E731
         matrix = lambda short, name: compute_matrix(short, fused[name], self.dtype)                           # noqa: E731
-        self.tok_embeddings = vector("tok_embeddings.weight")                      # (vocab, dim)
+        self.tok_embeddings = embedding_table(fused["tok_embeddings.weight"], self.dtype)  # (vocab, dim)
         self.norm = vector("norm.weight")                                          # (dim,)
         self.output = matrix("output", "tok_embeddings.weight" if args.tie_word_embeddings
                              else "output.weight")                                # (dim, vocab)

@@ -127,6 +127,29 @@ def parity_rtol(dtype, kind: str = "model", tensor_dtype=None) -> float:
     return rtol
 
 
+# ------------------------------------------------------------------------------ quantized weights
+# npllama.load(path, weights="gguf") (the blocks kept, npllama.quant.matrix) vs weights="float32"
+# (every tensor dequantized up front), float32 logits and every product x @ w, norm-relative. The
+# weights are bit for bit the same float32 numbers (the same dequantizer); each output element is
+# still one dot product over the whole row, but BLAS multiplies a (k, in) piece of rows where the
+# float model multiplies the whole matrix in its own memory order (layout.py), so it blocks and
+# vectorises the sums differently: float32 reassociation through the layers, as in
+# FORMAT_VS_TRANSFORMERS_RTOL. Measured: 4.5e-7 to 1.1e-6 on SmolLM2-135M's logits.
+GGUF_BLOCKS_VS_FLOAT32_RTOL = 1e-5
+
+# The Torch backend with quantized weights (parity.quant: torch's weight-only int8 / int4 kernels)
+# against npllama in float64 on exactly the weights the kernels hold (their dequantized values,
+# parity/quant_report.py). Each kernel forms its weights as the spec does (int8: q * scale rounded
+# to float32; int4: one fused multiply-add, bit for bit on AVX-512, within 2**-23 relative
+# elsewhere) and sums the products in float32, so the error is the backend's float arithmetic in
+# its dtype: PARITY_RTOL's. With bfloat16 activations a CPU with oneDNN's brgemm may also round
+# each weight to bfloat16 before it multiplies (npllama.quant.weight_only): a relative 2**-9 per
+# weight, below bfloat16's per-op rounding that PARITY_RTOL already allows. Measured on SmolLM2-135M
+# (12-token prompt, end to end): float32 7.6e-6, bfloat16 5.8e-2 (int8, int4 and the GGUF's Q4_1).
+#                  layer (isolated)  model (end to end)
+QUANT_KERNEL_PARITY_RTOL = {name: (bars[1], bars[2]) for name, bars in PARITY_RTOL.items()
+                            if name in ("float32", "bfloat16", "float16")}
+
 # torch's fused SDPA on CUDA in float16 (its flash kernel) vs the NumPy float64 reference on the
 # same float16-rounded inputs. The kernel accumulates in float32 but rounds P to float16 before
 # P @ V and rounds the output to float16: each a half-ulp (4.9e-4) relative error, the second on

@@ -3,6 +3,7 @@
     import parity
     model = parity.load(device="cpu", dtype=torch.bfloat16)   # same checkpoints as npllama.load
     model = parity.from_numpy(npllama_model, device="cuda")    # no second read of the files
+    model = parity.load(path, weights="int4")                  # int8 | int4 | gguf: quantized kernels
     logits = model(ids)                                         # (batch, seq, vocab) float32 tensor
     cache = model.new_cache(1, max_seq_len=512); model(ids, cache=cache)
 
@@ -13,6 +14,8 @@ writes them as a dump that ``npllama parity --against`` checks.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -51,22 +54,41 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
-def from_numpy(model, device=None, dtype=torch.float32, requires_grad: bool = False) -> Transformer:
+def from_numpy(model, device=None, dtype=torch.float32, requires_grad: bool = False,
+               weights: str = "float32") -> Transformer:
     """The Torch twin of a loaded npllama.Transformer: same config, tokenizer and weights.
 
     The weights are copied from the NumPy model's arrays (no file is read) onto ``device`` in
-    ``dtype``. requires_grad=True makes the parameters trainable.
+    ``dtype``. requires_grad=True makes the parameters trainable. weights: "float32" (the weights
+    as floats in dtype), or "int8" / "int4" / "gguf": every projection computed by a quantized
+    kernel (parity.quant; "gguf" needs a model loaded with npllama.load(path, weights="gguf")).
+    What "gguf" kept and re-quantized is printed on stderr and kept in ``model.quant_notes``.
     """
-    return Transformer(model.config, model.state_dict(), model.tokenizer, dtype=resolve_dtype(dtype),
-                       device=resolve_device(device), source=model.source, requires_grad=requires_grad)
+    from .quant import Quantizer, check_weights
+    check_weights(weights)
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    quantize = None if weights == "float32" else Quantizer(weights, dtype, device)
+    twin = Transformer(model.config, model.state_dict(), model.tokenizer, dtype=dtype, device=device,
+                       source=model.source, requires_grad=requires_grad, quantize=quantize)
+    twin.weights = weights
+    twin.quant_notes = list(quantize.notes) if quantize else []
+    for note in twin.quant_notes:
+        print(note, file=sys.stderr)
+    return twin
 
 
-def load(path=None, device=None, dtype=torch.float32, requires_grad: bool = False, **kwargs) -> Transformer:
+def load(path=None, device=None, dtype=torch.float32, requires_grad: bool = False, weights: str = "float32",
+         **kwargs) -> Transformer:
     """Load a checkpoint that npllama.load reads (HF folder, Meta folder, .gguf; default model when
-    None) and return it as a Torch model on ``device`` in ``dtype``. kwargs go to npllama.load."""
+    None) and return it as a Torch model on ``device`` in ``dtype``. weights: "float32", or a
+    quantized scheme, "int8", "int4" (the checkpoint's floats quantized) or "gguf" (a GGUF file's own
+    blocks where a kernel holds them exactly), see from_numpy. kwargs go to npllama.load."""
     import npllama
+    from .quant import check_weights
+    check_weights(weights)
     dtype, device = resolve_dtype(dtype), resolve_device(device)   # refuse bad ones before the slow load
-    return from_numpy(npllama.load(path, **kwargs), device=device, dtype=dtype, requires_grad=requires_grad)
+    base = npllama.load(path, weights="gguf" if weights == "gguf" else "float32", **kwargs)
+    return from_numpy(base, device=device, dtype=dtype, requires_grad=requires_grad, weights=weights)
 
 
 __all__ = ["Transformer", "KVCache", "SamplingSettings", "generate", "generate_text", "load",

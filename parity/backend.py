@@ -1,10 +1,10 @@
 """The Torch backend as a compute backend of npllama's commands (``--backend torch``).
 
 Declared in the entry-point group ``npllama.backends``; npllama's command line calls
-``torch_backend(model, device=..., dtype=...)`` with the loaded NumPy model and gets back its Torch
-twin with the functions the commands need (npllama.cli.options.Backend); before the model loads it
-calls ``torch_backend.check(device=..., dtype=...)``, so that a device this torch cannot see or an
-unknown dtype is refused first.
+``torch_backend(model, device=..., dtype=..., weights=...)`` with the loaded NumPy model and gets
+back its Torch twin with the functions the commands need (npllama.cli.options.Backend); before the
+model loads it calls ``torch_backend.check(device=..., dtype=...)``, so that a device this torch
+cannot see or an unknown dtype is refused first.
 """
 
 from __future__ import annotations
@@ -18,9 +18,13 @@ from . import from_numpy, resolve_device, resolve_dtype
 from .generate import generate
 
 
-def torch_backend(model, device: str | None = None, dtype: str | None = None) -> Backend:
-    """The NumPy model as a parity.Transformer on ``device`` in ``dtype`` (default cpu, float32)."""
-    twin = from_numpy(model, device=device, dtype=dtype or "float32")
+def torch_backend(model, device: str | None = None, dtype: str | None = None, weights: str = "float32") -> Backend:
+    """The NumPy model as a parity.Transformer on ``device`` in ``dtype``, with ``weights`` "float32"
+    or a quantized scheme ("int8", "int4", "gguf": parity.quant). Default dtype: float32, and
+    bfloat16 for quantized weights (the only activations torch's int8 / int4 kernels run fast on a
+    CPU, and the only ones its CUDA int4 kernel takes)."""
+    dtype = dtype or ("float32" if weights == "float32" else "bfloat16")
+    twin = from_numpy(model, device=device, dtype=dtype, weights=weights)
 
     @torch.no_grad()
     def loss(ids: np.ndarray, mask: np.ndarray | None = None) -> float:

@@ -50,15 +50,18 @@ from .train import TrainConfig, setup, sample_text, summary, train
 @reference_option
 @view_option
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="Draw the error of each op by layer.")
+@click.option("--weights", type=click.Choice(["float32", "int8", "int4", "gguf"]), default="float32",
+              show_default=True, help="Quantized kernels: their error on their own weights, then what "
+                                      "quantization costs against the float checkpoint (docs/quantization.md).")
 @click.pass_context
 def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isolate, with_hf, against, reference_path,
-                   show_all, plot_path):
+                   show_all, plot_path, weights):
     import npllama
     import parity
 
     given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if against is not None:
-        clash = sorted(given & {"device", "prompt", "ids", "attention", "with_hf"})
+        clash = sorted(given & {"device", "prompt", "ids", "attention", "with_hf", "weights"})
         if clash:
             flags = ", ".join("--transformers" if n == "with_hf" else f"--{n}" for n in clash)
             raise click.UsageError(f"--against compares a file of activations on its own input_ids: {flags} "
@@ -76,6 +79,11 @@ def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isola
         ids = parse_ids(ids)
     elif not prompt:
         raise click.UsageError("--prompt is empty: give some text to run")
+    if weights != "float32":
+        from .quant_report import quant_parity
+        text, ok = quant_parity(model_path, torch_device, torch_dtype, weights, prompt, ids, attention, isolate)
+        click.echo(text)
+        sys.exit(0 if ok else 1)
     base = npllama.load(model_path, progress=False)
     if ids is None:
         if base.tokenizer is None:

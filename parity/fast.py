@@ -57,8 +57,11 @@ MAX_STOP_IDS = 16   # stop tokens live in a fixed-size device buffer (a fixed sh
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
-    return None if t is None else nn.Parameter(t.detach().contiguous(), requires_grad=False)
+def _frozen(t: "torch.Tensor | nn.Module | None") -> "nn.Parameter | nn.Module | None":
+    """A tensor as a frozen parameter; a quantized weight (parity.quant) as it is."""
+    if t is None or isinstance(t, nn.Module):
+        return t
+    return nn.Parameter(t.detach().contiguous(), requires_grad=False)
 
 
 def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, in_out: bool) -> torch.Tensor:
@@ -68,8 +71,10 @@ def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, in_out: bo
     Why two layouts: on a CPU, MKL's float32 matrix-vector product reads an (in, out) matrix
     faster than an (out, in) one at batch 1 (2x on the LM head, bench/bench_cpu.py), while its
     bfloat16 one is 10-40x slower that way; on a GPU, cuBLAS is at home with nn.Linear's layout,
-    which gpt-fast and transformers use.
+    which gpt-fast and transformers use. A quantized weight (parity.quant) runs its own kernel.
     """
+    if not isinstance(w, torch.Tensor):
+        return w.linear(x, b)
     if not in_out:
         return linear(x, w, b)
     y = x @ w
@@ -91,7 +96,7 @@ class FastBlock(nn.Module):
 
         def get(name: str) -> torch.Tensor | None:       # fused: npllama.layout.fuse_params's names
             w = fused.get(p + name)
-            return w.T if w is not None and in_out and w.ndim == 2 else w
+            return w.T if isinstance(w, torch.Tensor) and in_out and w.ndim == 2 else w
 
         self.attention_norm = _frozen(get("attention_norm.weight"))
         self.wqkv = _frozen(get("attention.wqkv.weight"))
@@ -111,7 +116,8 @@ class FastWeights(nn.Module):
     model: a parity.Transformer (its state_dict: checkpoint names, (out, in) layout); the weights
     keep its dtype and device. layout: "out_in" (nn.Linear's), "in_out" (transposed), or "auto":
     in_out for float32 and float64 on a CPU, out_in elsewhere (see ``project``). With out_in,
-    tied embeddings stay one tensor.
+    tied embeddings stay one tensor. A quantized model (parity.load(..., weights="int8" | "int4" |
+    "gguf")) keeps its quantized weight modules, shared with the model, and its float embedding.
     """
 
     def __init__(self, model, layout: str = "auto"):
@@ -121,6 +127,9 @@ class FastWeights(nn.Module):
         self.source = getattr(model, "source", None)
         if layout not in ("auto", "out_in", "in_out"):
             raise InputError(f"unknown weight layout {layout!r}; choose 'auto', 'out_in' or 'in_out'")
+        if getattr(model, "weights", "float32") != "float32":
+            self._from_quantized(model)
+            return
         first = next(iter(model.state_dict().values()))
         cpu_wide = first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
         self.in_out = layout == "in_out" or (layout == "auto" and cpu_wide)
@@ -139,6 +148,24 @@ class FastWeights(nn.Module):
             else:
                 self.output = _frozen(head)                                         # (vocab, dim)
 
+    def _from_quantized(self, model) -> None:
+        """The weights of a quantized parity model, read off its tree (fused names, (out, in))."""
+        self.in_out = False
+        fused: dict = {}
+        for layer in model.layers:
+            p = f"layers.{layer.index}."
+            for name, module in (("attention_norm", layer.attention_norm), ("ffn_norm", layer.ffn_norm),
+                                 ("attention.wqkv", layer.attention.wqkv), ("attention.wo", layer.attention.wo),
+                                 ("feed_forward.w13", layer.feed_forward.w13),
+                                 ("feed_forward.w2", layer.feed_forward.w2)):
+                fused[p + name + ".weight"] = module.weight
+                if getattr(module, "bias", None) is not None:
+                    fused[p + name + ".bias"] = module.bias
+        self.tok_embeddings = _frozen(model.tok_embeddings.weight)                  # (vocab, dim)
+        self.layers = nn.ModuleList(FastBlock(fused, f"layers.{i}.", False) for i in range(self.config.n_layers))
+        self.norm = _frozen(model.norm.weight)
+        self.output = _frozen(model.output_weight)                                  # a quantized module
+
     @property
     def dtype(self) -> torch.dtype:
         return self.tok_embeddings.dtype
@@ -148,8 +175,9 @@ class FastWeights(nn.Module):
         return self.tok_embeddings.device
 
     def nbytes(self) -> int:
-        """Bytes of every distinct weight tensor (the tied head counted once)."""
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes of every distinct weight tensor (the tied head counted once), quantized weights'
+        codes and scales included."""
+        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
 
     def decode_bytes(self) -> int:
         """Bytes one decode step reads, KV cache aside: every matrix and norm once, the LM head,

@@ -2,6 +2,7 @@
 
 Weights keep nn.Linear's (out, in) layout here (npllama stores the transpose): ``linear`` is
 ``F.linear``, so a checkpoint's tensors are used as they are and autograd sees plain parameters.
+A quantized weight (parity.quant, npllama's QuantizedMatrix twin) brings its own kernel.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ import torch.nn.functional as F
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T + b.  x: (..., in); w: (out, in), nn.Linear's layout; b: (out,) -> (..., out)."""
-    return F.linear(x, w, b)
+    """x @ w.T + b.  x: (..., in); w: (out, in), nn.Linear's layout, or a quantized weight
+    (parity.quant: its int8 / int4 kernel); b: (out,) -> (..., out)."""
+    if isinstance(w, torch.Tensor):
+        return F.linear(x, w, b)
+    return w.linear(x, b)
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:

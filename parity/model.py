@@ -34,7 +34,7 @@ from torch import nn
 
 from npllama.config import ModelArgs
 from npllama.errors import InputError
-from npllama.layout import fuse_params, split_params
+from npllama.layout import concat_rows, fuse_params, split_params
 from npllama.model import Context, call_positions, check_mask
 from npllama.params import check_params
 
@@ -160,11 +160,13 @@ def _param(t: torch.Tensor | None, requires_grad: bool) -> nn.Parameter | None:
 
 
 class Linear(nn.Module):
-    """The parameters of one projection: weight (out, in), as nn.Linear, and an optional bias (out,)."""
+    """The parameters of one projection: weight (out, in), as nn.Linear, and an optional bias (out,).
+    The weight may be a quantized one (parity.quant.Int8Weight / Int4Weight), a module of buffers."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, requires_grad: bool = False):
+    def __init__(self, weight: "torch.Tensor | nn.Module", bias: torch.Tensor | None = None,
+                 requires_grad: bool = False):
         super().__init__()
-        self.weight = _param(weight, requires_grad)
+        self.weight = weight if isinstance(weight, nn.Module) else _param(weight, requires_grad)
         self.register_parameter("bias", _param(bias, requires_grad))
 
 
@@ -218,11 +220,13 @@ class Transformer(nn.Module):
 
     params: checkpoint names -> NumPy arrays or tensors in (out, in) layout (as npllama's loaders
     and npllama.Transformer.state_dict give them). They are copied to ``device`` in ``dtype``.
+    quantize: None, or a parity.quant.Quantizer: every projection's weight (the LM head too, tied
+    or not) becomes its quantized module; the embedding table stays floats.
     """
 
     def __init__(self, args: ModelArgs, params: Mapping[str, "np.ndarray | torch.Tensor"], tokenizer=None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 source: str = "checkpoint", requires_grad: bool = False):
+                 source: str = "checkpoint", requires_grad: bool = False, quantize=None):
         super().__init__()
         check_params(args, params, source)
         self.config = args
@@ -234,11 +238,12 @@ class Transformer(nn.Module):
             if name not in fused:
                 return None
             a = fused[name]
-            a = torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a.detach()
+            a = a.detach() if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
             return a.to(device=device, dtype=dtype, copy=True).contiguous()
 
         def lin(name: str) -> Linear:
-            return Linear(tensor(name + ".weight"), tensor(name + ".bias"), requires_grad)
+            weight = quantize(name, fused[name + ".weight"]) if quantize else tensor(name + ".weight")
+            return Linear(weight, tensor(name + ".bias"), requires_grad)
 
         self.tok_embeddings = Embedding(tensor("tok_embeddings.weight"), requires_grad)   # (vocab, dim)
         self.layers = nn.ModuleList()
@@ -251,7 +256,10 @@ class Transformer(nn.Module):
                 FeedForward(lin(p + "feed_forward.w13"), lin(p + "feed_forward.w2"))))
         self.norm = RMSNorm(tensor("norm.weight"), args.norm_eps, requires_grad)           # (dim,)
         if not args.tie_word_embeddings:
-            self.output = Linear(tensor("output.weight"), None, requires_grad)             # (vocab, dim)
+            head = quantize("output", fused["output.weight"]) if quantize else tensor("output.weight")
+            self.output = Linear(head, None, requires_grad)                                # (vocab, dim)
+        elif quantize:                                 # tied: the head quantized, the lookup kept float
+            self.output = Linear(quantize("output", fused["tok_embeddings.weight"]))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -263,8 +271,8 @@ class Transformer(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
-        """The LM head (vocab, dim): the embedding table itself when tied."""
-        return self.tok_embeddings.weight if self.config.tie_word_embeddings else self.output.weight
+        """The LM head (vocab, dim): the embedding table itself when tied (and not quantized)."""
+        return self.output.weight if "output" in self._modules else self.tok_embeddings.weight
 
     # -------------------------------------------------------------- the call
     def forward(self, ids, cache: KVCache | None = None, *, attention_mask=None, attention: str = "auto",
@@ -366,5 +374,5 @@ class Transformer(nn.Module):
 
 
 def _concat(parts: list) -> "np.ndarray | torch.Tensor":
-    """Join NumPy arrays or tensors along axis 0 (npllama.layout.fuse_params's concat)."""
-    return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else torch.cat(parts)
+    """Join NumPy arrays, QuantizedMatrix or tensors along axis 0 (npllama.layout.fuse_params's concat)."""
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else concat_rows(parts)

@@ -255,8 +255,12 @@ def gguf_vocab_from_sentencepiece(sp_model: Path) -> dict:
             "eos": sp.eos_id(), "unk": sp.unk_id(), "add_bos": True}
 
 
-def save_gguf(model, path: Path, vocab: dict | None = None) -> Path:
-    """A llama-architecture GGUF with F32 tensors, q/k permuted to llama.cpp's interleaved layout."""
+def save_gguf(model, path: Path, vocab: dict | None = None, encode=None) -> Path:
+    """A llama-architecture GGUF with F32 tensors, q/k permuted to llama.cpp's interleaved layout.
+
+    encode: None, or (gguf name, float32 array in file layout) -> None (keep F32) or
+    (raw uint8 blocks, gguf.GGMLQuantizationType): the tensor as stored in another type.
+    """
     import gguf
 
     cfg = model.config
@@ -302,7 +306,12 @@ def save_gguf(model, path: Path, vocab: dict | None = None) -> Path:
             t = to_interleaved(t, cfg.num_attention_heads)
         elif ".self_attn.k_proj." in name:
             t = to_interleaved(t, cfg.num_key_value_heads)
-        w.add_tensor(rename(name, "hf", "gguf"), np.ascontiguousarray(t.numpy(), dtype=np.float32))
+        gname, data = rename(name, "hf", "gguf"), np.ascontiguousarray(t.numpy(), dtype=np.float32)
+        raw = encode(gname, data) if encode is not None else None
+        if raw is None:
+            w.add_tensor(gname, data)
+        else:
+            w.add_tensor(gname, raw[0], raw_dtype=raw[1])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -11,9 +11,10 @@ import click
 
 from ..chat import BUILTIN_TEMPLATES, MAX_TEMPLATE_CHARS, ChatSession, ChatTemplate
 from ..errors import InputError
-from ..formats import load, require_tokenizer
+from ..formats import require_tokenizer
 from ..io import read_regular
-from .options import backend_factory, backend_options, check_sampling, check_text, model_option, sampling_options
+from .options import (backend_factory, backend_options, check_sampling, check_text, load_model, model_option,
+                      sampling_options)
 
 PROMPT = ">>> "
 COMMANDS_HELP = ("/reset: start a new conversation   /system TEXT: set the system prompt (empty: remove it)\n"
@@ -48,15 +49,15 @@ def read_template(path: str) -> ChatTemplate:
 @sampling_options
 @click.option("--stats", is_flag=True, help="After each answer, show the tokens reused, read and generated.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no banner.")
-def chat(model_path, backend, device, system, template, context, max_new_tokens, temperature,
+def chat(model_path, backend, device, weights, system, template, context, max_new_tokens, temperature,
          top_k, top_p, seed, stats, quiet):
     """Read a line, stream the answer, repeat; commands start with a slash."""
     settings = check_sampling(max_new_tokens, temperature, top_k, top_p, seed)   # all checked before the load
     check_text(system, "--system")
     if template is not None and template not in BUILTIN_TEMPLATES:
         template = read_template(template)
-    attach = backend_factory(backend, device)
-    run = attach(require_tokenizer(load(model_path, progress=not quiet)))
+    attach = backend_factory(backend, device, weights=weights)
+    run = attach(require_tokenizer(load_model(model_path, backend, weights, progress=not quiet)))
 
     def on_drop(n: int) -> None:
         click.secho(f"[the context window is full: dropped the oldest {n} turn{'s' * (n != 1)}]",

@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import InputError
 from ..io import read_regular
 from ..weights import DEFAULT_MODEL
-from .options import backend_factory, backend_options, check_positive, model_option
+from .options import backend_factory, backend_options, check_positive, load_model, model_option
 
 
 @click.command(name="eval", help="Report the perplexity of a model on a text file, with the NumPy reference "
@@ -26,9 +26,9 @@ from .options import backend_factory, backend_options, check_positive, model_opt
 @click.option("--dtype", default="float32", show_default=True,
               help="float32 or float64 (and bfloat16, float16 with --backend torch).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a sentence.")
-def eval_command(model_path, data, backend, device, seq_len, batch_size, max_tokens, dtype, as_json):
+def eval_command(model_path, data, backend, device, weights, seq_len, batch_size, max_tokens, dtype, as_json):
     from ..evaluate import perplexity
-    from ..formats import load, require_tokenizer
+    from ..formats import require_tokenizer
 
     # every option and the text are checked before the slow load
     check_positive(batch_size, "--batch-size")
@@ -40,19 +40,20 @@ def eval_command(model_path, data, backend, device, seq_len, batch_size, max_tok
         raise InputError(f"--data {data}: not UTF-8 text ({e})") from None
     if not text.strip():
         raise InputError(f"--data {data}: the text is empty")
-    attach = backend_factory(backend, device, dtype)
+    attach = backend_factory(backend, device, dtype, weights)
     if backend == "numpy":
-        run = attach(require_tokenizer(load(model_path, progress=False, dtype=np.dtype(dtype))))
+        run = attach(require_tokenizer(load_model(model_path, backend, weights, progress=False,
+                                                  dtype=np.dtype(dtype))))
     else:
-        run = attach(require_tokenizer(load(model_path, progress=False)))
+        run = attach(require_tokenizer(load_model(model_path, backend, weights, progress=False)))
     model = run.model
     result = perplexity(model, text, seq_len or min(256, model.config.max_seq_len), batch_size, max_tokens,
                         progress=not as_json, loss=run.loss)
     name = model_path or DEFAULT_MODEL
-    result.update(model=str(name), data=str(data), backend=backend)
+    result.update(model=str(name), data=str(data), backend=backend, weights=weights)
     if as_json:
         click.echo(json.dumps(result))
     else:
         click.echo(f"{name} on {data}: perplexity {result['perplexity']:.3f} "
-                   f"({result['nll']:.4f} nats/token over {result['tokens']:,} tokens, {backend}, "
+                   f"({result['nll']:.4f} nats/token over {result['tokens']:,} tokens, {backend}, {weights} weights, "
                    f"windows of {result['seq_len']})")

@@ -9,7 +9,8 @@ import click
 
 from ..errors import InputError
 from ..io import read_regular
-from .options import backend_factory, backend_options, check_sampling, check_text, model_option, sampling_options
+from .options import (backend_factory, backend_options, check_sampling, check_text, load_model, model_option,
+                      sampling_options)
 
 
 def read_prompts(prompts: tuple[str, ...], prompts_file: str | None) -> list[str]:
@@ -50,9 +51,9 @@ def context_note(generation, row: int = 0) -> str:
 @backend_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no speed report.")
 def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens, temperature, top_k, top_p,
-             seed, backend, device, quiet):
+             seed, backend, device, weights, quiet):
     from ..chat import render_prompt
-    from ..formats import load, require_tokenizer
+    from ..formats import require_tokenizer
     from ..generate import CONTEXT_FULL, generate_text
 
     # every option is checked before the slow load
@@ -63,8 +64,8 @@ def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens,
     check_text(system, "--system")
     if system is not None and as_chat is False:
         raise click.UsageError("--system goes with --chat (the system message is part of the chat template)")
-    attach = backend_factory(backend, device)
-    run = attach(require_tokenizer(load(model_path, progress=not quiet)))
+    attach = backend_factory(backend, device, weights=weights)
+    run = attach(require_tokenizer(load_model(model_path, backend, weights, progress=not quiet)))
     stops = None
     if as_chat is None:
         as_chat = bool(getattr(run.model.tokenizer, "chat_template", None))

@@ -4,8 +4,14 @@ Backends. "numpy" is npllama itself. Other packages add backends through the ent
 ``npllama.backends``: each entry point is a function ``(model, device=None, dtype=None) ->
 Backend`` that takes the loaded NumPy model and returns its twin (the Torch backend declares
 "torch"), and may carry ``check(device=None, dtype=None)``, which the commands call before the
-model loads so that a device or dtype the backend cannot use is refused first. npllama's code
+model loads so that a device or dtype the backend cannot use is refused first; a backend that
+computes with quantized weights also takes ``weights=`` ("int8", "int4", "gguf"). npllama's code
 never names them.
+
+Weights (``--weights``). "float32": every tensor expanded to floats. "gguf": a GGUF file's own
+blocks, kept quantized (the numpy backend dequantizes them a piece at a time; the torch backend
+runs them through its int4 kernel where they fit it). "int8", "int4": the torch backend's
+weight-only kernels on the checkpoint's floats.
 
 Every option is checked before the model loads (backend_factory, check_sampling): a typo costs a
 second, not a load.
@@ -45,13 +51,35 @@ def backend_names() -> list[str]:
     return ["numpy", *sorted(ep.name for ep in entry_points(group=BACKEND_GROUP) if ep.name != "numpy")]
 
 
-def backend_factory(name: str, device: str | None = None, dtype: str | None = None) -> Callable[[Any], Backend]:
+WEIGHTS = ("float32", "gguf", "int8", "int4")
+
+
+def check_backend_weights(backend: str, weights: str) -> None:
+    """An InputError, before any slow load, for --weights the backend cannot compute with."""
+    if backend == "numpy" and weights in ("int8", "int4"):
+        raise InputError(f"--weights {weights} is a scheme of the Torch backend's quantized kernels; the numpy "
+                         f"backend computes with float32 or a GGUF file's own blocks (--weights gguf). "
+                         f"Add --backend torch")
+
+
+def load_model(model_path, backend: str = "numpy", weights: str = "float32", **kwargs):
+    """The NumPy model a backend with these --weights starts from: the GGUF blocks kept for "gguf",
+    floats otherwise (kwargs go to npllama.formats.load)."""
+    from ..formats import load
+    check_backend_weights(backend, weights)
+    return load(model_path, weights="gguf" if weights == "gguf" else "float32", **kwargs)
+
+
+def backend_factory(name: str, device: str | None = None, dtype: str | None = None,
+                    weights: str = "float32") -> Callable[[Any], Backend]:
     """The named backend as a function of the loaded NumPy model, checked before the model loads.
 
-    A wrong --backend, --device or --dtype, or a backend whose library is missing, is refused here,
-    before the slow load. A plug-in's factory may carry ``check(device, dtype)``, which raises an
-    NpllamaError for what it cannot run.
+    A wrong --backend, --device, --dtype or --weights, or a backend whose library is missing, is
+    refused here, before the slow load. A plug-in's factory may carry ``check(device, dtype)``,
+    which raises an NpllamaError for what it cannot run. weights: as the model is loaded for
+    (load_model); a backend other than numpy gets it as ``weights=`` when it is not "float32".
     """
+    check_backend_weights(name, weights)
     if name == "numpy":
         if device not in (None, "cpu"):
             raise InputError(f"the numpy backend runs on the CPU; --device {device} needs --backend torch")
@@ -69,6 +97,8 @@ def backend_factory(name: str, device: str | None = None, dtype: str | None = No
     check = getattr(factory, "check", None)
     if check is not None:
         check(device=device, dtype=dtype)
+    if weights != "float32":
+        return lambda model: factory(model, device=device, dtype=dtype, weights=weights)
     return lambda model: factory(model, device=device, dtype=dtype)
 
 
@@ -78,9 +108,10 @@ def numpy_backend(model) -> Backend:
     return Backend("numpy", model, generate, lambda ids, mask=None: float(model.loss(ids, attention_mask=mask)))
 
 
-def make_backend(name: str, model, device: str | None = None, dtype: str | None = None) -> Backend:
+def make_backend(name: str, model, device: str | None = None, dtype: str | None = None,
+                 weights: str = "float32") -> Backend:
     """The loaded NumPy model as the named backend (the model itself for "numpy")."""
-    return backend_factory(name, device, dtype)(model)
+    return backend_factory(name, device, dtype, weights)(model)
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
@@ -99,6 +130,9 @@ def model_option(f):
 
 
 def backend_options(f):
+    f = click.option("--weights", type=click.Choice(WEIGHTS), default="float32", show_default=True,
+                     help="float32: floats; gguf: a GGUF file's own quantized blocks (numpy or torch); "
+                          "int8, int4: the torch backend's weight-only kernels (docs/quantization.md).")(f)
     f = click.option("--device", default=None, help="Device for a non-NumPy backend: cpu, cuda, cuda:1 ... (default: cpu).")(f)
     f = click.option("--backend", type=click.Choice(backend_names()), default="numpy", show_default=True,
                      help="numpy: the reference; torch: the Torch twin (needs torch).")(f)

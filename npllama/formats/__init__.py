@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, InputError
 from ..io import open_regular
 from ..model import Transformer
 from ..rope_scaling import rope_init
@@ -33,16 +33,28 @@ _EXPECTED = ("a Hugging Face folder (config.json + model.safetensors), a Meta fo
              "(params.json + consolidated.00.pth + tokenizer.model), or a .gguf file")
 
 
-def load(path: str | os.PathLike | None = None, *, progress: bool = True, dtype=np.float32) -> Transformer:
+WEIGHTS = ("float32", "gguf")
+
+
+def load(path: str | os.PathLike | None = None, *, progress: bool = True, dtype=np.float32,
+         weights: str = "float32") -> Transformer:
     """Load a checkpoint as a Transformer; ``path=None`` loads (and first fetches) the default model.
 
     progress: show a progress bar over tensors on stderr. dtype: the compute dtype of the weights.
+    weights: "float32" expands every tensor to floats (dtype); "gguf" keeps a GGUF file's blocks in
+    memory and dequantizes each matrix a piece at a time when it is used (npllama.quant.matrix):
+    memory about the file's size, the same logits as "float32" up to the order of summation.
     """
+    check_weights(weights)
     if path is None:
         from ..weights import default_model_path
         path = default_model_path()
     path = Path(path).expanduser()
     fmt, where = detect_format(path)
+    if weights == "gguf" and fmt != "gguf":
+        raise InputError(f"{where}: weights='gguf' keeps a GGUF file's quantized blocks, but this is a "
+                         f"{'Hugging Face' if fmt == 'hf' else 'Meta'} checkpoint; load it with "
+                         f"weights='float32' (or point at a .gguf file)")
     bar = _progress_bar if progress else _no_progress
     if fmt == "hf":
         from .hf import load_hf
@@ -52,7 +64,7 @@ def load(path: str | os.PathLike | None = None, *, progress: bool = True, dtype=
         args, params, tokenizer = load_meta(where, bar)
     else:
         from .gguf import load_gguf
-        args, params, tokenizer = load_gguf(where, bar)
+        args, params, tokenizer = load_gguf(where, bar, weights)
     check_finite(params, where)
     if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:
         raise CheckpointError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model embeds "
@@ -76,10 +88,21 @@ def require_tokenizer(model) -> Transformer:
     return model
 
 
+def check_weights(weights: str) -> None:
+    """An InputError unless weights names a scheme the NumPy model computes with (WEIGHTS)."""
+    if weights in ("int8", "int4"):
+        raise InputError(f"weights={weights!r} is a scheme of the Torch backend's quantized kernels; the NumPy "
+                         f"model computes with 'float32' or a GGUF file's own blocks ('gguf'). "
+                         f"Use --backend torch --weights {weights} (parity.load(path, weights={weights!r}))")
+    if weights not in WEIGHTS:
+        raise InputError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
+
+
 def check_finite(params, source) -> None:
     """A weight that is inf or NaN is a corrupt file, not a model: say which tensor."""
+    from ..quant.matrix import QuantizedMatrix
     for name, array in params.items():
-        if not np.isfinite(array).all():
+        if not (array.all_finite() if isinstance(array, QuantizedMatrix) else np.isfinite(array).all()):
             raise CheckpointError(f"{source}: tensor {name!r} holds inf or NaN values; the file is corrupt")
 
 

@@ -35,7 +35,7 @@ from ..io import open_regular
 from .fields import Fields, build_args
 from .gguf_vocab import gguf_tokenizer
 from .names import rename
-from .permute import to_half_layout
+from .permute import permute_to_half, to_half_layout
 
 
 class GGUFRefused(ValueError):
@@ -399,8 +399,11 @@ def dequantize(tensor, path: Path) -> np.ndarray:
     return array
 
 
-def load_gguf(path: Path, progress: Callable = lambda it, **kw: it):
-    """``path`` -> (ModelArgs, params in npllama names and half rotary layout, Tokenizer or None)."""
+def load_gguf(path: Path, progress: Callable = lambda it, **kw: it, weights: str = "float32"):
+    """``path`` -> (ModelArgs, params in npllama names and half rotary layout, Tokenizer or None).
+
+    weights: "float32" dequantizes every tensor; "gguf" keeps each matrix's blocks (keep_blocks).
+    """
     reader = open_gguf(path)
     meta = read_metadata(reader, path)
     tensors = {t.name: t for t in reader.tensors}
@@ -428,6 +431,93 @@ def load_gguf(path: Path, progress: Callable = lambda it, **kw: it):
         raise CheckpointError(f"{path}: rotary embeddings cover {args.rotary_dim} of {args.head_dim} channels "
                               f"per head; undoing llama.cpp's q/k permutation for partial rotary is not supported")
 
+    if weights == "gguf":
+        listed = list(reader.tensors)
+        del reader, meta, tensors    # the parsed header (the vocabulary: ~150 MB of small arrays) goes first
+        params = keep_blocks(listed, path, progress)
+        return args, blocks_to_half_layout(params, args, str(path)), tokenizer
     params = {npllama_name(t.name): dequantize(t, path)
               for t in progress(reader.tensors, desc=f"Loading {path.name}", unit="tensor")}
     return args, to_half_layout(params, args, str(path)), tokenizer
+
+
+# ---------------------------------------------------------------------------- weights="gguf": blocks kept
+def keep_blocks(tensors, path: Path, progress: Callable = lambda it, **kw: it) -> dict[str, Any]:
+    """npllama name -> weight, every matrix kept as its GGUF blocks (a QuantizedMatrix) when
+    npllama.quant.gguf_blocks states its type, float32 otherwise.
+
+    F32 tensors (the norms; F32 matrices) stay float arrays. A matrix of a type the spec does not
+    cover (the IQ and ternary families) is dequantized by the gguf package into float32, and one
+    line on stderr says which types and how many tensors.
+    """
+    from ..quant.gguf_blocks import BLOCK_TYPES
+    from ..quant.matrix import QuantizedMatrix
+
+    params: dict[str, Any] = {}
+    outside: dict[str, int] = {}
+    for t in progress(tensors, desc=f"Loading {path.name}", unit="tensor"):
+        kind = _type_name(t)
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))             # ne order -> numpy order
+        name = npllama_name(t.name)
+        if len(shape) == 2 and kind in BLOCK_TYPES and kind != "F32":
+            if t.data.nbytes != int(t.n_bytes):
+                raise CheckpointError(f"{path}: tensor {t.name!r} needs {int(t.n_bytes)} bytes but the file "
+                                      f"holds {t.data.nbytes}; the file is truncated")
+            try:
+                params[name] = QuantizedMatrix.from_blocks(kind, _read_bytes(path, t), shape[1])
+            except CheckpointError as e:
+                raise CheckpointError(f"{path}: tensor {t.name!r}: {e}") from None
+            if params[name].shape != shape:
+                raise CheckpointError(f"{path}: tensor {t.name!r} holds {params[name].shape} weights, "
+                                      f"but its header says {shape}")
+        else:
+            if len(shape) == 2 and kind not in BLOCK_TYPES:
+                outside[kind] = outside.get(kind, 0) + 1
+            params[name] = dequantize(t, path)
+    if outside:
+        import sys
+        listed = ", ".join(f"{k} ({n})" for k, n in sorted(outside.items()))
+        print(f"{path.name}: tensors of types {listed} are not in npllama's block spec; "
+              f"loaded through gguf's dequantizer into float32", file=sys.stderr)
+    return params
+
+
+def _read_bytes(path: Path, tensor) -> np.ndarray:
+    """A tensor's bytes read from the file into memory of its own: (n_bytes,) uint8. Read, not
+    copied out of the reader's memory map, so that the map's pages never count against the
+    process's memory beside the copy."""
+    n = int(tensor.n_bytes)
+    out = np.empty(n, dtype=np.uint8)
+    try:
+        with open(path, "rb") as f:
+            f.seek(int(tensor.data_offset))
+            got = f.readinto(memoryview(out))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read tensor {tensor.name!r} ({e.strerror})") from None
+    if got != n:
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} needs {n} bytes but the file holds {got}; "
+                              f"the file is truncated")
+    return out
+
+
+def _type_name(tensor) -> str:
+    """The GGML type name of a reader tensor ("Q4_1", "F32", "IQ4_XS", ...)."""
+    import gguf
+    return gguf.GGMLQuantizationType(tensor.tensor_type).name
+
+
+def blocks_to_half_layout(params: Mapping[str, Any], args: ModelArgs, source: str) -> dict[str, Any]:
+    """to_half_layout for a checkpoint whose matrices may be QuantizedMatrix: the rows of wq / wk
+    move whole (each row is its own blocks), by the permutation permute_to_half applies."""
+    from ..quant.matrix import QuantizedMatrix
+
+    heads = {"attention.wq": args.n_heads, "attention.wk": args.n_kv_heads}
+    out = to_half_layout({n: w for n, w in params.items() if not isinstance(w, QuantizedMatrix)}, args, source)
+    for name, w in params.items():
+        if isinstance(w, QuantizedMatrix):
+            module = name.rpartition(".")[0].split(".", 2)[-1]
+            if module in heads:
+                order = permute_to_half(np.arange(w.shape[0]), heads[module], f"{source}: {name}")
+                w = w.take_rows(order)
+            out[name] = w
+    return {name: out[name] for name in params}
