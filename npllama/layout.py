@@ -96,8 +96,8 @@ def _parse(name: str) -> tuple[str | None, str | None, str | None]:
 
 
 # ------------------------------------------------------------------------------ 2. memory order
-# Matrices stored (in, out) row-major; every other one is an (in, out) view of (out, in) memory.
-# SmolLM2-135M decodes ~10% faster on the project's 2-core CPU this way (bench/bench_layout.py).
+# Matrices stored (in, out) row-major; every other one is an (in, out) view of (out, in) memory
+# (the faster order for each, measured by bench/bench_layout.py; bench/RESULTS.md has the figures).
 IN_OUT_IN_MEMORY = frozenset({"wo", "w13", "output"})
 
 
@@ -124,10 +124,8 @@ def embedding_table(weight: Any, dtype) -> Any:
 
 
 # ------------------------------------------------------------------------------ 4. attention
-# Blockwise attention pays for its Python loop over tiles. On the 2-core CPU one SmolLM2-135M
-# layer's prefill attention is 0.8x naive's speed at 128 keys, 1.2x at 256 and 1.7x at 512
-# (bench/RESULTS.md, "Crossover"), so from 256 keys on it is the faster one, and it never
-# allocates seq x seq.
+# Blockwise attention pays for its Python loop over tiles; from 256 keys on it is the faster one
+# on the project's CPU (bench/RESULTS.md, "Crossover"), and it never allocates seq x seq.
 FLASH_MIN_LEN = 256
 # A tile of 128 queries by 512 keys for every head at once stays near the CPU's caches while
 # leaving few tiles for the loop (bench/RESULTS.md, section 2).
