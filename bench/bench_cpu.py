@@ -139,13 +139,14 @@ def system_transformers(folder, name, prompt, n_tokens):
     return prefill, decode
 
 
-def system_parity(np_model, prompt, n_tokens, dtype="float32", compile=None):
+def system_parity(np_model, prompt, n_tokens, dtype="float32", compile=None, weights="float32"):
     """The Torch backend's fast path (parity.fast.FastDecoder) on the CPU: q|k|v and w1|w3 fused,
     a static KV cache written in place, argmax on the device, no allocation or host sync per token.
-    Weights in MKL's faster layout for the dtype (float32: (in, out); bfloat16: (out, in))."""
+    Weights in MKL's faster layout for the dtype (float32: (in, out); bfloat16: (out, in)), or on
+    the weight-only kernels (weights "int8", "int4", "gguf": parity.quant)."""
     import parity
     from parity.fast import FastDecoder
-    model = parity.from_numpy(np_model, device="cpu", dtype=dtype)
+    model = parity.from_numpy(np_model, device="cpu", dtype=dtype, weights=weights)
     decoder = FastDecoder(model, batch_size=1, max_seq_len=PROMPT_LEN + n_tokens + 1, compile=compile)
     del model                                   # the decoder keeps its own (fused) copy
     ids = prompt.tolist()
@@ -163,7 +164,8 @@ def system_parity(np_model, prompt, n_tokens, dtype="float32", compile=None):
 
     t = time.perf_counter()
     decode()                                    # warm-up (compiles, when asked to)
-    print(f"(Torch {dtype} {compile or 'eager'}: first decode run {time.perf_counter() - t:.0f} s)", file=sys.stderr)
+    print(f"(Torch {weights} {dtype} {compile or 'eager'}: first decode run {time.perf_counter() - t:.0f} s)",
+          file=sys.stderr)
     return prefill, decode, decoder.weights.decode_bytes()
 
 

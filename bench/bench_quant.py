@@ -46,7 +46,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_cpu import PROMPT_LEN, cpu_description, decode_bytes, measure_bandwidth, system_numpy, timed  # noqa: E402
+from bench_cpu import (PROMPT_LEN, cpu_description, decode_bytes, measure_bandwidth, system_numpy,  # noqa: E402
+                       system_parity, timed)
 
 
 def gguf_bytes(path: Path) -> int:
@@ -91,33 +92,6 @@ def system_llama_cpp(path: Path, prompt: np.ndarray, n_tokens: int):
         return time.perf_counter() - t
 
     return prefill, decode, gguf_bytes(path), llama_cpp.__version__
-
-
-def system_torch(np_model, prompt: np.ndarray, n_tokens: int, weights: str, dtype: str, compile=None):
-    """The Torch backend's fast path (parity.fast.FastDecoder) with float or quantized weights."""
-    import parity
-    from parity.fast import FastDecoder
-    model = parity.from_numpy(np_model, device="cpu", dtype=dtype, weights=weights)
-    decoder = FastDecoder(model, batch_size=1, max_seq_len=PROMPT_LEN + n_tokens + 1, compile=compile)
-    del model
-    ids = prompt.tolist()
-
-    def prefill():
-        decoder.prefill([ids])
-
-    def decode():
-        chunks = decoder.stream([ids], n_tokens + 1, stop_ids=(), sync_every=n_tokens)
-        next(chunks)                            # prefill and the first token
-        t = time.perf_counter()
-        for _ in chunks:
-            pass
-        return time.perf_counter() - t
-
-    t = time.perf_counter()
-    decode()                                    # warm-up (compiles, when asked to)
-    print(f"(Torch {weights} {dtype} {compile or 'eager'}: first decode run {time.perf_counter() - t:.0f} s)",
-          file=sys.stderr)
-    return prefill, decode, decoder.weights.decode_bytes()
 
 
 PEAK_SCRIPT = """
@@ -169,7 +143,7 @@ def cpu_table(args) -> None:
     for weights, dtype, mode in rows:
         source = blocks if weights == "gguf" else floats
         name = f"Torch backend (parity.fast), {weights} weights, {dtype}{', torch.compile' if mode else ''}"
-        systems[name] = system_torch(source, prompt, args.tokens, weights, dtype, mode)
+        systems[name] = system_parity(source, prompt, args.tokens, dtype, mode, weights)
 
     samples = {name: ([], []) for name in systems}
     for prefill, decode, _ in systems.values():                  # warm-up

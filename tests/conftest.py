@@ -12,3 +12,27 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # no model hub at run time: everything is local
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+import signal  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def no_hang():
+    """A hostile input that makes a loader loop (a lying length, a template that never ends) fails
+    the test after 60 s instead of hanging the run (test_errors.py, test_hostile.py)."""
+    if not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def stop(signum, frame):
+        raise TimeoutError("took more than 60 s: a hostile input hangs the code that reads it")
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, 60)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

@@ -59,18 +59,7 @@ def examples(n: int):
                                            HealthCheck.data_too_large, HealthCheck.large_base_example])
 
 
-@pytest.fixture(autouse=True)
-def no_hang():
-    """Whatever a hostile input does, the test fails after 60 s instead of hanging the run."""
-    def stop(signum, frame):
-        raise TimeoutError("took more than 60 s: a hostile input hangs the loader")
-    old = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, 60)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+pytestmark = pytest.mark.usefixtures("no_hang")   # conftest.py: a hang fails the test after 60 s
 
 
 def load(path):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from npllama.errors import CheckpointError, InputError
 from npllama.quant import gguf_blocks
@@ -140,7 +140,9 @@ def test_blocks_with_drawn_scales_match_gguf(name, data):
 
 
 @pytest.mark.parametrize("name", QUANT_NAMES + FLOAT_NAMES)
-@settings(max_examples=40, deadline=None)
+# Random bytes make a non-finite float16 scale about once in 32 fields, and a few blocks hold
+# several: for some seeds most draws are left out, which is expected here, not a slow strategy.
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(raw=st.binary(min_size=210, max_size=4 * 210))
 def test_random_blocks_match_gguf(name, raw):
     """Whole random blocks. Non-finite scales are left out (inf * 0 is a NaN whose payload is not the
