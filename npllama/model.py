@@ -17,7 +17,7 @@ names and layout back.
 
 Tracing. ``model(ids, trace=fn)`` calls ``fn(name, array)`` with every named intermediate of the
 call: ``tok_embeddings``; per layer ``layers.{i}.`` + each of LAYER_TRACE_NAMES; ``norm``;
-``logits``. The parity report (parity/report.py) compares the Torch backend's intermediates with
+``logits``. The parity report (npllama/report.py) compares another implementation's intermediates with
 these, name by name; ``trace_names`` lists them in the order they are computed.
 """
 
