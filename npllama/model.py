@@ -17,8 +17,8 @@ names and layout back.
 
 Tracing. ``model(ids, trace=fn)`` calls ``fn(name, array)`` with every named intermediate of the
 call: ``tok_embeddings``; per layer ``layers.{i}.`` + each of LAYER_TRACE_NAMES; ``norm``;
-``logits``. The parity report (npllama/report.py) compares another implementation's intermediates with
-these, name by name; ``trace_names`` lists them in the order they are computed.
+``logits``. The parity report (npllama/report.py) compares another implementation's
+intermediates with these, name by name; ``trace_names`` lists them in the order they are computed.
 """
 
 from __future__ import annotations
