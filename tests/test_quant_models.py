@@ -200,6 +200,10 @@ def test_types_outside_the_spec_load_as_float32_with_one_line(tmp_path, capfd):
     assert model.state_dict()["layers.0.attention.wq.weight"].types == ["F32"]     # float32, stacked with wk
     assert isinstance(model.state_dict()["layers.0.attention.wk.weight"], QuantizedMatrix)
     assert np.isfinite(model([[1, 2, 3]])).all()
+    floats = npllama.load(path, progress=False)                   # the default path says the same
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "IQ4_NL (2)" in err[0]
+    assert np.array_equal(floats([[1, 2, 3]]), model([[1, 2, 3]]))
 
 
 def test_weights_that_do_not_apply_say_what_would(tmp_path):

@@ -3,7 +3,8 @@
 A GGUF file is a header of key/value metadata (``llama.block_count``, ``tokenizer.ggml.tokens``, ...),
 a table of tensors, and their data, each tensor stored as float or in a block-quantised type
 (Q4_1: blocks of 32 weights sharing a scale and a minimum). The ``gguf`` package (llama.cpp's own
-Python reader) parses it; ``gguf.quants.dequantize`` turns every block type back into float32.
+Python reader) parses it; npllama.quant.gguf_blocks, npllama's own statement of each block type,
+turns the blocks back into float32 (gguf's dequantizer only for the types it does not state).
 
 Layout facts a loader must undo:
 
@@ -368,8 +369,15 @@ def check_vocabulary(tokenizer, embedding, path: Path) -> None:
 
 
 def dequantize(tensor, path: Path) -> np.ndarray:
-    """One tensor as a float array in (rows, cols) order (float16/32/64 kept, blocks -> float32)."""
+    """One tensor as a float array in (rows, cols) order (float16/32/64 kept, blocks -> float32).
+
+    Block types go through npllama's own statement of them (npllama.quant.gguf_blocks); the few
+    it does not cover (the IQ and ternary families: spec_covers) through the gguf package's
+    dequantizer, bit for bit the same arithmetic where both exist.
+    """
     import gguf
+
+    from ..quant import gguf_blocks
 
     kind = gguf.GGMLQuantizationType(tensor.tensor_type)
     shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))   # ne order -> numpy order
@@ -382,6 +390,8 @@ def dequantize(tensor, path: Path) -> np.ndarray:
             array = np.array(tensor.data)          # a copy: do not keep the file mapped
         elif kind.name.startswith("I") and kind.name[1:].isdigit():
             raise CheckpointError(f"{path}: tensor {tensor.name!r} holds integers ({kind.name}), not weights")
+        elif spec_covers(kind.name):
+            array = gguf_blocks.dequantize(tensor.data, kind.name, shape)
         else:
             array = gguf.quants.dequantize(tensor.data, kind)
     except NotImplementedError:
@@ -438,6 +448,7 @@ def load_gguf(path: Path, progress: Callable = lambda it, **kw: it, weights: str
         return args, blocks_to_half_layout(params, args, str(path)), tokenizer
     params = {npllama_name(t.name): dequantize(t, path)
               for t in progress(reader.tensors, desc=f"Loading {path.name}", unit="tensor")}
+    say_outside_the_spec(reader.tensors, path)
     return args, to_half_layout(params, args, str(path)), tokenizer
 
 
@@ -450,16 +461,14 @@ def keep_blocks(tensors, path: Path, progress: Callable = lambda it, **kw: it) -
     cover (the IQ and ternary families) is dequantized by the gguf package into float32, and one
     line on stderr says which types and how many tensors.
     """
-    from ..quant.gguf_blocks import BLOCK_TYPES
     from ..quant.matrix import QuantizedMatrix
 
     params: dict[str, Any] = {}
-    outside: dict[str, int] = {}
     for t in progress(tensors, desc=f"Loading {path.name}", unit="tensor"):
         kind = _type_name(t)
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))             # ne order -> numpy order
         name = npllama_name(t.name)
-        if len(shape) == 2 and kind in BLOCK_TYPES and kind != "F32":
+        if len(shape) == 2 and spec_covers(kind) and kind != "F32":
             if t.data.nbytes != int(t.n_bytes):
                 raise CheckpointError(f"{path}: tensor {t.name!r} needs {int(t.n_bytes)} bytes but the file "
                                       f"holds {t.data.nbytes}; the file is truncated")
@@ -471,15 +480,30 @@ def keep_blocks(tensors, path: Path, progress: Callable = lambda it, **kw: it) -
                 raise CheckpointError(f"{path}: tensor {t.name!r} holds {params[name].shape} weights, "
                                       f"but its header says {shape}")
         else:
-            if len(shape) == 2 and kind not in BLOCK_TYPES:
-                outside[kind] = outside.get(kind, 0) + 1
             params[name] = dequantize(t, path)
+    say_outside_the_spec(tensors, path)
+    return params
+
+
+def spec_covers(type_name: str) -> bool:
+    """Whether npllama.quant.gguf_blocks states this block type (the F32 / F16 / BF16 floats, the
+    Q4 / Q5 / Q8 and K-quant families); the IQ and ternary families it does not."""
+    from ..quant.gguf_blocks import BLOCK_TYPES
+    return type_name in BLOCK_TYPES
+
+
+def say_outside_the_spec(tensors, path: Path) -> None:
+    """One line on stderr naming the block types that loaded through gguf's dequantizer, if any."""
+    import sys
+    outside: dict[str, int] = {}
+    for t in tensors:
+        kind = _type_name(t)
+        if len(t.shape) == 2 and not spec_covers(kind) and kind not in ("F64", "I8", "I16", "I32", "I64"):
+            outside[kind] = outside.get(kind, 0) + 1
     if outside:
-        import sys
         listed = ", ".join(f"{k} ({n})" for k, n in sorted(outside.items()))
         print(f"{path.name}: tensors of types {listed} are not in npllama's block spec; "
               f"loaded through gguf's dequantizer into float32", file=sys.stderr)
-    return params
 
 
 def _read_bytes(path: Path, tensor) -> np.ndarray:
