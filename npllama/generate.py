@@ -89,7 +89,7 @@ class Generation:
     def __init__(self, steps: Iterator[list[int | None]], budgets: list[int], stops: set[int],
                  max_new_tokens: int, batched: bool, window: int, prompt_lengths: list[int]):
         self._steps, self.budgets, self._stops = steps, budgets, stops
-        self._max, self._batched = max_new_tokens, batched
+        self.max_new_tokens, self._batched = max_new_tokens, batched
         self.window, self.prompt_lengths = window, prompt_lengths
         self.tokens: list[list[int]] = [[] for _ in budgets]
 
@@ -116,7 +116,7 @@ class Generation:
             elif len(tokens) < budget:
                 reasons.append(None)
             else:
-                reasons.append(CONTEXT_FULL if budget < self._max else MAX_NEW_TOKENS)
+                reasons.append(CONTEXT_FULL if budget < self.max_new_tokens else MAX_NEW_TOKENS)
         return reasons
 
 

@@ -347,6 +347,19 @@ def test_chat_command_reads_lines_and_commands(tiny, backend):
     assert "[new conversation]" in result.output and "unknown command '/nope'" in result.output
 
 
+def test_chat_command_says_when_the_context_window_cut_an_answer(tiny):
+    from click.testing import CliRunner
+
+    from npllama.cli import main
+
+    folder, _ = tiny
+    result = CliRunner().invoke(main, ["chat", "-m", str(folder), "--context", "30", "-n", "200", "-q"],
+                                input="the\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert "the context window of 30 tokens is full" in result.stderr
+    assert "of 200 tokens" in result.stderr
+
+
 # ---------------------------------------------------------------------------------- the terminal
 def test_npllama_chat_in_a_pseudo_terminal():
     pexpect = pytest.importorskip("pexpect")

@@ -117,8 +117,9 @@ def chat(model_path, backend, device, weights, system, template, context, max_ne
             click.echo(" [stopped]", nl=False)
         click.echo()
         if session.last_turn.stopped == "context window full":
-            click.secho(f"[the answer stopped: the context window of {session.window} tokens is full; "
-                        f"/reset to start again, or a larger --context]", err=True, fg="yellow")
+            click.secho(f"[the answer stopped after {session.last_turn.generated} of {max_new_tokens} tokens: "
+                        f"the context window of {session.window} tokens is full; /reset to start again, "
+                        f"or a larger --context]", err=True, fg="yellow")
         if stats:
             s = session.last_turn
             click.echo(f"[{s.reused} tokens reused from the cache, {s.prefilled} read, {s.generated} generated "

@@ -33,7 +33,7 @@ def context_note(generation, row: int = 0) -> str:
     """One line saying that a row stopped because the context window was full."""
     made, held, window = len(generation.tokens[row]), generation.prompt_lengths[row], generation.window
     return (f"[stopped: the context window of {window} tokens is full (the prompt took {held}); "
-            f"{made} of the requested tokens were generated]")
+            f"{made} of the {generation.max_new_tokens} requested tokens were generated]")
 
 
 @click.command(help="Continue a prompt with a model (the default model if none is named). Several prompts "
