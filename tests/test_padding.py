@@ -162,6 +162,19 @@ def test_blockwise_attention_skips_tiles_of_padding(monkeypatch):
     assert len(score_products) == 0 + 1 + 2 + 3
 
 
+def test_blockwise_attention_with_padding_never_allocates_seq_by_seq():
+    from test_attention import traced_peak
+
+    rng = np.random.default_rng(2)
+    seq = 4096
+    q = rng.standard_normal((1, 2, seq, 64), dtype=np.float32)
+    k, v = (rng.standard_normal((1, 1, seq, 64), dtype=np.float32) for _ in range(2))
+    kv_mask = np.ones((1, seq), bool)
+    kv_mask[0, :1000] = False                                         # a long stretch of left padding
+    peak = traced_peak(flash_attention, q, k, v, kv_mask=kv_mask)
+    assert peak < seq * seq * 4 / 8, f"blockwise attention with a mask peaked at {peak / 2**20:.1f} MiB"
+
+
 def test_every_query_without_a_key_is_zero_not_nan():
     rng = np.random.default_rng(1)
     q = rng.standard_normal((1, 2, 5, 4), dtype=np.float32)
