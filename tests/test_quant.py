@@ -42,6 +42,9 @@ FLOAT16_FIELDS = {
 # significant bits, float16 11); a float32 output is the float32 sum itself.
 BFLOAT16_UNIT_ROUNDOFF = 2.0 ** -8
 OUTPUT_ROUNDING = {"float32": 0.0, "bfloat16": BFLOAT16_UNIT_ROUNDOFF, "float16": 2.0 ** -11}
+# Below the dtype's smallest normal number the spacing stops shrinking: a subnormal output (float16
+# below 6.1e-5, tiny products of small weights) may move by half the smallest subnormal, absolutely.
+OUTPUT_ROUNDING_FLOOR = {"float32": 0.0, "bfloat16": float(2.0 ** -134), "float16": float(2.0 ** -25)}
 
 # A float32 sum of K products, in any order, fused or not, is within gamma_K * sum_k |x_k w_k| of
 # the exact sum (Higham, "Accuracy and Stability of Numerical Algorithms", section 3.1), where
@@ -397,7 +400,7 @@ def _dot_tolerance(x: np.ndarray, w: np.ndarray, ref: np.ndarray, act: str, w_de
     moved = abs_x @ w_deviation.T                                               # |x @ (w' - w).T|
     summed = x.shape[1] * FLOAT32_DOT_GAMMA_PER_TERM * (abs_x @ (np.abs(w) + w_deviation).T)
     u = OUTPUT_ROUNDING[act]
-    return u * np.abs(ref) + (1 + u) * (moved + summed)
+    return u * np.abs(ref) + OUTPUT_ROUNDING_FLOOR[act] + (1 + u) * (moved + summed)
 
 
 @pytest.mark.parametrize("act", TORCH_DTYPES)
