@@ -86,11 +86,11 @@ def system_matmuls(model, prompt, n_tokens):
 
     def step():
         for layer in model.layers:
-            x @ layer.wqkv
-            xo @ layer.wo
-            x @ layer.w13
-            xh @ layer.w2
-        x @ model.output
+            x @ layer.wq.T, x @ layer.wk.T, x @ layer.wv.T
+            xo @ layer.wo.T
+            x @ layer.w1.T, x @ layer.w3.T
+            xh @ layer.w2.T
+        x @ model.output.T
 
     def decode():                               # n_tokens steps, timed as the NumPy decode is
         t = time.perf_counter()
@@ -173,12 +173,12 @@ def system_parity(np_model, prompt, n_tokens, dtype="float32", compile=None, wei
 # run (the wrapper costs a clock read per call); "the rest" is what the step spends outside them.
 STEP_PARTS = {
     "rms_norm": "RMSNorm (two per layer, and the final one)",
-    "wqkv": "the q, k, v product (one matrix)",
+    "wqkv": "the q, k, v products",
     "rotary": "rotary embedding of q and k",
     "cache": "cache write",
     "attention": "attention over the cache (scores, softmax, @ v)",
     "wo": "wo product",
-    "feed_forward": "the SwiGLU MLP: gate and up product (one matrix), SiLU gate, down product",
+    "feed_forward": "the SwiGLU MLP: gate and up products, SiLU gate, down product",
     "logits": "LM head product",
     "rest": "the rest: id check, rotary table, embedding row, reshapes, residual adds, argmax",
 }
@@ -190,7 +190,7 @@ def decode_breakdown(model, prompt, n_tokens) -> dict[str, float]:
     import npllama.model as spec
 
     spent = dict.fromkeys(STEP_PARTS, 0.0)
-    wqkv = {id(layer.wqkv) for layer in model.layers}
+    wqkv = {id(w) for layer in model.layers for w in (layer.wq, layer.wk, layer.wv)}
 
     def timed(fn, part_of):
         def wrapper(*args, **kwargs):

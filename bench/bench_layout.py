@@ -3,7 +3,7 @@
 npllama computes every projection as ``x @ w`` with w an (in, out) array; the array may lie in
 memory as (in, out) rows (C order) or as nn.Linear's (out, in) rows seen through a transposed view
 (F order). The arithmetic is the same; the speed of OpenBLAS's matrix-vector product is not.
-This script times one decode step's products alone (every layer's wqkv, wo, w13, w2 and the LM
+This script times one decode step's products alone (every layer's wq, wk, wv, wo, w1, w3, w2 and the LM
 head, float32, batch 1) with all matrices C order, then with one kind at a time in F order, and
 with npllama's choice (npllama.layout.IN_OUT_IN_MEMORY). Rounds are interleaved so that a drift in
 the machine's speed hits every variant alike; the median of the rounds' best times is reported.
@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-KINDS = ("wqkv", "wo", "w13", "w2", "output")
+KINDS = ("wq", "wk", "wv", "wo", "w1", "w3", "w2", "output")
 
 
 def c_order(a: np.ndarray) -> np.ndarray:
@@ -41,8 +41,8 @@ def matrices(model, f_kinds) -> list[np.ndarray]:
     """The step's matrices in call order, each (in, out), those of f_kinds in F order."""
     out = []
     for layer in model.layers:
-        out += [(f_order if k in f_kinds else c_order)(getattr(layer, k)) for k in KINDS[:4]]
-    out.append((f_order if "output" in f_kinds else c_order)(model.output))
+        out += [(f_order if k in f_kinds else c_order)(getattr(layer, k).T) for k in KINDS[:-1]]
+    out.append((f_order if "output" in f_kinds else c_order)(model.output.T))
     return out
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     chosen = tuple(k for k in KINDS if k not in IN_OUT_IN_MEMORY)
     variants = {"all (in, out) C order": ()}
     variants.update({f"{k} F order": (k,) for k in KINDS})
-    variants["wqkv, wo, w2 F order"] = ("wqkv", "wo", "w2")
+    variants["wq, wk, wv, wo, w2 F order"] = ("wq", "wk", "wv", "wo", "w2")
     variants[f"npllama's choice: {', '.join(chosen)} F order"] = chosen
     built = {name: matrices(model, kinds) for name, kinds in variants.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}

@@ -92,7 +92,7 @@ class KVCache:
         self._pending = (total, not new_mask.all())
         return self.positions[:, None] + counts - new_mask                # (batch, seq)
 
-    def visible(self, seq: int) -> np.ndarray:
+    def kv_mask(self, seq: int) -> np.ndarray:
         """(batch, length + seq): which slots the queries of the current call may attend to."""
         return self._mask[:, : self.length + seq]
 

@@ -1,22 +1,24 @@
 """How the weights are laid out for compute: npllama's performance choices, all in one place.
 
 Nothing here changes a number the model computes; each choice only decides in which order the
-same arithmetic touches memory. They are applied once, when a model is built from checkpoint
-weights (``npllama.model.Transformer``), so the maths in model.py reads as the equations. Why each
-was chosen, with the measurements, is in bench/RESULTS.md.
+same arithmetic touches memory. The spec (model.py) holds every matrix as its file does, (out, in),
+and applies it as ``x @ w.T``; these choices are applied after loading, so the maths reads as the
+equations. Why each was chosen, with the measurements, is in bench/RESULTS.md.
 
-1. Fused projections. Projections of the same input are placed side by side, so that each pair or
-   triple is one matrix product: wq|wk|wv -> ``attention.wqkv`` and w1|w3 -> ``feed_forward.w13``.
-   ``fuse_params`` and ``split_params`` are the one place that knows how; the Torch backend, the
-   trainer and the tests use them too.
-2. Memory order. Every matrix is used as ``x @ w`` with w (in, out); a decode step is one
-   matrix-vector product per matrix, and which memory order OpenBLAS streams faster depends on the
-   shape. ``IN_OUT_IN_MEMORY`` names the matrices kept (in, out) row-major; the others keep
-   nn.Linear's (out, in) rows in memory behind an (in, out) view (``compute_matrix``).
-3. Quantized weights. A model loaded with ``weights="gguf"`` keeps each matrix as GGUF blocks
-   (npllama.quant.matrix.QuantizedMatrix): fusing stacks the parts' blocks (``concat_rows``), the
-   memory order does not apply (each product dequantizes row pieces), and the embedding table is
-   the blocks too (``embedding_table``), looked up row by row; tied, the LM head is the same blocks.
+1. Fused projections. Projections of the same input can be placed side by side, so that each pair
+   or triple is one matrix product: wq|wk|wv -> ``attention.wqkv`` and w1|w3 -> ``feed_forward.w13``.
+   The NumPy model does not fuse: a decode step reads the same bytes either way and the two extra
+   products per layer cost nothing measurable (bench/RESULTS.md, "Unfused"). The Torch fast path
+   (parity/fast.py) and the trainer fuse after loading, per rank under tensor parallelism;
+   ``fuse_params`` and ``split_params`` are the one place that knows how.
+2. Memory order. A decode step is one matrix-vector product per matrix, and which memory order
+   OpenBLAS streams faster depends on the shape. ``IN_OUT_IN_MEMORY`` names the matrices whose
+   (out, in) array is a view of (in, out) row-major memory; the others keep the file's (out, in)
+   rows (``compute_matrix``).
+3. Quantized and mapped weights. A model loaded with ``weights="gguf"`` keeps each matrix as GGUF
+   blocks (npllama.quant.matrix.QuantizedMatrix): the memory order does not apply (each product
+   dequantizes row pieces), and the embedding table is the blocks too (``embedding_table``),
+   looked up row by row; tied, the LM head is the same blocks.
 4. Attention. ``attention="auto"`` runs blockwise (flash) attention from FLASH_MIN_LEN keys on
    (when more than one query is computed), naive attention below; BLOCK_Q x BLOCK_K is the tile.
 """
@@ -96,23 +98,24 @@ def _parse(name: str) -> tuple[str | None, str | None, str | None]:
 
 
 # ------------------------------------------------------------------------------ 2. memory order
-# Matrices stored (in, out) row-major; every other one is an (in, out) view of (out, in) memory
-# (the faster order for each, measured by bench/bench_layout.py; bench/RESULTS.md has the figures).
-IN_OUT_IN_MEMORY = frozenset({"wo", "w13", "output"})
+# Matrices whose (out, in) array views (in, out) row-major memory; every other one keeps the
+# file's (out, in) rows (the faster order for each, measured by bench/bench_layout.py;
+# bench/RESULTS.md has the figures).
+IN_OUT_IN_MEMORY = frozenset({"wo", "w1", "w3", "output"})
 
 
 def compute_matrix(name: str, weight: np.ndarray, dtype) -> np.ndarray:
-    """An nn.Linear weight (out, in) as the (in, out) matrix ``x @ w`` uses, in the chosen memory order.
+    """A weight (out, in) in dtype, in the memory order chosen for it; still (out, in) to the maths.
 
-    name: the matrix's short name ("wqkv", "wo", "w13", "w2", "output"). The numbers are the same
-    either way; only the order they lie in memory differs. A QuantizedMatrix stays blocks: its
-    (in, out) view, dequantized to dtype a piece at a time.
+    name: the matrix's short name ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"). The numbers
+    are the same either way; only the order they lie in memory differs. A QuantizedMatrix stays
+    blocks, dequantized to dtype a piece at a time when used.
     """
     if isinstance(weight, QuantizedMatrix):
-        return weight.astype(dtype).T
+        return weight.astype(dtype)
     if name in IN_OUT_IN_MEMORY:
-        return np.ascontiguousarray(np.asarray(weight).T, dtype=dtype)     # (in, out), C order
-    return np.ascontiguousarray(weight, dtype=dtype).T                    # (in, out), F order
+        return np.ascontiguousarray(np.asarray(weight).T, dtype=dtype).T    # (out, in), F order
+    return np.ascontiguousarray(weight, dtype=dtype)                      # (out, in), C order
 
 
 def embedding_table(weight: Any, dtype) -> Any:

@@ -3,22 +3,21 @@
     h = tok_embeddings[ids]
     for each layer:
         h = h + attention(attention_norm(h))      # rotary q/k, grouped kv heads, causal
-        h = h + feed_forward(ffn_norm(h))         # SwiGLU
-    logits = norm(h) @ output                      # output is tok_embeddings^T when tied
+        h = h + feed_forward(ffn_norm(h))         # SwiGLU: w2(silu(w1 x) * w3 x)
+    logits = output(norm(h))                       # output is tok_embeddings when tied
 
 Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models", section 2.2: a
 Transformer decoder with pre-normalization (RMSNorm), the SwiGLU activation and rotary embeddings;
 Llama 2 adds grouped-query attention.
 
-Weights arrive as a flat dict in checkpoint names and (out, in) layout (params.py) and are arranged
-once for compute (layout.py): every matrix is used as ``x @ w`` with w (in, out), and wq|wk|wv and
-w1|w3 sit side by side so that each group is one product. ``state_dict()`` gives the checkpoint
-names and layout back.
+Weights keep their files' orientation: every matrix is (out, in), as Meta, Hugging Face and
+nn.Linear hold it, and is applied as ``linear(x, w) = x @ w.T`` (params.py lists them). How they lie
+in memory is layout.py's choice, made once at load; the maths here does not change with it.
 
-Tracing. ``model(ids, trace=fn)`` calls ``fn(name, array)`` with every named intermediate of the
-call: ``tok_embeddings``; per layer ``layers.{i}.`` + each of LAYER_TRACE_NAMES; ``norm``;
-``logits``. The parity report (npllama/report.py) compares another implementation's
-intermediates with these, name by name; ``trace_names`` lists them in the order they are computed.
+Tracing. ``model(ids, trace=fn)`` calls ``fn(name, array)`` with every named intermediate, in the
+order of ``trace_names``: ``tok_embeddings``; per layer ``layers.{i}.`` + each of
+LAYER_TRACE_NAMES; ``norm``; ``logits``. The oracle (oracle.py) compares anyone's intermediates
+with these, and runs each layer from a port's own input to it through ``given``.
 """
 
 from __future__ import annotations
@@ -32,12 +31,12 @@ from .attention import flash_attention, naive_attention
 from .cache import KVCache
 from .config import ModelArgs
 from .errors import InputError
-from .layout import choose_attention, compute_matrix, embedding_table, fuse_params, split_params
+from .inputs import check_ids, check_mask, prepare_call
+from .layout import choose_attention, compute_matrix, embedding_table
 from .mlp import feed_forward, linear
 from .norm import rms_norm
 from .params import check_params
-from .rope import apply_rotary_emb, rope_cos_sin
-from .rope_scaling import rope_init
+from .rope import apply_rotary_emb
 
 Trace = Callable[[str, np.ndarray], None]
 
@@ -55,38 +54,51 @@ def trace_names(n_layers: int) -> list[str]:
 
 @dataclass(frozen=True)
 class Layer:
-    """One decoder layer's weights, arranged for compute (layout.py): every matrix is (in, out)."""
+    """One decoder layer's weights, each matrix (out, in) as in the checkpoint."""
     index: int
     attention_norm: np.ndarray        # (dim,)
-    wqkv: np.ndarray                  # (dim, (n_heads + 2 n_kv_heads) * head_dim): wq | wk | wv
-    wo: np.ndarray                    # (n_heads * head_dim, dim)
+    wq: np.ndarray                    # (n_heads * head_dim, dim)
+    wk: np.ndarray                    # (n_kv_heads * head_dim, dim)
+    wv: np.ndarray                    # (n_kv_heads * head_dim, dim)
+    wo: np.ndarray                    # (dim, n_heads * head_dim)
     ffn_norm: np.ndarray              # (dim,)
-    w13: np.ndarray                   # (dim, 2 * hidden_dim): w1 | w3
-    w2: np.ndarray                    # (hidden_dim, dim)
-    bqkv: np.ndarray | None = None    # biases, where the config has them
+    w1: np.ndarray                    # (hidden_dim, dim)   the gate
+    w2: np.ndarray                    # (dim, hidden_dim)   down
+    w3: np.ndarray                    # (hidden_dim, dim)   up
+    bq: np.ndarray | None = None      # biases (out,), where the config has them
+    bk: np.ndarray | None = None
+    bv: np.ndarray | None = None
     bo: np.ndarray | None = None
-    b13: np.ndarray | None = None
+    b1: np.ndarray | None = None
     b2: np.ndarray | None = None
+    b3: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class Context:
-    """What every layer of one forward call shares: the rotary angles of its positions, the cache,
-    which keys are real tokens, the attention implementation, and the trace hook."""
+    """What every layer of one forward call shares: the rotation angles of its positions, the
+    cache, which keys are real tokens, the attention implementation, and the trace hooks."""
     args: ModelArgs
-    cos: np.ndarray                   # (seq, rotary_dim), or (batch, 1, seq, rotary_dim) per row
-    sin: np.ndarray                   # the same shape as cos
-    cache: KVCache | None
-    attention: str                    # "naive", "flash" or "auto" (layout.choose_attention)
-    trace: Trace | None = None
-    kv_mask: np.ndarray | None = None  # (batch, kv_len): False where a slot is padding; None: no padding
+    cos: np.ndarray                   # (batch, 1, seq, rotary_dim)
+    sin: np.ndarray                   # (batch, 1, seq, rotary_dim)
+    cache: KVCache | None = None
+    kv_mask: np.ndarray | None = None  # (batch, kv_len): False where a key is padding; None: none is
+    attention_impl: str = "auto"      # "naive", "flash" or "auto" (layout.choose_attention)
+    trace: Trace | None = None        # sees every named intermediate
+    given: Mapping[str, np.ndarray] | None = None   # the oracle's: intermediates used instead of ours,
+                                                    # in the model's dtype
 
-    def record(self, layer: int | None, outputs: Mapping[str, np.ndarray]) -> None:
-        """Hand named intermediates to the trace hook (``layers.{layer}.`` + name), if there is one."""
+    def named(self, layer: int | None, op: str, x: np.ndarray) -> np.ndarray:
+        """x under its trace name (``layers.{layer}.`` + op, or op): shown to the trace hook, and
+        returned, or replaced by the one ``given`` holds under that name."""
+        if self.trace is None and self.given is None:
+            return x
+        name = op if layer is None else f"layers.{layer}.{op}"
         if self.trace is not None:
-            prefix = "" if layer is None else f"layers.{layer}."
-            for name, x in outputs.items():
-                self.trace(prefix + name, x)
+            self.trace(name, x)
+        if self.given is not None and name in self.given:
+            return self.given[name]
+        return x
 
 
 # ---------------------------------------------------------------------------- the blocks
@@ -97,16 +109,29 @@ def attention(x: np.ndarray, layer: Layer, ctx: Context) -> np.ndarray:
     the cache (if any) and the queries attend to every cached position and their own.
     """
     b, seq, _ = x.shape
-    hd, nq, nkv = ctx.args.head_dim, ctx.args.n_heads, ctx.args.n_kv_heads
-    qkv = linear(x, layer.wqkv, layer.bqkv)                      # (batch, seq, (nq + 2 nkv) * hd)
-    qkv = qkv.reshape(b, seq, nq + 2 * nkv, hd).transpose(0, 2, 1, 3)  # (batch, nq + 2 nkv, seq, hd)
-    qk = apply_rotary_emb(qkv[:, : nq + nkv], ctx.cos, ctx.sin)  # q and k rotated together
-    q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]          # (batch, nq | nkv | nkv, seq, hd)
-    keys, values = (k, v) if ctx.cache is None else ctx.cache.update(layer.index, k, v)  # (batch, nkv, kv_len, hd)
-    out = scaled_dot_product_attention(q, keys, values, ctx.attention, ctx.kv_mask)   # (batch, nq, seq, hd)
-    ctx.record(layer.index, {"attention.q": q, "attention.k": k, "attention.v": v, "attention.scores_v": out})
-    out = out.transpose(0, 2, 1, 3).reshape(b, seq, nq * hd)    # (batch, seq, nq * hd)
-    return linear(out, layer.wo, layer.bo)                       # (batch, seq, dim)
+    hd, i = ctx.args.head_dim, layer.index
+    xq = split_heads(linear(x, layer.wq, layer.bq), hd)          # (batch, n_heads, seq, head_dim)
+    xk = split_heads(linear(x, layer.wk, layer.bk), hd)          # (batch, n_kv_heads, seq, head_dim)
+    xv = split_heads(linear(x, layer.wv, layer.bv), hd)          # (batch, n_kv_heads, seq, head_dim)
+    xq = ctx.named(i, "attention.q", apply_rotary_emb(xq, ctx.cos, ctx.sin))
+    xk = ctx.named(i, "attention.k", apply_rotary_emb(xk, ctx.cos, ctx.sin))
+    xv = ctx.named(i, "attention.v", xv)
+    keys, values = (xk, xv) if ctx.cache is None else ctx.cache.update(i, xk, xv)  # (batch, n_kv_heads, kv_len, hd)
+    out = scaled_dot_product_attention(xq, keys, values, ctx.attention_impl, ctx.kv_mask)
+    out = ctx.named(i, "attention.scores_v", out)                # (batch, n_heads, seq, head_dim)
+    return linear(merge_heads(out), layer.wo, layer.bo)          # (batch, seq, dim)
+
+
+def split_heads(x: np.ndarray, head_dim: int) -> np.ndarray:
+    """(batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)."""
+    b, seq, _ = x.shape
+    return x.reshape(b, seq, -1, head_dim).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """(batch, heads, seq, head_dim) -> (batch, seq, heads * head_dim)."""
+    b, h, seq, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, seq, h * d)
 
 
 def scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, impl: str,
@@ -126,18 +151,123 @@ def scaled_dot_product_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, im
 
 def transformer_block(h: np.ndarray, layer: Layer, ctx: Context) -> np.ndarray:
     """One pre-norm decoder layer. h: (batch, seq, dim) -> (batch, seq, dim)."""
-    eps = ctx.args.norm_eps
-    x = rms_norm(h, layer.attention_norm, eps)                   # (batch, seq, dim)
-    a = attention(x, layer, ctx)
-    h_attn = h + a                                               # the residual stream after attention
-    y = rms_norm(h_attn, layer.ffn_norm, eps)
-    f = feed_forward(y, layer.w13, layer.w2, layer.b13, layer.b2)
-    h_out = h_attn + f                                           # ... and after the MLP
-    ctx.record(layer.index, {"attention_norm": x, "attention": a, "attention_residual": h_attn,
-                             "ffn_norm": y, "feed_forward": f, "ffn_residual": h_out})
-    return h_out
+    i, eps = layer.index, ctx.args.norm_eps
+    x = ctx.named(i, "attention_norm", rms_norm(h, layer.attention_norm, eps))      # (batch, seq, dim)
+    a = ctx.named(i, "attention", attention(x, layer, ctx))
+    h = ctx.named(i, "attention_residual", h + a)                # the residual stream after attention
+    y = ctx.named(i, "ffn_norm", rms_norm(h, layer.ffn_norm, eps))
+    f = ctx.named(i, "feed_forward", feed_forward(y, layer.w1, layer.w2, layer.w3, layer.b1, layer.b2, layer.b3))
+    return ctx.named(i, "ffn_residual", h + f)                   # ... and after the MLP
 
 
+# ---------------------------------------------------------------------------- the model
+class Transformer:
+    """A loaded LLaMA-family model: ``model(ids)`` and ``model(ids, cache=cache)`` give logits."""
+
+    def __init__(self, args: ModelArgs, params: Mapping[str, np.ndarray], tokenizer=None,
+                 dtype=np.float32, source: str = "checkpoint"):
+        check_params(args, params, source)
+        self.config = args
+        self.tokenizer = tokenizer
+        self.source = source               # what run-time errors name (npllama.numerics)
+        self.dtype = np.dtype(dtype)
+        vector = lambda name: np.ascontiguousarray(params[name], dtype=self.dtype) if name in params else None  # noqa: E731
+        matrix = lambda short, name: compute_matrix(short, params[name], self.dtype)                            # noqa: E731
+        self.tok_embeddings = embedding_table(params["tok_embeddings.weight"], self.dtype)   # (vocab, dim)
+        self.norm = vector("norm.weight")                                                   # (dim,)
+        self.output = matrix("output", "tok_embeddings.weight" if args.tie_word_embeddings
+                             else "output.weight")                                          # (vocab, dim)
+        self.layers = []
+        for i in range(args.n_layers):
+            a, f = f"layers.{i}.attention.", f"layers.{i}.feed_forward."
+            self.layers.append(Layer(
+                index=i, attention_norm=vector(f"layers.{i}.attention_norm.weight"),
+                wq=matrix("wq", a + "wq.weight"), wk=matrix("wk", a + "wk.weight"),
+                wv=matrix("wv", a + "wv.weight"), wo=matrix("wo", a + "wo.weight"),
+                ffn_norm=vector(f"layers.{i}.ffn_norm.weight"),
+                w1=matrix("w1", f + "w1.weight"), w2=matrix("w2", f + "w2.weight"), w3=matrix("w3", f + "w3.weight"),
+                bq=vector(a + "wq.bias"), bk=vector(a + "wk.bias"), bv=vector(a + "wv.bias"),
+                bo=vector(a + "wo.bias"), b1=vector(f + "w1.bias"), b2=vector(f + "w2.bias"),
+                b3=vector(f + "w3.bias")))
+
+    # -------------------------------------------------------------- the call
+    def __call__(self, ids, cache: KVCache | None = None, *, attention_mask=None, attention: str = "auto",
+                 trace: Trace | None = None, given: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
+        """ids: (batch, seq) integer token ids -> logits (batch, seq, vocab), float32.
+
+        attention_mask: (batch, seq) of 1 (a token) and 0 (padding), transformers' convention, for
+        a batch of sequences of different lengths. Each row's real tokens get positions 0, 1, 2,
+        ... counted from its first one, and padding is never attended, so a row's logits at its
+        real tokens are what the row alone gives (padding may sit anywhere: left, right, between).
+        The logits at padding are finite and meaningless.
+
+        With a cache, the ids continue the sequences the cache holds (it keeps each row's mask and
+        position count), and only the new columns' logits are returned; attention_mask then
+        covers the new columns only, or, as transformers' generate passes it, every column so far
+        (its cached part must match what the cache holds).
+        trace(name, array), if given, sees every named intermediate (see the module docstring);
+        given: name -> array, intermediates to continue from instead of the model's own (the
+        oracle's isolated trace runs each layer from a port's input to it).
+        """
+        call = prepare_call(self.config, ids, attention_mask, cache, self.dtype)     # inputs.py: the guards
+        ctx = Context(self.config, call.cos, call.sin, cache, call.kv_mask, attention, trace, given)
+        h = ctx.named(None, "tok_embeddings", self.tok_embeddings[call.ids])       # (batch, seq, dim)
+        for layer in self.layers:
+            h = transformer_block(h, layer, ctx)
+        if cache is not None:
+            cache.advance(call.ids.shape[1])
+        h = ctx.named(None, "norm", rms_norm(h, self.norm, self.config.norm_eps))
+        return ctx.named(None, "logits", linear(h, self.output).astype(np.float32, copy=False))  # (batch, seq, vocab)
+
+    def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
+        """An empty KV cache for batch_size sequences of up to max_seq_len positions each (default:
+        the context window, as far as the rotary scaling extends it)."""
+        return KVCache(self.config, batch_size, max_seq_len, dtype=self.dtype)
+
+    def loss(self, ids, labels=None, ignore_index: int = -100, attention_mask=None) -> float:
+        """Next-token cross-entropy of ids (labels default to ids, as in causal LM training).
+
+        attention_mask: (batch, seq), 0 for padding: padded positions are neither predicted nor
+        predict; each row's real tokens are scored as if the row ran alone (pack_real_tokens).
+        """
+        ids = self.check_ids(ids)
+        labels = ids if labels is None else np.asarray(labels)
+        if labels.shape != ids.shape:
+            raise InputError(f"labels have shape {labels.shape}, but ids have {ids.shape}")
+        logits = self(ids, attention_mask=attention_mask)
+        if attention_mask is not None:
+            logits, labels = pack_real_tokens(logits, labels, check_mask(attention_mask, ids.shape), ignore_index)
+        return cross_entropy_loss(logits, labels, ignore_index)
+
+    def check_ids(self, ids) -> np.ndarray:
+        """Token ids as an int64 (batch, seq) array, or an InputError that says what is wrong."""
+        return check_ids(ids, self.config.vocab_size)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The weights in checkpoint names (params.py): npllama's (Meta's) names, every matrix
+        (out, in), and wq / wk rows in the rotate-half layout (rope.py; Hugging Face's order, not
+        Meta's interleaved one: ``npllama export --layout meta`` writes that). The arrays themselves,
+        no copies; the tied LM head has no ``output.weight`` of its own."""
+        sd = {"tok_embeddings.weight": self.tok_embeddings, "norm.weight": self.norm}
+        if not self.config.tie_word_embeddings:
+            sd["output.weight"] = self.output
+        for layer in self.layers:
+            a, f = f"layers.{layer.index}.attention.", f"layers.{layer.index}.feed_forward."
+            parts = {f"layers.{layer.index}.attention_norm.weight": layer.attention_norm,
+                     f"layers.{layer.index}.ffn_norm.weight": layer.ffn_norm,
+                     a + "wq.weight": layer.wq, a + "wk.weight": layer.wk, a + "wv.weight": layer.wv,
+                     a + "wo.weight": layer.wo, f + "w1.weight": layer.w1, f + "w2.weight": layer.w2,
+                     f + "w3.weight": layer.w3, a + "wq.bias": layer.bq, a + "wk.bias": layer.bk,
+                     a + "wv.bias": layer.bv, a + "wo.bias": layer.bo, f + "w1.bias": layer.b1,
+                     f + "w2.bias": layer.b2, f + "w3.bias": layer.b3}
+            sd.update({name: w for name, w in parts.items() if w is not None})
+        return sd
+
+    def num_parameters(self) -> int:
+        return sum(a.size for a in self.state_dict().values())
+
+
+# ---------------------------------------------------------------------------- the loss
 def cross_entropy_loss(logits: np.ndarray, labels: np.ndarray, ignore_index: int = -100) -> float:
     """Mean next-token cross-entropy, as transformers' LlamaForCausalLM computes it.
 
@@ -172,187 +302,3 @@ def pack_real_tokens(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray,
         packed_logits[b, :count] = logits[b, real]
         packed_labels[b, :count] = labels[b, real]
     return packed_logits, packed_labels
-
-
-def check_token_ids(ids: np.ndarray, vocab_size: int, where: str = "") -> np.ndarray:
-    """ids (any shape) as int64, or an InputError (its message prefixed by where, e.g. "prompt 2: ")
-    naming the first non-integer or out-of-vocabulary id."""
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"{where}token ids must be integers, got {ids.dtype}")
-    bad = (ids < 0) | (ids >= vocab_size)
-    if bad.any():
-        raise InputError(f"{where}token id {int(ids[bad][0])} lies outside the vocabulary (0..{vocab_size - 1})")
-    return ids.astype(np.int64, copy=False)
-
-
-def check_mask(attention_mask, shape: tuple[int, int], cache: KVCache | None = None) -> np.ndarray:
-    """The mask of a call's new columns as (batch, seq) bool, or an InputError that says what is wrong.
-
-    None means every token is real. A mask as wide as the cache plus the new columns (what
-    transformers' generate passes) is accepted when its first columns equal the cache's mask.
-    Without a cache every row needs a real token; with one, a row may be all padding in one call
-    (a left-padded prompt prefilled in chunks) and get its tokens later.
-    """
-    if attention_mask is None:
-        return np.ones(shape, dtype=bool)
-    mask = np.asarray(attention_mask)
-    cached = 0 if cache is None else cache.length
-    if mask.ndim != 2 or mask.shape[0] != shape[0] or mask.shape[1] not in (shape[1], cached + shape[1]):
-        wide = f" (or {(shape[0], cached + shape[1])}, the cache's columns included)" if cached else ""
-        raise InputError(f"attention_mask has shape {mask.shape}; the ids have shape {shape}{wide}")
-    if mask.dtype != bool and not (np.issubdtype(mask.dtype, np.number) and np.isin(mask, (0, 1)).all()):
-        raise InputError("attention_mask must hold 1 for a token and 0 for padding, and nothing else")
-    mask = mask.astype(bool)
-    if mask.shape[1] != shape[1]:
-        if not np.array_equal(mask[:, :cached], cache.mask):
-            raise InputError("attention_mask's first columns do not match the padding the cache holds; "
-                             "pass the mask of the new columns only, or the whole mask unchanged")
-        mask = mask[:, cached:]
-    empty = ~mask.any(axis=1)
-    if cache is None and empty.any():   # with a cache, a row's real tokens may come in a later call
-        raise InputError(f"row {int(np.argmax(empty))} of attention_mask has no real token; every row "
-                         f"needs at least one (drop rows that are all padding)")
-    return mask
-
-
-def call_positions(mask: np.ndarray, cache: KVCache | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The rotary position of each column of a call, and which keys it may attend to.
-
-    mask: (batch, seq), False for padding -> positions (batch, seq): each real token's count of
-    real tokens before it in its row (the cache's included); kv_mask (batch, kv_len): the real
-    tokens among every key of the call, or None when there is no padding at all.
-    """
-    if cache is None:
-        return np.cumsum(mask, axis=1) - mask, (None if mask.all() else mask)
-    if cache.batch_size != mask.shape[0]:
-        raise InputError(f"the cache holds {cache.batch_size} sequences but ids has {mask.shape[0]} rows")
-    positions = cache.start(mask)
-    return positions, (cache.visible(mask.shape[1]) if cache.padded or not mask.all() else None)
-
-
-def rotary_angles(args: ModelArgs, positions: np.ndarray, mask: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin for every column of a call: (seq, rotary_dim) when every row has the same
-    positions, else (batch, 1, seq, rotary_dim). positions, mask: (batch, seq).
-
-    The variant's length (dynamic NTK) is one past the largest position of a real token in the
-    call, as transformers takes max(position_ids) + 1.
-    """
-    inv_freq, scaling = rope_init(args, int(positions[mask].max(initial=0)) + 1)
-    if (positions == positions[:1]).all():
-        return rope_cos_sin(inv_freq, positions[0], scaling, dtype)              # (seq, rotary_dim)
-    cos, sin = rope_cos_sin(inv_freq, positions, scaling, dtype)                 # (batch, seq, rotary_dim)
-    return cos[:, None], sin[:, None]                                            # (batch, 1, seq, rotary_dim)
-
-
-# ---------------------------------------------------------------------------- the model
-class Transformer:
-    """A loaded LLaMA-family model: ``model(ids)`` and ``model(ids, cache=cache)`` give logits."""
-
-    def __init__(self, args: ModelArgs, params: Mapping[str, np.ndarray], tokenizer=None,
-                 dtype=np.float32, source: str = "checkpoint"):
-        check_params(args, params, source)
-        self.config = args
-        self.tokenizer = tokenizer
-        self.source = source               # what run-time errors name (npllama.numerics)
-        self.dtype = np.dtype(dtype)
-        fused = fuse_params(args, params)
-        vector = lambda name: np.ascontiguousarray(fused[name], dtype=self.dtype) if name in fused else None  # noqa: E731
-        matrix = lambda short, name: compute_matrix(short, fused[name], self.dtype)                           # noqa: E731
-        self.tok_embeddings = embedding_table(fused["tok_embeddings.weight"], self.dtype)  # (vocab, dim)
-        self.norm = vector("norm.weight")                                          # (dim,)
-        self.output = matrix("output", "tok_embeddings.weight" if args.tie_word_embeddings
-                             else "output.weight")                                # (dim, vocab)
-        self.layers = []
-        for i in range(args.n_layers):
-            p = f"layers.{i}."
-            self.layers.append(Layer(
-                index=i,
-                attention_norm=vector(p + "attention_norm.weight"),
-                wqkv=matrix("wqkv", p + "attention.wqkv.weight"), bqkv=vector(p + "attention.wqkv.bias"),
-                wo=matrix("wo", p + "attention.wo.weight"), bo=vector(p + "attention.wo.bias"),
-                ffn_norm=vector(p + "ffn_norm.weight"),
-                w13=matrix("w13", p + "feed_forward.w13.weight"), b13=vector(p + "feed_forward.w13.bias"),
-                w2=matrix("w2", p + "feed_forward.w2.weight"), b2=vector(p + "feed_forward.w2.bias")))
-
-    # -------------------------------------------------------------- the call
-    def __call__(self, ids, cache: KVCache | None = None, *, attention_mask=None, attention: str = "auto",
-                 trace: Trace | None = None) -> np.ndarray:
-        """ids: (batch, seq) integer token ids -> logits (batch, seq, vocab), float32.
-
-        attention_mask: (batch, seq) of 1 (a token) and 0 (padding), transformers' convention, for
-        a batch of sequences of different lengths. Each row's real tokens get positions 0, 1, 2,
-        ... counted from its first one, and padding is never attended, so a row's logits at its
-        real tokens are what the row alone gives (padding may sit anywhere: left, right, between).
-        The logits at padding are finite and meaningless.
-
-        With a cache, the ids continue the sequences the cache holds (it keeps each row's mask and
-        position count), and only the new columns' logits are returned; attention_mask then
-        covers the new columns only, or, as transformers' generate passes it, every column so far
-        (its cached part must match what the cache holds).
-        trace(name, array), if given, sees every named intermediate (see the module docstring).
-        """
-        args = self.config
-        ids = self.check_ids(ids)
-        seq = ids.shape[1]
-        mask = check_mask(attention_mask, ids.shape, cache)                # (batch, seq) bool
-        positions, kv_mask = call_positions(mask, cache)                   # (batch, seq), (batch, kv_len)
-        cos, sin = rotary_angles(args, positions, mask, self.dtype)
-        ctx = Context(args, cos, sin, cache, attention, trace, kv_mask)
-        h = self.tok_embeddings[ids]                                  # (batch, seq, dim)
-        ctx.record(None, {"tok_embeddings": h})
-        for layer in self.layers:
-            h = transformer_block(h, layer, ctx)
-        if cache is not None:
-            cache.advance(seq)
-        h = rms_norm(h, self.norm, args.norm_eps)
-        logits = (h @ self.output).astype(np.float32, copy=False)     # (batch, seq, vocab)
-        ctx.record(None, {"norm": h, "logits": logits})
-        return logits
-
-    def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
-        """An empty KV cache for batch_size sequences of up to max_seq_len positions each (default:
-        the context window, as far as the rotary scaling extends it)."""
-        return KVCache(self.config, batch_size, max_seq_len, dtype=self.dtype)
-
-    def loss(self, ids, labels=None, ignore_index: int = -100, attention_mask=None) -> float:
-        """Next-token cross-entropy of ids (labels default to ids, as in causal LM training).
-
-        attention_mask: (batch, seq), 0 for padding: padded positions are neither predicted nor
-        predict; each row's real tokens are scored as if the row ran alone (pack_real_tokens).
-        """
-        ids = self.check_ids(ids)
-        labels = ids if labels is None else np.asarray(labels)
-        if labels.shape != ids.shape:
-            raise InputError(f"labels have shape {labels.shape}, but ids have {ids.shape}")
-        logits = self(ids, attention_mask=attention_mask)
-        if attention_mask is not None:
-            logits, labels = pack_real_tokens(logits, labels, check_mask(attention_mask, ids.shape), ignore_index)
-        return cross_entropy_loss(logits, labels, ignore_index)
-
-
-    def check_ids(self, ids) -> np.ndarray:
-        """Token ids as an int64 (batch, seq) array, or an InputError that says what is wrong."""
-        arr = np.asarray(ids)
-        if arr.ndim == 1:
-            arr = arr[None, :]
-        if arr.ndim != 2 or arr.shape[1] == 0 or arr.shape[0] == 0:
-            raise InputError(f"ids must be a non-empty (batch, seq) array of token ids, got shape {arr.shape}")
-        return check_token_ids(arr, self.config.vocab_size)
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """The weights back in checkpoint names and (out, in) layout (views, no copies)."""
-        sd = {"tok_embeddings.weight": self.tok_embeddings, "norm.weight": self.norm}
-        if not self.config.tie_word_embeddings:
-            sd["output.weight"] = self.output.T
-        for layer in self.layers:
-            p = f"layers.{layer.index}."
-            parts = {"attention_norm.weight": layer.attention_norm, "ffn_norm.weight": layer.ffn_norm,
-                     "attention.wqkv.weight": layer.wqkv.T, "attention.wqkv.bias": layer.bqkv,
-                     "attention.wo.weight": layer.wo.T, "attention.wo.bias": layer.bo,
-                     "feed_forward.w13.weight": layer.w13.T, "feed_forward.w13.bias": layer.b13,
-                     "feed_forward.w2.weight": layer.w2.T, "feed_forward.w2.bias": layer.b2}
-            sd.update({p + name: a for name, a in parts.items() if a is not None})
-        return split_params(self.config, sd)
-
-    def num_parameters(self) -> int:
-        return sum(a.size for a in self.state_dict().values())

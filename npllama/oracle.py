@@ -1,120 +1,32 @@
 """The oracle: the reference's every activation out, anyone's activations in.
 
-A *dump* is one plain safetensors file holding the activations of one forward pass of a
-LLaMA-family model, under npllama's trace names (npllama.model.trace_names), and the token ids
-it ran on:
-
-    input_ids                 int64  (batch, seq)
-    tok_embeddings            float  (batch, seq, dim)
-    layers.{i}.attention_norm        (batch, seq, dim)
-    layers.{i}.attention.q           (batch, n_heads, seq, head_dim)      after rotary
-    layers.{i}.attention.k           (batch, n_kv_heads, seq, head_dim)   after rotary
-    layers.{i}.attention.v           (batch, n_kv_heads, seq, head_dim)
-    layers.{i}.attention.scores_v    (batch, n_heads, seq, head_dim)      softmax(q k^T / sqrt(d)) v, before wo
-    layers.{i}.attention             (batch, seq, dim)                    after wo
-    layers.{i}.attention_residual    (batch, seq, dim)
-    layers.{i}.ffn_norm              (batch, seq, dim)
-    layers.{i}.feed_forward          (batch, seq, dim)
-    layers.{i}.ffn_residual          (batch, seq, dim)                    the layer's output
-    norm                             (batch, seq, dim)
-    logits                           (batch, seq, vocab_size)
-
-Activations are F64, F32, F16 or BF16, any mix; a dump may hold any subset of the names. The
-string metadata (safetensors' ``__metadata__``), all optional for a dump that is checked:
-
-    format          "npllama-trace"          schema_version  "1"
-    dtype           the dtype the model computed in (its tolerances judge the dump)
-    rotary_layout   "half" (rotate-half, Hugging Face and npllama) or "interleaved" (Meta,
-                    llama.cpp, gpt-fast): the channel order of q and k within each head
-    producer, npllama_version, prompt, model, model_sha256, layout (JSON: op -> its axes),
-    rotary_dim (the channels of each head that rotate)
-
-``npllama trace`` writes the reference's dump (write_dump); ``npllama parity --against`` and
-``npllama trace --against`` check anyone's (check_dump): the reference recomputes on the dump's
-own input_ids, in float64 on the same weights, and every name the dump holds becomes a row of
-the parity table (npllama/report.py). docs/parity.md holds the schema for readers; docs/porting.md
-walks through a port.
+``npllama trace`` writes the reference's dump (dump.py: the schema, reading and writing);
+``npllama parity --against`` and ``npllama trace --against`` check anyone's (check_dump): the
+reference recomputes on the dump's own input_ids, in float64 on the same weights, and every name
+the dump holds becomes a row of the parity table (npllama/report.py). docs/parity.md holds the
+schema for readers; docs/porting.md walks through a port.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from .errors import CheckpointError, InputError
-from .io import atomic_write
-from .model import LAYER_TRACE_NAMES, Context, Transformer, transformer_block, trace_names
-from .norm import rms_norm
+from .dump import (IDS, LAYOUT, RESIDUAL_STREAM, ROTARY_LAYOUTS, Dump, check_input_ids,  # noqa: F401
+                   dump_metadata, read_dump, write_dump)
+from .errors import InputError
+from .model import Transformer, trace_names
 from .report import Report, compare, errors, split_name
-from .rope import rope_cos_sin
-from .rope_scaling import rope_init
 from .tolerances import PARITY_RTOL, dtype_name, parity_rtol
 
-FORMAT = "npllama-trace"
-SCHEMA_VERSION = "1"
-ROTARY_LAYOUTS = ("half", "interleaved")
-IDS = "input_ids"
 DEFAULT_PROMPT = "The capital of France is"
-
-# The axes of each traced op (the same for every layer).
-LAYOUT = {
-    "tok_embeddings": "batch seq dim",
-    "attention_norm": "batch seq dim",
-    "attention.q": "batch n_heads seq head_dim",
-    "attention.k": "batch n_kv_heads seq head_dim",
-    "attention.v": "batch n_kv_heads seq head_dim",
-    "attention.scores_v": "batch n_heads seq head_dim",
-    "attention": "batch seq dim",
-    "attention_residual": "batch seq dim",
-    "ffn_norm": "batch seq dim",
-    "feed_forward": "batch seq dim",
-    "ffn_residual": "batch seq dim",
-    "norm": "batch seq dim",
-    "logits": "batch seq vocab_size",
-}
-assert set(LAYOUT) == {"tok_embeddings", "norm", "logits", *LAYER_TRACE_NAMES}
-RESIDUAL_STREAM = ("tok_embeddings", "attention_residual", "ffn_residual")
-
-# safetensors dtype <-> numpy; BF16 is read as its bits (numpy has no bfloat16) and widened.
-_FLOATS = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
-_INTS = {"I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "U32": np.dtype("<u4"),
-         "U16": np.dtype("<u2"), "U8": np.dtype("u1"), "I8": np.dtype("i1")}
-_DTYPE_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-
-
-@dataclass
-class Dump:
-    """A dump read back: activations widened to float64 (exactly), and what they were stored as."""
-    path: str
-    tensors: dict[str, np.ndarray]         # name -> float64 array
-    dtypes: dict[str, str]                 # name -> "float32", "bfloat16", ...
-    input_ids: np.ndarray | None           # (batch, seq) int64
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return Path(self.path).name
 
 
 # ---------------------------------------------------------------------------- writing
-def dump_metadata(dtype, producer: str, rotary_layout: str = "half", **extra: str | None) -> dict[str, str]:
-    """The string metadata of a dump (see the module docstring); extra keys whose value is None are left out."""
-    from . import __version__
-    if rotary_layout not in ROTARY_LAYOUTS:
-        raise InputError(f"rotary_layout {rotary_layout!r}: choose one of {', '.join(ROTARY_LAYOUTS)}")
-    meta = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "producer": producer,
-            "npllama_version": __version__, "dtype": dtype_name(dtype), "rotary_layout": rotary_layout,
-            "layout": json.dumps(LAYOUT)}
-    meta.update({k: str(v) for k, v in extra.items() if v is not None})
-    return meta
-
-
 def trace(model: Transformer, ids) -> dict[str, np.ndarray]:
     """Every activation npllama traces on ids, in forward order, in the model's dtype (logits float32).
 
@@ -127,74 +39,6 @@ def trace(model: Transformer, ids) -> dict[str, np.ndarray]:
 
     model(model.check_ids(ids), attention="naive", trace=keep)
     return out
-
-
-def write_dump(path: str | os.PathLike, activations: Mapping[str, np.ndarray], input_ids,
-               metadata: Mapping[str, str]) -> Path:
-    """Write a dump (NumPy arrays: float64, float32 or float16) atomically; returns the path."""
-    from safetensors.numpy import save
-
-    ids = check_input_ids(np.asarray(input_ids), str(path))
-    tensors = {IDS: ids}
-    for name, x in activations.items():
-        x = np.asarray(x)
-        if x.dtype not in (np.float64, np.float32, np.float16):
-            raise InputError(f"{name}: a dump holds float64, float32 or float16 arrays from NumPy, got {x.dtype}")
-        tensors[name] = np.ascontiguousarray(x)
-    data = save(tensors, metadata=dict(metadata))
-    with atomic_write(path) as f:
-        f.write(data)
-    return Path(path)
-
-
-# ---------------------------------------------------------------------------- reading
-def read_dump(path: str | os.PathLike) -> Dump:
-    """A dump read back; CheckpointError / InputError naming what is wrong with the file."""
-    from safetensors import safe_open
-
-    from .formats.hf import bf16_to_float32, read_safetensors_header
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such file; a dump is one .safetensors file (npllama trace --out writes one)")
-    header, start = read_safetensors_header(path)        # every offset checked against the file size
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = dict(f.metadata() or {})
-    except Exception as e:   # safetensors raises its own error types on a malformed file
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
-    tensors, dtypes, ids = {}, {}, None
-    for name, entry in header.items():
-        st, (begin, end), shape = entry["dtype"], entry["data_offsets"], entry["shape"]
-        raw_dtype = {**_FLOATS, **_INTS}.get(st)
-        if raw_dtype is None:
-            raise InputError(f"{path}: tensor {name!r} is {st}; activations are F64, F32, F16 or BF16, "
-                             f"{IDS} is I64")
-        raw = np.fromfile(path, dtype=raw_dtype, count=(end - begin) // raw_dtype.itemsize,
-                          offset=start + begin).reshape(shape)
-        if name == IDS:
-            if st not in _INTS:
-                raise InputError(f"{path}: {IDS} is {st}; token ids are integers (I64)")
-            ids = check_input_ids(raw.astype(np.int64), str(path))
-        elif st not in _FLOATS:
-            raise InputError(f"{path}: tensor {name!r} is {st}; activations are F64, F32, F16 or BF16")
-        else:
-            tensors[name] = (bf16_to_float32(raw) if st == "BF16" else raw).astype(np.float64)
-            dtypes[name] = _DTYPE_NAMES[st]
-    layout = metadata.get("rotary_layout", "half")
-    if layout not in ROTARY_LAYOUTS:
-        raise InputError(f"{path}: metadata rotary_layout is {layout!r}; write 'half' (rotate-half, as "
-                         f"Hugging Face) or 'interleaved' (Meta, llama.cpp, gpt-fast)")
-    return Dump(str(path), tensors, dtypes, ids, metadata)
-
-
-def check_input_ids(ids: np.ndarray, where: str) -> np.ndarray:
-    """input_ids as int64 (batch, seq), or an InputError naming the dump."""
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"{where}: {IDS} must be integer token ids, got {ids.dtype}")
-    if ids.ndim != 2 or 0 in ids.shape:
-        raise InputError(f"{where}: {IDS} must be a (batch, seq) array of token ids, got shape {ids.shape}")
-    return ids.astype(np.int64, copy=False)
 
 
 # ---------------------------------------------------------------------------- the reference
@@ -234,27 +78,17 @@ def isolated_trace(model: Transformer, ids: np.ndarray, given: Mapping[str, np.n
     Layer i runs from given["layers.{i-1}.ffn_residual"] (layer 0 from given["tok_embeddings"]),
     the final norm from the last layer's output, the LM head from given["norm"], where given holds
     them; where it does not, from the reference's own value. So each layer's error is what that
-    layer adds, not what it inherits. The steps are those of Transformer.__call__.
+    layer adds, not what it inherits. It is the model's own forward pass (Transformer.__call__'s
+    ``given``), with naive attention.
     -> (name -> array, the layers that had no input in given).
     """
-    args = model.config
-    seq = ids.shape[1]
+    n = model.config.n_layers
+    stream = ["tok_embeddings", *(f"layers.{i}.ffn_residual" for i in range(n)), "norm"]
+    inputs = {name: np.asarray(given[name], dtype=model.dtype) for name in stream if name in given}
     out: dict[str, np.ndarray] = {}
-    inv_freq, scaling = rope_init(args, seq)
-    cos, sin = rope_cos_sin(inv_freq, np.arange(seq), scaling, model.dtype)
-    ctx = Context(args=args, cos=cos, sin=sin, cache=None, attention="naive",
-                  trace=lambda name, x: out.__setitem__(name, x))
-    h = model.tok_embeddings[ids]                                   # (batch, seq, dim)
-    out["tok_embeddings"] = h
-    entering, own = "tok_embeddings", []
-    for layer in model.layers:
-        if entering not in given:
-            own.append(layer.index)
-        h = transformer_block(np.asarray(given.get(entering, h), dtype=model.dtype), layer, ctx)
-        entering = f"layers.{layer.index}.ffn_residual"
-    out["norm"] = rms_norm(np.asarray(given.get(entering, h), dtype=model.dtype), model.norm, args.norm_eps)
-    normed = np.asarray(given.get("norm", out["norm"]), dtype=model.dtype)
-    out["logits"] = (normed @ model.output).astype(np.float32)
+    model(ids, attention="naive", trace=lambda name, x: out.__setitem__(name, np.array(x, copy=True)),
+          given=inputs)
+    own = [i for i in range(n) if stream[i] not in inputs]
     return out, own
 
 

@@ -3,7 +3,7 @@
 parity.model mirrors npllama op for op, so that the two can be compared; this module computes the
 same function with everything that makes decoding fast on a GPU (and not slower on a CPU):
 
-- weights fused at build time (npllama.layout.fuse_params; gpt-fast fuses wq|wk|wv the same way
+- weights fused after loading (npllama.layout.fuse_params; gpt-fast fuses wq|wk|wv the same way
   and keeps w1, w3 apart): wq|wk|wv is one (q + 2 kv heads, dim) matrix and w1|w3 one
   (2 hidden_dim, dim) matrix, so each layer runs three GEMMs plus wo;
 - a static KV cache, (n_layers, batch, n_kv_heads, max_seq_len, head_dim), allocated once; each call
@@ -47,7 +47,7 @@ from npllama.config import ModelArgs
 from npllama.errors import CheckpointError, InputError
 from npllama.generate import check_budget, row_seeds
 from npllama.layout import fuse_params
-from npllama.model import check_token_ids
+from npllama.inputs import check_token_ids
 
 from .mlp import linear, silu
 from .rope import rope_cos_sin, rope_init
@@ -82,6 +82,19 @@ def project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, in_out: bo
 
 
 # ---------------------------------------------------------------------------- the weights
+class Stacked(nn.Module):
+    """Quantized projections of one input joined along "out": each runs its own kernel and the
+    outputs are concatenated (int4's packed buffers cannot be joined the way float rows can)."""
+
+    def __init__(self, parts: Sequence[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch.cat([part.linear(x) for part in self.parts], dim=-1)
+        return y if bias is None else y + bias
+
+
 class FastBlock(nn.Module):
     """One layer's weights in compute layout, fused where two projections share their input.
 
@@ -149,18 +162,18 @@ class FastWeights(nn.Module):
                 self.output = _frozen(head)                                         # (vocab, dim)
 
     def _from_quantized(self, model) -> None:
-        """The weights of a quantized parity model, read off its tree (fused names, (out, in))."""
+        """The weights of a quantized parity model, read off its tree ((out, in)); the projections
+        that share an input are stacked (Stacked: quantized buffers are not concatenated)."""
         self.in_out = False
         fused: dict = {}
         for layer in model.layers:
-            p = f"layers.{layer.index}."
-            for name, module in (("attention_norm", layer.attention_norm), ("ffn_norm", layer.ffn_norm),
-                                 ("attention.wqkv", layer.attention.wqkv), ("attention.wo", layer.attention.wo),
-                                 ("feed_forward.w13", layer.feed_forward.w13),
-                                 ("feed_forward.w2", layer.feed_forward.w2)):
-                fused[p + name + ".weight"] = module.weight
-                if getattr(module, "bias", None) is not None:
-                    fused[p + name + ".bias"] = module.bias
+            p, a, f = f"layers.{layer.index}.", layer.attention, layer.feed_forward
+            for name, parts in (("attention_norm", [layer.attention_norm]), ("ffn_norm", [layer.ffn_norm]),
+                                ("attention.wqkv", [a.wq, a.wk, a.wv]), ("attention.wo", [a.wo]),
+                                ("feed_forward.w13", [f.w1, f.w3]), ("feed_forward.w2", [f.w2])):
+                fused[p + name + ".weight"] = parts[0].weight if len(parts) == 1 else Stacked([m.weight for m in parts])
+                if getattr(parts[0], "bias", None) is not None:
+                    fused[p + name + ".bias"] = torch.cat([m.bias for m in parts])
         self.tok_embeddings = _frozen(model.tok_embeddings.weight)                  # (vocab, dim)
         self.layers = nn.ModuleList(FastBlock(fused, f"layers.{i}.", False) for i in range(self.config.n_layers))
         self.norm = _frozen(model.norm.weight)

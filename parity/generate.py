@@ -21,6 +21,7 @@ import torch
 from npllama.errors import InputError
 from npllama.generate import Generation, check_budget, is_batch, left_pad, row_seeds
 from npllama.generate import generate_text as generate_text_with
+from npllama.rope_scaling import context_window
 
 from .cache import KVCache
 from .numerics import bad_logits, check_finite_logits, non_finite_error
@@ -37,7 +38,7 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, settings: SamplingSet
     batched = is_batch(prompt_ids)
     prompts = [np.asarray(model.check_ids(p)[0].cpu()) for p in (prompt_ids if batched else [prompt_ids])]
     rows = len(prompts)
-    window = cache.max_seq_len if cache is not None else model.config.max_seq_len
+    window = cache.max_seq_len if cache is not None else context_window(model.config)
     held = [0] * rows if cache is None else [int(n) for n in cache.positions]
     budgets = [check_budget(len(p), held[r], window, max_new_tokens) for r, p in enumerate(prompts)]
     if cache is None:

@@ -1,7 +1,7 @@
 """The SwiGLU feed-forward block (Shazeer 2020), the Torch twin of npllama.mlp.
 
-Weights keep nn.Linear's (out, in) layout here (npllama stores the transpose): ``linear`` is
-``F.linear``, so a checkpoint's tensors are used as they are and autograd sees plain parameters.
+Weights keep nn.Linear's (out, in) layout, as npllama's do: ``linear`` is ``F.linear``, so a
+checkpoint's tensors are used as they are and autograd sees plain parameters.
 A quantized weight (parity.quant, npllama's QuantizedMatrix twin) brings its own kernel.
 """
 
@@ -28,13 +28,11 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x)
 
 
-def feed_forward(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                 b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
+def feed_forward(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                 b1: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+                 b3: torch.Tensor | None = None) -> torch.Tensor:
     """out = w2(silu(w1 x) * w3 x)   (Meta's FeedForward; HF: gate_proj = w1, up_proj = w3, down_proj = w2).
 
-    x: (batch, seq, dim); w13: (2 * hidden_dim, dim), w1 and w3 stacked (one product for both);
-    w2: (dim, hidden_dim) -> (batch, seq, dim)
+    x: (batch, seq, dim); w1, w3: (hidden_dim, dim); w2: (dim, hidden_dim) -> (batch, seq, dim)
     """
-    gate_up = linear(x, w13, b13)                            # (batch, seq, 2 * hidden_dim)
-    gate, up = gate_up.chunk(2, dim=-1)                      # (batch, seq, hidden_dim) each
-    return linear(silu(gate) * up, w2, b2)                   # (batch, seq, dim)
+    return linear(silu(linear(x, w1, b1)) * linear(x, w3, b3), w2, b2)

@@ -9,13 +9,12 @@
 The maths are functions (``attention``, ``transformer_block``, ``scaled_dot_product_attention``,
 ``cross_entropy_loss``), one for one with npllama.model, and they share npllama's per-call
 ``Context`` (rotary angles, cache, attention implementation, trace hook). The weights live in a
-tree of small ``nn.Module`` containers named as Meta names them, with wq|wk|wv and w1|w3 fused as
-npllama.layout fuses them, so ``state_dict()`` gives back exactly the checkpoint names of
-npllama.params.param_shapes, in nn.Linear's (out, in) layout, and the parameters are
+tree of small ``nn.Module`` containers named as Meta names them, unfused as in the files, so
+``state_dict()`` gives back exactly the checkpoint names of npllama.params.param_shapes, in
+nn.Linear's (out, in) layout (npllama's too), and the parameters are
 ``nn.Parameter``\\ s that autograd can train (forward is differentiable end to end).
 
 Differences from npllama, all deliberate:
-- linear weights stay (out, in) and go through ``F.linear`` (npllama stores them transposed);
 - ``attention="auto"`` picks torch's fused ``sdpa`` (npllama picks naive or blockwise): every
   implementation computes the same function, and the parity tests hold each to npllama's;
 - ``loss`` returns a 0-dim tensor (differentiable), not a float;
@@ -34,8 +33,8 @@ from torch import nn
 
 from npllama.config import ModelArgs
 from npllama.errors import InputError
-from npllama.layout import concat_rows, fuse_params, split_params
-from npllama.model import Context, call_positions, check_mask
+from npllama.inputs import call_positions, check_mask
+from npllama.model import Context
 from npllama.params import check_params
 
 from .attention import flash_attention, naive_attention, sdpa_attention
@@ -53,21 +52,32 @@ ATTENTION_IMPLS = ("naive", "flash", "sdpa", "auto")
 def attention(x: torch.Tensor, layer: "TransformerBlock", ctx: Context) -> torch.Tensor:
     """Multi-head attention with rotary q and k and grouped key/value heads.
 
-    x: (batch, seq, dim) -> (batch, seq, dim). wq, wk and wv are one (out, in) =
-    ((n_heads + 2 n_kv_heads) head_dim, dim) matrix, as in npllama, so the three projections are
-    one product; q and k rotate together.
+    x: (batch, seq, dim) -> (batch, seq, dim). The keys and values of this call are written to
+    the cache (if any) and the queries attend to every cached position and their own.
     """
+    hd, i, a = ctx.args.head_dim, layer.index, layer.attention
+    xq = split_heads(linear(x, a.wq.weight, a.wq.bias), hd)      # (batch, n_heads, seq, head_dim)
+    xk = split_heads(linear(x, a.wk.weight, a.wk.bias), hd)      # (batch, n_kv_heads, seq, head_dim)
+    xv = split_heads(linear(x, a.wv.weight, a.wv.bias), hd)      # (batch, n_kv_heads, seq, head_dim)
+    xq = ctx.named(i, "attention.q", apply_rotary_emb(xq, ctx.cos, ctx.sin))
+    xk = ctx.named(i, "attention.k", apply_rotary_emb(xk, ctx.cos, ctx.sin))
+    xv = ctx.named(i, "attention.v", xv)
+    keys, values = (xk, xv) if ctx.cache is None else ctx.cache.update(i, xk, xv)  # (batch, n_kv_heads, kv_len, hd)
+    out = scaled_dot_product_attention(xq, keys, values, ctx.attention_impl, ctx.kv_mask)
+    out = ctx.named(i, "attention.scores_v", out)                # (batch, n_heads, seq, head_dim)
+    return linear(merge_heads(out), a.wo.weight, a.wo.bias)      # (batch, seq, dim)
+
+
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(batch, seq, heads * head_dim) -> (batch, heads, seq, head_dim)."""
     b, seq, _ = x.shape
-    hd, nq, nkv, a = ctx.args.head_dim, ctx.args.n_heads, ctx.args.n_kv_heads, layer.attention
-    qkv = linear(x, a.wqkv.weight, a.wqkv.bias)                  # (batch, seq, (nq + 2 nkv) * hd)
-    qkv = qkv.view(b, seq, nq + 2 * nkv, hd).transpose(1, 2)     # (batch, nq + 2 nkv, seq, hd)
-    qk = apply_rotary_emb(qkv[:, : nq + nkv], ctx.cos, ctx.sin)  # q and k rotated together
-    q, k, v = qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv:]          # (batch, nq | nkv | nkv, seq, hd)
-    keys, values = (k, v) if ctx.cache is None else ctx.cache.update(layer.index, k, v)  # (batch, nkv, kv_len, hd)
-    out = scaled_dot_product_attention(q, keys, values, ctx.attention, ctx.kv_mask)   # (batch, nq, seq, hd)
-    ctx.record(layer.index, {"attention.q": q, "attention.k": k, "attention.v": v, "attention.scores_v": out})
-    out = out.transpose(1, 2).reshape(b, seq, nq * hd)          # (batch, seq, nq * hd)
-    return linear(out, a.wo.weight, a.wo.bias)                   # (batch, seq, dim)
+    return x.view(b, seq, -1, head_dim).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, seq, head_dim) -> (batch, seq, heads * head_dim)."""
+    b, h, seq, d = x.shape
+    return x.transpose(1, 2).reshape(b, seq, h * d)
 
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str,
@@ -92,16 +102,14 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 def transformer_block(h: torch.Tensor, layer: "TransformerBlock", ctx: Context) -> torch.Tensor:
     """One pre-norm decoder layer. h: (batch, seq, dim) -> (batch, seq, dim)."""
-    x = rms_norm(h, layer.attention_norm.weight, layer.attention_norm.eps)   # (batch, seq, dim)
-    a = attention(x, layer, ctx)
-    h_attn = h + a                                               # the residual stream after attention
-    y = rms_norm(h_attn, layer.ffn_norm.weight, layer.ffn_norm.eps)
-    m = layer.feed_forward
-    f = feed_forward(y, m.w13.weight, m.w2.weight, m.w13.bias, m.w2.bias)
-    h_out = h_attn + f                                           # ... and after the MLP
-    ctx.record(layer.index, {"attention_norm": x, "attention": a, "attention_residual": h_attn,
-                             "ffn_norm": y, "feed_forward": f, "ffn_residual": h_out})
-    return h_out
+    i, m = layer.index, layer.feed_forward
+    x = ctx.named(i, "attention_norm", rms_norm(h, layer.attention_norm.weight, layer.attention_norm.eps))
+    a = ctx.named(i, "attention", attention(x, layer, ctx))
+    h = ctx.named(i, "attention_residual", h + a)                # the residual stream after attention
+    y = ctx.named(i, "ffn_norm", rms_norm(h, layer.ffn_norm.weight, layer.ffn_norm.eps))
+    f = ctx.named(i, "feed_forward", feed_forward(y, m.w1.weight, m.w2.weight, m.w3.weight,
+                                                  m.w1.bias, m.w2.bias, m.w3.bias))
+    return ctx.named(i, "ffn_residual", h + f)                   # ... and after the MLP
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -136,15 +144,13 @@ def pack_real_tokens(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Ten
 
 def rotary_angles(args: ModelArgs, positions: np.ndarray, mask: np.ndarray, dtype: torch.dtype,
                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for every column of a call (npllama.model.rotary_angles): (seq, rotary_dim) when
-    every row has the same positions, else (batch, 1, seq, rotary_dim). positions, mask: (batch,
-    seq) on the host; the table is npllama's float64 one, the angles are computed on the device."""
+    """cos and sin for every column of a call (npllama.inputs.rotary_angles): (batch, 1, seq,
+    rotary_dim). positions, mask: (batch, seq) on the host; the table is npllama's float64 one,
+    the angles are computed on the device."""
     inv_freq, scaling = rope_init(args, int(positions[mask].max(initial=0)) + 1, device=device)
     positions = torch.from_numpy(np.ascontiguousarray(positions)).to(device)
-    if bool((positions == positions[:1]).all()):
-        return rope_cos_sin(inv_freq, positions[0], scaling, dtype)                 # (seq, rotary_dim)
     cos, sin = rope_cos_sin(inv_freq, positions, scaling, dtype)                    # (batch, seq, rotary_dim)
-    return cos[:, None], sin[:, None]                                               # (batch, 1, seq, rotary_dim)
+    return cos[:, None], sin[:, None]
 
 
 def _host(mask):
@@ -188,19 +194,19 @@ class Embedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """wqkv (wq, wk, wv stacked along "out") and wo of one layer (HF: q|k|v_proj, o_proj)."""
+    """wq, wk, wv and wo of one layer (HF: q_proj, k_proj, v_proj, o_proj)."""
 
-    def __init__(self, wqkv: Linear, wo: Linear):
+    def __init__(self, wq: Linear, wk: Linear, wv: Linear, wo: Linear):
         super().__init__()
-        self.wqkv, self.wo = wqkv, wo
+        self.wq, self.wk, self.wv, self.wo = wq, wk, wv, wo
 
 
 class FeedForward(nn.Module):
-    """w13 (w1, w3 stacked along "out") and w2 of one layer's SwiGLU (HF: gate|up_proj, down_proj)."""
+    """w1, w2 and w3 of one layer's SwiGLU (HF: gate_proj, down_proj, up_proj)."""
 
-    def __init__(self, w13: Linear, w2: Linear):
+    def __init__(self, w1: Linear, w2: Linear, w3: Linear):
         super().__init__()
-        self.w13, self.w2 = w13, w2
+        self.w1, self.w2, self.w3 = w1, w2, w3
 
 
 class TransformerBlock(nn.Module):
@@ -232,34 +238,32 @@ class Transformer(nn.Module):
         self.config = args
         self.tokenizer = tokenizer
         self.source = source               # what run-time errors name (parity.numerics)
-        fused = fuse_params(args, params, concat=_concat)
-
         def tensor(name: str) -> torch.Tensor | None:
-            if name not in fused:
+            if name not in params:
                 return None
-            a = fused[name]
+            a = params[name]
             a = a.detach() if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
             return a.to(device=device, dtype=dtype, copy=True).contiguous()
 
         def lin(name: str) -> Linear:
-            weight = quantize(name, fused[name + ".weight"]) if quantize else tensor(name + ".weight")
+            weight = quantize(name, params[name + ".weight"]) if quantize else tensor(name + ".weight")
             return Linear(weight, tensor(name + ".bias"), requires_grad)
 
         self.tok_embeddings = Embedding(tensor("tok_embeddings.weight"), requires_grad)   # (vocab, dim)
         self.layers = nn.ModuleList()
         for i in range(args.n_layers):
-            p = f"layers.{i}."
+            p, a, f = f"layers.{i}.", f"layers.{i}.attention.", f"layers.{i}.feed_forward."
             self.layers.append(TransformerBlock(
                 i, RMSNorm(tensor(p + "attention_norm.weight"), args.norm_eps, requires_grad),
-                Attention(lin(p + "attention.wqkv"), lin(p + "attention.wo")),
+                Attention(lin(a + "wq"), lin(a + "wk"), lin(a + "wv"), lin(a + "wo")),
                 RMSNorm(tensor(p + "ffn_norm.weight"), args.norm_eps, requires_grad),
-                FeedForward(lin(p + "feed_forward.w13"), lin(p + "feed_forward.w2"))))
+                FeedForward(lin(f + "w1"), lin(f + "w2"), lin(f + "w3"))))
         self.norm = RMSNorm(tensor("norm.weight"), args.norm_eps, requires_grad)           # (dim,)
         if not args.tie_word_embeddings:
-            head = quantize("output", fused["output.weight"]) if quantize else tensor("output.weight")
+            head = quantize("output", params["output.weight"]) if quantize else tensor("output.weight")
             self.output = Linear(head, None, requires_grad)                                # (vocab, dim)
         elif quantize:                                 # tied: the head quantized, the lookup kept float
-            self.output = Linear(quantize("output", fused["tok_embeddings.weight"]))
+            self.output = Linear(quantize("output", params["tok_embeddings.weight"]))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -276,36 +280,37 @@ class Transformer(nn.Module):
 
     # -------------------------------------------------------------- the call
     def forward(self, ids, cache: KVCache | None = None, *, attention_mask=None, attention: str = "auto",
-                trace: Trace | None = None) -> torch.Tensor:
+                trace: Trace | None = None, given: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """ids: (batch, seq) integer token ids -> logits (batch, seq, vocab), float32, on the device.
 
         attention_mask: (batch, seq) of 1 (a token) and 0 (padding), with npllama.model's meaning:
         each row's real tokens get positions counted from its first one, and padding is never
         attended. With a cache, the ids continue the sequences the cache holds, and only the new
         columns' logits are returned. trace(name, tensor), if given, sees every named
-        intermediate under npllama's names.
+        intermediate under npllama's names; given: name -> tensor, intermediates to continue from
+        instead of the model's own (parity.report.capture_isolated).
         """
-        args = self.config
         if attention not in ATTENTION_IMPLS:
             raise InputError(f"unknown attention implementation {attention!r}; "
                              f"choose one of {', '.join(ATTENTION_IMPLS)}")
         ids = self.check_ids(ids)
-        seq = ids.shape[1]
-        mask = check_mask(_host(attention_mask), tuple(ids.shape), cache)       # (batch, seq) bool, host
-        positions, kv_mask = call_positions(mask, cache)                         # host bookkeeping, as npllama
-        cos, sin = rotary_angles(args, positions, mask, self.dtype, self.device)
-        kv_mask = None if kv_mask is None else torch.from_numpy(np.ascontiguousarray(kv_mask)).to(self.device)
-        ctx = Context(args, cos, sin, cache, attention, trace, kv_mask)
-        h = F.embedding(ids, self.tok_embeddings.weight)                      # (batch, seq, dim)
-        ctx.record(None, {"tok_embeddings": h})
+        ctx = self.prepare_call(ids, attention_mask, cache, attention, trace, given)
+        h = ctx.named(None, "tok_embeddings", F.embedding(ids, self.tok_embeddings.weight))   # (batch, seq, dim)
         for layer in self.layers:
             h = transformer_block(h, layer, ctx)
         if cache is not None:
-            cache.advance(seq)
-        h = rms_norm(h, self.norm.weight, self.norm.eps)
-        logits = linear(h, self.output_weight).float()                        # (batch, seq, vocab)
-        ctx.record(None, {"norm": h, "logits": logits})
-        return logits
+            cache.advance(ids.shape[1])
+        h = ctx.named(None, "norm", rms_norm(h, self.norm.weight, self.norm.eps))
+        return ctx.named(None, "logits", linear(h, self.output_weight).float())   # (batch, seq, vocab)
+
+    def prepare_call(self, ids: torch.Tensor, attention_mask, cache: KVCache | None, attention: str,
+                     trace: Trace | None, given) -> Context:
+        """npllama.inputs.prepare_call's checks and bookkeeping (on the host), the angles on the device."""
+        mask = check_mask(_host(attention_mask), tuple(ids.shape), cache)          # (batch, seq) bool, host
+        positions, kv_mask = call_positions(self.config, mask, cache)
+        cos, sin = rotary_angles(self.config, positions, mask, self.dtype, self.device)
+        kv_mask = None if kv_mask is None else torch.from_numpy(np.ascontiguousarray(kv_mask)).to(self.device)
+        return Context(self.config, cos, sin, cache, kv_mask, attention, trace, given)
 
     def new_cache(self, batch_size: int = 1, max_seq_len: int | None = None) -> KVCache:
         """An empty static KV cache for batch_size sequences of up to max_seq_len (default: the
@@ -354,25 +359,6 @@ class Transformer(nn.Module):
                                  f"(0..{self.config.vocab_size - 1})")
         return t.to(device=self.device, dtype=torch.int64)
 
-    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
-        """The weights in checkpoint names and (out, in) layout, as npllama.Transformer.state_dict:
-        wqkv and w13 are split back into wq, wk, wv and w1, w3 (views of the fused tensors)."""
-        sd = super().state_dict(prefix=prefix, keep_vars=keep_vars)
-        split = split_params(self.config, sd, prefix)
-        if destination is None:
-            return split
-        destination.update(split)
-        return destination
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load weights in checkpoint names (as state_dict gives them) or in the fused names."""
-        return super().load_state_dict(fuse_params(self.config, state_dict, concat=_concat),
-                                       strict=strict, assign=assign)
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-
-def _concat(parts: list) -> "np.ndarray | torch.Tensor":
-    """Join NumPy arrays, QuantizedMatrix or tensors along axis 0 (npllama.layout.fuse_params's concat)."""
-    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else concat_rows(parts)

@@ -1,7 +1,7 @@
 """Quantized weights in the Torch backend: the weight-only int8 and int4 kernels, the twin of npllama.quant.
 
     model = parity.load(path, weights="int8" | "int4" | "gguf")     # parity/__init__.py
-    y = linear(x, model.layers[0].attention.wqkv.weight)             # an Int8Weight / Int4Weight module
+    y = linear(x, model.layers[0].attention.wq.weight)               # an Int8Weight / Int4Weight module
 
 A quantized projection keeps its weight as small integers and scales (npllama.quant.weight_only
 states the schemes, their error bounds and the kernels' constraints) and computes

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from npllama.errors import InputError
-from npllama.layout import split_params
 from npllama.model import Transformer as NumpyTransformer
 from npllama.tolerances import QUANT_KERNEL_PARITY_RTOL, dtype_name
 
@@ -48,18 +47,19 @@ def kernel_reference(model) -> NumpyTransformer:
     The config is untied: the LM head's values are its kernel's, the lookup's the float table's.
     """
     args = model.config.replace(tie_word_embeddings=False)
-    fused: dict[str, np.ndarray] = {"tok_embeddings.weight": _numpy(model.tok_embeddings.weight),
+    params: dict[str, np.ndarray] = {"tok_embeddings.weight": _numpy(model.tok_embeddings.weight),
                                     "norm.weight": _numpy(model.norm.weight),
                                     "output.weight": _numpy(model.output_weight)}
     for layer in model.layers:
-        p = f"layers.{layer.index}."
+        p, a, f = f"layers.{layer.index}.", layer.attention, layer.feed_forward
         for name, module in (("attention_norm", layer.attention_norm), ("ffn_norm", layer.ffn_norm),
-                             ("attention.wqkv", layer.attention.wqkv), ("attention.wo", layer.attention.wo),
-                             ("feed_forward.w13", layer.feed_forward.w13), ("feed_forward.w2", layer.feed_forward.w2)):
-            fused[f"{p}{name}.weight"] = _numpy(module.weight)
+                             ("attention.wq", a.wq), ("attention.wk", a.wk), ("attention.wv", a.wv),
+                             ("attention.wo", a.wo), ("feed_forward.w1", f.w1), ("feed_forward.w2", f.w2),
+                             ("feed_forward.w3", f.w3)):
+            params[f"{p}{name}.weight"] = _numpy(module.weight)
             if getattr(module, "bias", None) is not None:
-                fused[f"{p}{name}.bias"] = _numpy(module.bias)
-    return NumpyTransformer(args, split_params(args, fused), model.tokenizer, dtype=np.float64)
+                params[f"{p}{name}.bias"] = _numpy(module.bias)
+    return NumpyTransformer(args, params, model.tokenizer, dtype=np.float64)
 
 
 def kernel_report(model, ids, attention: str = "auto", isolate: bool = False) -> Report:

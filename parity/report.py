@@ -74,13 +74,8 @@ def capture_isolated(model, ids, reference: dict[str, np.ndarray], attention: st
     reference's input to it, rounded to the model's dtype, instead of the model's own.
 
     Errors then do not carry from layer to layer: each op's error is what its own layer adds.
-    The steps are those of parity.model.Transformer.forward, with the residual stream replaced.
+    It is the model's own forward pass (``given``: the residual stream replaced).
     """
-    from .model import transformer_block
-    from .mlp import linear
-    from .norm import rms_norm
-    from .rope import rope_cos_sin, rope_init
-
     outputs: dict[str, np.ndarray] = {}
     dtypes: dict[str, str] = {}
 
@@ -88,22 +83,11 @@ def capture_isolated(model, ids, reference: dict[str, np.ndarray], attention: st
         dtypes[name] = dtype_name(x.dtype)
         outputs[name] = x.detach().to("cpu", torch.float64).numpy()
 
-    def given(name: str) -> torch.Tensor:        # the reference's tensor, in the model's dtype
-        return torch.from_numpy(reference[name]).to(device=model.device, dtype=model.dtype)
-
-    args, ids = model.config, model.check_ids(ids)
-    seq = ids.shape[1]
+    n = model.config.n_layers
+    stream = ["tok_embeddings", *(f"layers.{i}.ffn_residual" for i in range(n)), "norm"]
+    given = {name: torch.from_numpy(reference[name]).to(device=model.device, dtype=model.dtype) for name in stream}
     with torch.no_grad():
-        inv_freq, scaling = rope_init(args, seq, device=model.device)
-        cos, sin = rope_cos_sin(inv_freq, torch.arange(seq, device=model.device), scaling, model.dtype)
-        ctx = Context(args, cos, sin, None, attention, trace)
-        trace("tok_embeddings", torch.nn.functional.embedding(ids, model.tok_embeddings.weight))
-        h = "tok_embeddings"
-        for layer in model.layers:
-            transformer_block(given(h), layer, ctx)
-            h = f"layers.{layer.index}.ffn_residual"
-        trace("norm", rms_norm(given(h), model.norm.weight, model.norm.eps))
-        trace("logits", linear(given("norm"), model.output_weight).float())
+        model(ids, attention=attention, trace=trace, given=given)
     return in_forward_order(outputs), dtypes
 
 

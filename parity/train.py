@@ -50,7 +50,6 @@ from npllama.formats.hf import args_from_config, read_safetensors_header, safete
 from npllama.errors import CheckpointError, ConfigError, InputError, TokenizerError
 from npllama.io import (atomic_write, check_regular, make_folder, read_json, read_regular, remove_folder,
                         remove_leftovers)
-from npllama.layout import fuse_params, split_params
 from npllama.params import init_params
 
 from . import resolve_device, resolve_dtype
@@ -288,14 +287,13 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 
 def optimizer_tensors(model: Transformer, opt: torch.optim.AdamW) -> dict[str, np.ndarray]:
     """AdamW's state as named arrays in checkpoint names: {name}.exp_avg, {name}.exp_avg_sq, and
-    "step" (every parameter takes every step). The model's fused tensors (wqkv, w13) are split
-    back into wq, wk, wv, w1, w3 as npllama.layout.split_params does for the weights, so the file does
-    not depend on how the Torch model groups its parameters."""
+    "step" (every parameter takes every step). The model's parameters carry the checkpoint names
+    (wq, wk, wv, w1, w3 unfused), so the file's names are those of the weights."""
     params = dict(model.named_parameters())
     out: dict[str, np.ndarray] = {}
     for key in MOMENTS:
         moments = {n: opt.state[p][key] for n, p in params.items() if p in opt.state}
-        for name, t in split_params(model.config, moments).items():
+        for name, t in moments.items():
             out[f"{name}.{key}"] = t.detach().cpu().numpy()
     steps = {float(s["step"]) for s in opt.state.values()}
     if steps:
@@ -305,9 +303,8 @@ def optimizer_tensors(model: Transformer, opt: torch.optim.AdamW) -> dict[str, n
 
 def load_optimizer_tensors(model: Transformer, opt: torch.optim.AdamW, tensors: Mapping[str, np.ndarray]) -> None:
     """Put saved AdamW moments and the step back (the inverse of optimizer_tensors)."""
-    moments = {key: fuse_params(model.config, {n[: -len(key) - 1]: torch.from_numpy(np.array(v))
-                                               for n, v in tensors.items() if n.endswith("." + key)},
-                                concat=torch.cat)
+    moments = {key: {n[: -len(key) - 1]: torch.from_numpy(np.array(v)) for n, v in tensors.items()
+                     if n.endswith("." + key)}
                for key in MOMENTS}
     if "step" not in tensors:
         raise CheckpointError("the optimizer state has no step; it was not written by npllama train")

@@ -18,6 +18,7 @@ from npllama.errors import InputError
 from npllama.generate import generate as np_generate
 from npllama.model import Transformer as NumpyTransformer
 from npllama.params import param_shapes
+from npllama.rope_scaling import context_window
 from npllama.sampling import SamplingSettings
 from npllama.tolerances import parity_rtol
 from parity.generate import generate as torch_generate
@@ -42,7 +43,7 @@ def configs(draw, max_layers: int = 3) -> ModelArgs:
                      hidden_dim=draw(st.sampled_from([8, 40, 64])), head_dim=head_dim,
                      norm_eps=draw(st.sampled_from([1e-6, 1e-5])), rope_theta=draw(st.sampled_from([1e4, 5e5])),
                      rope_scaling=draw(rope_scalings()), partial_rotary_factor=partial,
-                     max_seq_len=draw(st.sampled_from([12, 64])),   # 12: prompts run past it (dynamic)
+                     max_seq_len=draw(st.sampled_from([12, 64])),   # 12: dynamic NTK's window runs past it
                      tie_word_embeddings=draw(st.booleans()), attention_bias=draw(st.booleans()),
                      attention_out_bias=draw(st.booleans()), mlp_bias=draw(st.booleans()))
 
@@ -80,7 +81,7 @@ impls = st.sampled_from(["naive", "flash", "sdpa", "auto"])
        st.sampled_from([0.5, 1.0]), st.integers(0, 2**32 - 1))
 def test_every_op_matches_npllama_float64(args, dtype, impl, batch, seq, c, seed):
     """Uncached: the output of every op of every layer, within the dtype's end-to-end tolerance."""
-    assume(valid_config(args))
+    assume(valid_config(args) and seq <= context_window(args))     # a call without a cache stays in the window
     model = Transformer(args, random_params(args, seed, c), dtype=dtype)
     ids = np.random.default_rng(seed).integers(0, args.vocab_size, (batch, seq))
     report = parity_report(model, ids, attention=impl)
@@ -116,7 +117,7 @@ def test_cached_chunks_match_npllama_cached(args, dtype, impl, seq, data):
 @given(configs(max_layers=2), st.integers(3, 16), st.integers(0, 2**32 - 1))
 def test_cached_equals_uncached_in_torch(args, seq, seed):
     """Within the Torch backend: one pass == prefill + one token at a time (static cache)."""
-    assume(valid_config(args) and (args.rope_type != "dynamic" or seq <= args.max_seq_len))
+    assume(valid_config(args) and seq <= args.max_seq_len)
     model = Transformer(args, random_params(args, seed), dtype=torch.float64)
     ids = np.random.default_rng(seed).integers(0, args.vocab_size, (1, seq))
     cache = model.new_cache(1, max_seq_len=seq)
@@ -136,8 +137,8 @@ def test_state_dict_is_npllamas_and_round_trips():
     assert set(sd) == set(want) == set(param_shapes(args))
     for name, value in want.items():
         assert sd[name].dtype == torch.float32 and np.array_equal(sd[name].numpy(), value), name
-    # the fused parameters are what autograd sees; load_state_dict takes checkpoint names back
-    assert {n for n, _ in model.named_parameters()} >= {"layers.0.attention.wqkv.weight", "layers.1.feed_forward.w13.bias"}
+    # the parameters autograd sees carry the checkpoint names; load_state_dict takes them back
+    assert {n for n, _ in model.named_parameters()} == set(param_shapes(args))
     other = Transformer(args, random_params(args, 1))
     other.load_state_dict(sd)
     assert all(torch.equal(a, b) for a, b in zip(other.parameters(), model.parameters()))
@@ -340,3 +341,17 @@ def test_cuda_generates_npllamas_tokens():
     for sampling, seed in ((SamplingSettings(), None), (SamplingSettings(0.9, 10, 0.9), 5)):
         want = list(np_generate(np_model, [1, 2, 3], 20, sampling, seed, stop_ids=()))
         assert list(torch_generate(model, [1, 2, 3], 20, sampling, seed, stop_ids=())) == want
+
+
+def test_the_twin_generates_to_the_same_window_under_dynamic_ntk():
+    """Without a cache, both backends stop at the context window that dynamic NTK extends
+    (factor x max_seq_len), not at max_seq_len."""
+    args = ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=30, hidden_dim=24, max_seq_len=8,
+                     rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    np_model = NumpyTransformer(args, random_params(args, 0))
+    model = parity.from_numpy(np_model)
+    want = list(np_generate(np_model, [1, 2, 3], 100, SamplingSettings(), 0, stop_ids=()))
+    with torch.no_grad():
+        got = list(torch_generate(model, [1, 2, 3], 100, SamplingSettings(), 0, stop_ids=()))
+    assert len(want) == context_window(args) - 3 + 1 == 14      # the last token is never fed back
+    assert got == want

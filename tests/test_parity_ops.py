@@ -90,7 +90,7 @@ def test_linear(dtype, b, seq, n_in, n_out, bias, seed):
     x, x64 = rounded(rng.standard_normal((b, seq, n_in)), dtype)
     w, w64 = rounded(rng.standard_normal((n_out, n_in)) / math.sqrt(n_in), dtype)   # (out, in)
     bb, b64 = rounded(rng.standard_normal(n_out), dtype) if bias else (None, None)
-    check(tm.linear(x, w, bb), nm.linear(x64, w64.T, b64), dtype)   # npllama's w is (in, out)
+    check(tm.linear(x, w, bb), nm.linear(x64, w64, b64), dtype)     # both (out, in), as nn.Linear
 
 
 @settings(max_examples=30, deadline=None)
@@ -113,12 +113,12 @@ def test_silu_saturates_without_nan(dtype):
 def test_feed_forward(dtype, b, seq, dim, hidden, bias, seed):
     rng = np.random.default_rng(seed)
     x, x64 = rounded(rng.standard_normal((b, seq, dim)), dtype)
-    (w13, w13_64), (w2, w2_64) = (rounded(rng.standard_normal(s) / math.sqrt(s[1]), dtype)
-                                  for s in ((2 * hidden, dim), (dim, hidden)))      # (out, in)
-    (b13, b13_64), (b2, b2_64) = (rounded(0.1 * rng.standard_normal(n), dtype) if bias else (None, None)
-                                  for n in (2 * hidden, dim))
-    out = tm.feed_forward(x, w13, w2, b13, b2)
-    check(out, nm.feed_forward(x64, w13_64.T, w2_64.T, b13_64, b2_64), dtype)   # npllama: (in, out)
+    (w1, w1_64), (w2, w2_64), (w3, w3_64) = (rounded(rng.standard_normal(s) / math.sqrt(s[1]), dtype)
+                                             for s in ((hidden, dim), (dim, hidden), (hidden, dim)))  # (out, in)
+    (b1, b1_64), (b2, b2_64), (b3, b3_64) = (rounded(0.1 * rng.standard_normal(n), dtype) if bias else (None, None)
+                                             for n in (hidden, dim, hidden))
+    out = tm.feed_forward(x, w1, w2, w3, b1, b2, b3)
+    check(out, nm.feed_forward(x64, w1_64, w2_64, w3_64, b1_64, b2_64, b3_64), dtype)
 
 
 # ------------------------------------------------------------------------------ rotary

@@ -74,9 +74,9 @@ def plant(monkeypatch, model, where: str, layer: int, n_layers: int = ARGS.n_lay
     if where == "mlp":                                           # a slightly wrong SwiGLU
         real = parity.model.feed_forward
 
-        def wrong(x, w13, w2, b13=None, b2=None):
+        def wrong(x, *weights):
             calls["n"] += 1
-            out = real(x, w13, w2, b13, b2)
+            out = real(x, *weights)
             return out * (1.002 if (calls["n"] - 1) % n_layers == layer else 1.0)
         monkeypatch.setattr(parity.model, "feed_forward", wrong)
         return "feed_forward"

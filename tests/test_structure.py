@@ -87,12 +87,35 @@ def test_fused_weights_split_back_exactly_for_numpy_and_torch():
     assert all(np.array_equal(model.state_dict()[n], params[n]) for n in params)
 
 
-def test_the_model_traces_exactly_the_names_of_trace_names():
+def test_the_model_traces_trace_names_in_their_order():
+    """The hook sees every name once, in exactly trace_names' order (what first_overflow relies on)."""
     args = ModelArgs(dim=16, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=30, hidden_dim=24)
     model = Transformer(args, init_params(args))
     seen = []
     model(np.array([[1, 2, 3]]), trace=lambda name, x: seen.append(name))
-    assert sorted(seen) == sorted(trace_names(3)) and len(seen) == len(set(seen))
+    assert seen == trace_names(3)
+    import parity
+    seen_torch = []
+    parity.from_numpy(model)(np.array([[1, 2, 3]]), trace=lambda name, x: seen_torch.append(name))
+    assert seen_torch == trace_names(3)
+
+
+# Where a weight of 3e38 first overflows float32, planted in one op's weight of a 1-layer model.
+PLANTED = {"tok_embeddings": "tok_embeddings.weight", "layers.0.attention_norm": "layers.0.attention_norm.weight",
+           "layers.0.attention.q": "layers.0.attention.wq.weight", "layers.0.attention.k": "layers.0.attention.wk.weight",
+           "layers.0.attention.v": "layers.0.attention.wv.weight", "layers.0.attention": "layers.0.attention.wo.weight",
+           "layers.0.ffn_norm": "layers.0.ffn_norm.weight", "layers.0.feed_forward": "layers.0.feed_forward.w2.weight",
+           "norm": "norm.weight", "logits": "output.weight"}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("op", PLANTED)
+def test_first_overflow_names_the_op_where_it_is_planted(op):
+    from npllama.numerics import first_overflow
+    args = ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=30, hidden_dim=24)
+    params = init_params(args, seed=1)
+    params[PLANTED[op]] = np.full_like(params[PLANTED[op]], 3e38)
+    assert first_overflow(Transformer(args, params), np.array([[1, 2, 3]])) == op
 
 
 def test_torch_commands_arrive_as_plug_ins():
