@@ -117,6 +117,9 @@ def hub_error_line(e: Exception, hub_id: HubId) -> str:
     from huggingface_hub import errors
 
     repo = hub_id.repo
+    cause = e.__cause__ or e.__context__
+    if isinstance(e, errors.LocalEntryNotFoundError) and isinstance(cause, errors.HfHubHTTPError):
+        e = cause                    # the Hub answered (and the cache had nothing): say what it answered
     status = getattr(getattr(e, "response", None), "status_code", None)
     token = "set HF_TOKEN to a token of an account that has access (or run `hf auth login`)"
     if isinstance(e, errors.GatedRepoError) or (isinstance(e, errors.HfHubHTTPError) and status == 403):
@@ -129,11 +132,10 @@ def hub_error_line(e: Exception, hub_id: HubId) -> str:
         return f"the repository {repo} has no revision {hub_id.revision!r}; name a branch, tag or commit it has"
     if isinstance(e, errors.LocalEntryNotFoundError):
         where = f"{repo}" + (f" at revision {hub_id.revision}" if hub_id.revision else "")
-        if offline():
+        if offline() or isinstance(cause, errors.OfflineModeIsEnabled):
             return (f"{where} is not in the Hub cache {hub_cache()}, and HF_HUB_OFFLINE is set; fetch it where "
                     f"the Hub is reachable (`hf download {repo}`) and copy that cache here, or download the "
                     f"folder and pass its path")
-        cause = e.__cause__ or e.__context__
         said = f" ({type(cause).__name__}: {str(cause).splitlines()[0][:120]})" if cause else ""
         return (f"the Hub cannot be reached{said} and {where} is not in the Hub cache {hub_cache()}; "
                 f"download the model on a machine with access (`hf download {repo} --local-dir DIR`) and copy "

@@ -227,7 +227,7 @@ class Tokenizer:
         if version not in LLAMA3_SPECIAL_TOKENS:
             raise TokenizerError(f"unknown Llama 3 tokenizer version {version!r}; choose one of "
                                  f"{', '.join(LLAMA3_SPECIAL_TOKENS)}")
-        path = Path(path).expanduser().resolve()   # absolute, so tiktoken never reads it as a URL
+        path = Path(path).expanduser().absolute()   # absolute, so tiktoken never reads it as a URL
         raw = read_regular(path, MAX_TIKTOKEN_BYTES, TokenizerError)
         if not is_tiktoken_file(path):
             raise TokenizerError(f"{path}: not a tiktoken rank file (lines of 'base64-token rank'); is it a "

@@ -5,9 +5,10 @@ This machine has no Hub, so each test lays out a cache as huggingface_hub writes
 models the test saves itself, points HF_HUB_CACHE at it and sets HF_HUB_OFFLINE=1."""
 
 import hashlib
-import importlib
+import http.server
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from click.testing import CliRunner
 
 import npllama
 from npllama.errors import CheckpointError
-from npllama.hub import HUB_FILES, IGNORED, HubId, hub_error_line, parse_hub_id
+from npllama.hub import HUB_FILES, IGNORED, HubId, parse_hub_id
 
 pytest.importorskip("torch")
 from tiny import gguf_vocab_from_bpe, random_llama, save_gguf, tiny_config, train_bpe  # noqa: E402
@@ -135,14 +136,23 @@ def test_a_missing_hub_id_is_one_line_that_names_both_readings(hub):
         npllama.load("org/tiny@nope", progress=False)
 
 
-def test_without_a_network_the_line_says_what_to_do(hub, monkeypatch):
-    """The Hub asked and not reached (a closed local port stands for a machine without a network)."""
+@pytest.fixture
+def online(hub, monkeypatch):
+    """HF_HUB_OFFLINE unset: the Hub is asked. (huggingface_hub reads HF_HUB_OFFLINE once, when it is
+    first imported, and conftest.py sets it for the whole run; its constant follows the variable here.)"""
+    from huggingface_hub import constants
+
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def test_without_a_network_the_line_says_what_to_do(online, monkeypatch):
+    """The Hub asked and not reached (a closed local port stands for a machine without a network)."""
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
     with pytest.raises(CheckpointError) as e:
         npllama.load("org/missing", progress=False)
     message = str(e.value)
-    assert "\n" not in message and "the Hub cannot be reached" in message
+    assert "\n" not in message and "the Hub cannot be reached (" in message and "Offline" not in message
     assert "copy the folder here" in message and "HF_HUB_OFFLINE=1" in message
 
 
@@ -197,25 +207,45 @@ def test_only_the_files_npllama_reads_are_fetched():
 
 
 # ------------------------------------------------------------------------------------ what the Hub says
-def hub_http_error(cls, status: int):
-    """One of huggingface_hub's errors as it raises it for an HTTP answer (with a response of the HTTP
-    library it is built on)."""
-    from huggingface_hub import errors
+class StandInHub(http.server.BaseHTTPRequestHandler):
+    """A local HTTP server that answers every request as the Hub answers for a repository this
+    machine may not read: the status and X-Error-Code of ``answers[repo]`` (huggingface_hub reads both)."""
+    answers = {"org/gated": (403, "GatedRepo"), "org/private": (401, "RepoNotFound"), "org/forbidden": (403, None)}
 
-    base = next(c for c in errors.HfHubHTTPError.__mro__ if c.__module__.split(".")[0] not in ("huggingface_hub", "builtins"))
-    http = importlib.import_module(base.__module__.split(".")[0])
-    response = http.Response(status, request=http.Request("GET", "http://127.0.0.1:9/api/models/org/name"))
-    return cls(f"{status} Client Error for url: http://127.0.0.1:9/api/models/org/name", response=response)
+    def do_GET(self):
+        repo = next((r for r in self.answers if f"/{r}/" in self.path + "/"), None)
+        status, code = self.answers.get(repo, (404, "EntryNotFound"))
+        self.send_response(status)
+        if code:
+            self.send_header("X-Error-Code", code)
+            self.send_header("X-Error-Message", f"Access to model {repo} is restricted.")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args):
+        pass
 
 
-def test_a_gated_repository_is_one_line_about_the_licence_and_the_token():
-    from huggingface_hub import errors
+@pytest.fixture
+def stand_in_hub(online, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StandInHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    yield
+    server.shutdown()
+    thread.join()
 
-    hub_id = HubId("meta-llama/Llama-3.2-1B")
-    for e in (hub_http_error(errors.GatedRepoError, 403), hub_http_error(errors.HfHubHTTPError, 403)):
-        line = hub_error_line(e, hub_id)
-        assert "\n" not in line and "gated" in line and "licence" in line and "HF_TOKEN" in line
-    line = hub_error_line(hub_http_error(errors.RepositoryNotFoundError, 401), hub_id)
-    assert "\n" not in line and "no repository meta-llama/Llama-3.2-1B" in line and "HF_TOKEN" in line
-    line = hub_error_line(hub_http_error(errors.RevisionNotFoundError, 404), HubId("org/name", None, "v9"))
-    assert "no revision 'v9'" in line
+
+def test_a_gated_or_private_repository_is_one_line_about_the_licence_and_the_token(stand_in_hub):
+    for path in ("org/gated", "org/gated/model.gguf", "org/forbidden"):
+        with pytest.raises(CheckpointError) as e:
+            npllama.load(path, progress=False)
+        message = str(e.value)
+        assert "\n" not in message and "no such local file or folder" in message, message
+        assert "is a gated repository: accept its licence" in message and "HF_TOKEN" in message, message
+    with pytest.raises(CheckpointError) as e:
+        npllama.load("org/private", progress=False)
+    assert "no repository org/private that this machine may read" in str(e.value) and "HF_TOKEN" in str(e.value)
