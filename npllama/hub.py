@@ -50,10 +50,14 @@ class HubId:
         return self.repo + (f"/{self.filename}" if self.filename else "") + (f"@{self.revision}" if self.revision else "")
 
 
+# A name that ends like a checkpoint file is a local path mistyped, not a repository (dir/model.gguf).
+_FILE_SUFFIXES = (".gguf", ".safetensors", ".pth", ".bin", ".json", ".model", ".jinja")
+
+
 def parse_hub_id(text: str) -> HubId | None:
     """The Hub id ``text`` spells (org/name, org/name@rev, org/name/file.gguf[@rev]), or None."""
     m = _HUB_ID.fullmatch(text)
-    if m is None or "--" in m["repo"] or ".." in m["repo"]:
+    if m is None or "--" in m["repo"] or ".." in m["repo"] or m["repo"].lower().endswith(_FILE_SUFFIXES):
         return None
     return HubId(m["repo"], m["file"][1:] if m["file"] else None, m["revision"])
 

@@ -169,7 +169,7 @@ def test_parse_hub_id():
     assert parse_hub_id("org/name@refs/pr/1") == HubId("org/name", None, "refs/pr/1")
     assert parse_hub_id("org/name/sub/model-Q4_K_M.gguf@v2") == HubId("org/name", "sub/model-Q4_K_M.gguf", "v2")
     for text in ("name", "/abs/path", "./org/name", "org/name/", "org//name", "org/name/file.bin", "-org/name",
-                 "org/..", "org/name@", "org/name@a b"):
+                 "org/..", "org/name@", "org/name@a b", "weights/model.gguf", "runs/x/model.safetensors"):
         assert parse_hub_id(text) is None, text
 
 
