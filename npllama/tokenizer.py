@@ -404,7 +404,8 @@ class _SentencePieceBackend(_Backend):
 # Meta's llama3 / llama-models tokenizer.py: the pre-tokenizer's split pattern (GPT-4's cl100k
 # pattern), and the 256 special tokens that follow the 128,000 ranks, in id order. Llama 3 named
 # 10 of them and reserved the rest; Llama 3.1 (and 3.2, 3.3) named 11, and its reserved tokens
-# are numbered from 2 (as the tokenizer.json of Llama 3.2 spells them too).
+# are numbered from 2 (as the tokenizer.json of Llama 3.2 spells them too). Releases differ only in
+# how they spell reserved tokens: the ids of the named ones never move.
 LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
                         r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _LLAMA3_NAMED = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
