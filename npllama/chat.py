@@ -13,9 +13,11 @@ environment with trim_blocks and lstrip_blocks, ``raise_exception``, a ``tojson`
 non-ASCII alone, and the tokenizer's ``bos_token``/``eos_token`` spellings as variables). The
 template is the model's own (GGUF ``tokenizer.chat_template``, a Hugging Face folder's
 ``chat_template.jinja`` or ``tokenizer_config.json``); checkpoints without one (Meta folders) get
-a built-in: LLAMA3 when the vocabulary has Llama 3's header tokens, CHATML when it has
-``<|im_start|>``, else LLAMA2. Sources: Meta's llama ``generation.py`` (Llama 2 ``chat_completion``),
-llama3 ``tokenizer.py`` (``ChatFormat``), OpenAI's ChatML note; transformers' chat templating docs.
+a built-in: the one a Meta Llama 3 folder names (LLAMA31 for Llama 3.1 and later, whose
+params.json says use_scaled_rope, else LLAMA3), LLAMA3 when the vocabulary has Llama 3's header
+tokens, CHATML when it has ``<|im_start|>``, else LLAMA2. Sources: Meta's llama ``generation.py``
+(Llama 2 ``chat_completion``), llama3 ``tokenizer.py`` (``ChatFormat``), llama-models' Llama 3.1
+prompt format (``SystemDefaultGenerator``), OpenAI's ChatML note; transformers' chat templating docs.
 
 :class:`ChatSession` keeps a conversation and the KV cache of every token the model has already
 read. A new turn renders the *whole* conversation again, tokenizes it, keeps the longest prefix
@@ -81,6 +83,28 @@ LLAMA3 = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 
+# Llama 3.1 and later (Meta's Llama 3.1 prompt format; the chat template Meta publishes with the
+# 3.1, 3.2 and 3.3 checkpoints renders the same): every conversation opens with a system header
+# that names the knowledge cutoff and today's date, then the system message, if any:
+#   <|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n
+#   Today Date: 26 July 2024\n\n{system}<|eot_id|>
+# Meta's SystemDefaultGenerator writes the date as strftime("%d %B %Y"); a caller may fix it by
+# passing the variable date_string, as with Meta's template.
+LLAMA31 = (
+    "{{ bos_token }}"
+    "{% if date_string is not defined %}{% set date_string = strftime_now('%d %B %Y') %}{% endif %}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system_message = messages[0]['content'] | trim %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system_message = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\n' + 'Cutting Knowledge Date: December 2023\n'"
+    " + 'Today Date: ' + date_string + '\n\n' + system_message + '<|eot_id|>' }}"
+    "{% for message in loop_messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
 # ChatML: <|im_start|>role\ncontent<|im_end|>\n per message, no BOS.
 CHATML = (
     "{% for message in messages %}"
@@ -89,7 +113,7 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-BUILTIN_TEMPLATES = {"llama2": LLAMA2, "llama3": LLAMA3, "chatml": CHATML}
+BUILTIN_TEMPLATES = {"llama2": LLAMA2, "llama3": LLAMA3, "llama3.1": LLAMA31, "chatml": CHATML}
 
 
 # ------------------------------------------------------------------------------------ rendering
@@ -558,7 +582,12 @@ def special_token_variables(tokenizer) -> dict[str, str]:
 
 
 def builtin_template_for(tokenizer) -> str:
-    """The built-in template that suits a vocabulary: its special tokens tell the family."""
+    """The built-in template that suits a tokenizer: the format its checkpoint names
+    (``tokenizer.chat_format``: a Meta Llama 3 folder says llama3 or llama3.1), else the family its
+    special tokens tell."""
+    named = getattr(tokenizer, "chat_format", None)
+    if named in BUILTIN_TEMPLATES:
+        return named
     has = lambda t: tokenizer.token_to_id(t) is not None    # noqa: E731
     if has("<|start_header_id|>") and has("<|eot_id|>"):
         return "llama3"

@@ -283,12 +283,11 @@ def summarize_names(names: list[str]) -> str:
 def model_sha256(path: str | os.PathLike | None) -> str:
     """The SHA-256 of a checkpoint's weights file (the default model's when None); of several
     files (shards), the SHA-256 of their ``sha256sum``-style listing, "<hex>  <name>\\n" by name."""
-    from .formats import detect_format
+    from .formats import detect_format, resolve
     from .formats.hf import weight_files
-    from .weights import default_model_path, sha256_file
+    from .weights import sha256_file
 
-    path = Path(path) if path is not None else default_model_path()
-    fmt, where = detect_format(path)
+    fmt, where = detect_format(resolve(path))
     if fmt == "gguf":
         files = [where]
     elif fmt == "hf":

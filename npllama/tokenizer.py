@@ -4,6 +4,7 @@ One :class:`Tokenizer` class serves every checkpoint format; its constructors re
 
 * ``tokenizer.json`` (Hugging Face ``tokenizers``)              -> :meth:`Tokenizer.from_tokenizer_json`
 * ``tokenizer.model`` (SentencePiece, Llama 1 / 2)              -> :meth:`Tokenizer.from_sentencepiece`
+* ``tokenizer.model`` (tiktoken ranks, Llama 3 as Meta ships it)  -> :meth:`Tokenizer.from_tiktoken`
 * the vocabulary stored in a GGUF file's metadata               -> formats/gguf_vocab.py
 
 Special tokens are handled by id. ``encode`` finds the text of special tokens (``<|im_start|>``,
@@ -17,6 +18,7 @@ back bytes of a character split across tokens.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -35,13 +37,18 @@ class Tokenizer:
     eos_ids      ids that end a generation (Llama 3: <|end_of_text|> and <|eot_id|>; SmolLM2: <|im_end|>)
     add_bos      the tokenizer's convention: does ``encode`` prepend BOS when not told?
     chat_template  the Jinja chat template shipped with the tokenizer, or None
+    chat_format  the name of the built-in chat format (npllama.chat.BUILTIN_TEMPLATES) for a checkpoint
+                 that ships no template but says which format it was trained on (a Meta Llama 3
+                 folder: "llama3", or "llama3.1" when params.json says use_scaled_rope), or None
     special_ids  ids of control tokens (never produced by plain text)
     """
 
     def __init__(self, backend: "_Backend", *, bos_id: int | None = None, eos_ids: Iterable[int] = (),
-                 chat_template: str | None = None, add_bos: bool = False, source: str = "tokenizer"):
+                 chat_template: str | None = None, add_bos: bool = False, source: str = "tokenizer",
+                 chat_format: str | None = None):
         self._backend = backend
         self.source = source
+        self.chat_format = chat_format
         self.vocab_size = backend.vocab_size
         self.bos_id = None if bos_id is None else self._check_id(bos_id, "bos_id")
         self.eos_ids = tuple(self._check_id(i, "eos id") for i in eos_ids)
@@ -197,6 +204,58 @@ class Tokenizer:
                    add_bos=add_bos, source=str(path))
 
     @classmethod
+    def from_tiktoken(cls, path: str | os.PathLike, *, version: str = "3.1",
+                      chat_template: str | None = None, add_bos: bool = True) -> "Tokenizer":
+        """Llama 3's ``tokenizer.model`` as Meta ships it: a tiktoken rank file (one ``base64(token)
+        rank`` per line), read with the ``tiktoken`` library and given Llama 3's split pattern and
+        256 special tokens (LLAMA3_SPECIAL_TOKENS[version]: "3" for Llama 3, "3.1" for 3.1 and
+        later). BOS (<|begin_of_text|>) is prepended by default, as Meta does; generation stops at
+        Meta's stop tokens (<|end_of_text|>, <|eom_id|> from 3.1 on, <|eot_id|>).
+
+        The ids equal those of the same model's tokenizer.json (tests/test_llama3.py). tiktoken
+        keeps a copy of every file it reads in its cache folder ($TIKTOKEN_CACHE_DIR, else
+        data-gym-cache in the temporary folder) under the file's path; the file's SHA-256 is
+        passed along, so a file replaced at the same path is read anew.
+        """
+        import hashlib
+
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+
+        from .io import read_regular
+
+        if version not in LLAMA3_SPECIAL_TOKENS:
+            raise TokenizerError(f"unknown Llama 3 tokenizer version {version!r}; choose one of "
+                                 f"{', '.join(LLAMA3_SPECIAL_TOKENS)}")
+        path = Path(path).expanduser().absolute()   # absolute, so tiktoken never reads it as a URL
+        raw = read_regular(path, MAX_TIKTOKEN_BYTES, TokenizerError)
+        if not is_tiktoken_file(path):
+            raise TokenizerError(f"{path}: not a tiktoken rank file (lines of 'base64-token rank'); is it a "
+                                 f"SentencePiece model (Llama 1 / 2)? Those load with Tokenizer.from_sentencepiece")
+        try:
+            ranks = load_tiktoken_bpe(str(path), expected_hash=hashlib.sha256(raw).hexdigest())
+        except (ValueError, OSError) as e:
+            raise TokenizerError(f"{path}: not a readable tiktoken rank file ({str(e).splitlines()[0]:.200}); "
+                                 f"is it Llama 3's tokenizer.model?") from None
+        n = len(ranks)
+        if n == 0 or min(ranks.values()) != 0 or max(ranks.values()) != n - 1 or len(set(ranks.values())) != n:
+            raise TokenizerError(f"{path}: the ranks of its {n} tokens are not 0 .. {n - 1}, each once; the file "
+                                 f"is damaged")
+        specials = {token: n + i for i, token in enumerate(LLAMA3_SPECIAL_TOKENS[version])}
+        try:
+            enc = tiktoken.Encoding(name=path.name, pat_str=LLAMA3_SPLIT_PATTERN, mergeable_ranks=ranks,
+                                    special_tokens=specials)
+        except BaseException as e:   # ValueError for a bad vocabulary; a Rust panic is a BaseException
+            if not _library_failure(e):
+                raise
+            raise TokenizerError(f"{path}: tiktoken cannot build a tokenizer from it ({e}); is it Llama 3's "
+                                 f"tokenizer.model?") from None
+        stops = [t for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>") if t in specials]
+        return cls(_TiktokenBackend(enc, specials, raw), bos_id=specials["<|begin_of_text|>"],
+                   eos_ids=[specials[t] for t in stops], chat_template=chat_template, add_bos=add_bos,
+                   source=str(path), chat_format="llama3" if version == "3" else "llama3.1")
+
+    @classmethod
     def from_tokenizers(cls, tok, *, bos_id: int | None = None, eos_ids: Iterable[int] = (),
                         chat_template: str | None = None, add_bos: bool = False,
                         source: str = "tokenizer") -> "Tokenizer":
@@ -341,6 +400,124 @@ class _SentencePieceBackend(_Backend):
         return self.sp.IdToPiece(i)
 
 
+# ------------------------------------------------------------------------ Llama 3 (tiktoken)
+# Meta's llama3 / llama-models tokenizer.py: the pre-tokenizer's split pattern (GPT-4's cl100k
+# pattern), and the 256 special tokens that follow the 128,000 ranks, in id order. Llama 3 named
+# 10 of them and reserved the rest; Llama 3.1 (and 3.2, 3.3) named 11, and its reserved tokens
+# are numbered from 2 (as the tokenizer.json of Llama 3.2 spells them too). Releases differ only in
+# how they spell reserved tokens: the ids of the named ones never move.
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                        r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_NAMED = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                 "<|reserved_special_token_1|>", "<|reserved_special_token_2|>", "<|reserved_special_token_3|>",
+                 "<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>")
+_LLAMA31_NAMED = ("<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                  "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                  "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")
+LLAMA3_SPECIAL_TOKENS = {
+    "3": _LLAMA3_NAMED + tuple(f"<|reserved_special_token_{i}|>" for i in range(5, 256 - 5)),
+    "3.1": _LLAMA31_NAMED + tuple(f"<|reserved_special_token_{2 + i}|>" for i in range(256 - 11)),
+}
+MAX_TIKTOKEN_BYTES = 64 << 20   # Llama 3's rank file is 2.2 MB
+# Meta's reference cuts text into runs of at most this many whitespace or non-whitespace
+# characters, as tiktoken's regex runs out of backtracking stack on very long runs (a million spaces).
+MAX_RUN_CHARS = 25_000
+
+
+def is_tiktoken_file(path: Path) -> bool:
+    """Does the file start like a tiktoken rank file ("<base64> <rank>" lines), as Llama 3's tokenizer.model?"""
+    from .io import open_regular
+
+    with open_regular(path, TokenizerError) as f:
+        head = f.read(256)
+    first = head.split(b"\n", 1)[0].split(b" ")
+    return len(first) == 2 and first[1].strip().isdigit() and bool(re.fullmatch(rb"[A-Za-z0-9+/=]+", first[0]))
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_alphabet() -> tuple[str, ...]:
+    """GPT-2's byte-level alphabet (Radford et al. 2019, encoder.py ``bytes_to_unicode``): the printable
+    character that spells each byte in a byte-level BPE vocabulary (byte 0x20, a space, is "Ġ")."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelled, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            spelled[b] = chr(b)
+        else:
+            spelled[b] = chr(256 + extra)
+            extra += 1
+    return tuple(spelled[b] for b in range(256))
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_of() -> dict[str, int]:
+    """The inverse of _byte_alphabet: character -> byte."""
+    return {c: b for b, c in enumerate(_byte_alphabet())}
+
+
+def _meta_runs(text: str, limit: int = MAX_RUN_CHARS) -> Iterable[str]:
+    """``text`` cut so that no piece holds more than ``limit`` consecutive whitespace or
+    non-whitespace characters (Meta's ``_split_whitespaces_or_nonwhitespaces``)."""
+    start, run, space = 0, 0, text[:1].isspace()
+    for i, ch in enumerate(text):
+        if ch.isspace() != space:
+            run, space = 1, ch.isspace()
+        else:
+            run += 1
+            if run > limit:
+                yield text[start:i]
+                start, run = i, 1
+    yield text[start:]
+
+
+class _TiktokenBackend(_Backend):
+    """A ``tiktoken.Encoding`` with Llama 3's special tokens, found in text by spelling ("all" allowed)."""
+
+    kind = "tiktoken"
+
+    def __init__(self, enc, specials: dict[str, int], raw: bytes):
+        self.enc = enc
+        self.vocab_size = enc.n_vocab
+        self.special_ids = frozenset(specials.values())
+        self._specials = specials
+        self._spelling = {i: t for t, i in specials.items()}
+        self._raw = raw
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self.enc.encode(text, allowed_special="all")
+        except BaseException as e:   # tiktoken's regex ran out of stack on a run of ~a million characters:
+            if not (isinstance(e, ValueError) or type(e).__name__ == "PanicException"):   # (a Rust panic in old releases)
+                raise
+            ids: list[int] = []
+            for piece in _meta_runs(text):   # as Meta's reference cuts it (ids may then differ at the cuts)
+                ids.extend(self.enc.encode(piece, allowed_special="all"))
+            return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(ids, errors="replace")
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self._specials:
+            return self._specials[token]
+        byte_of = _byte_of()
+        if not token or any(c not in byte_of for c in token):
+            return None
+        try:
+            return self.enc.encode_single_token(bytes(byte_of[c] for c in token))
+        except KeyError:
+            return None
+
+    def id_to_token(self, i: int) -> str:
+        if i in self._spelling:
+            return self._spelling[i]
+        alphabet = _byte_alphabet()
+        return "".join(alphabet[b] for b in self.enc.decode_single_token_bytes(i))
+
+    def to_files(self) -> dict[str, bytes]:
+        return {"tokenizer.model": self._raw}
+
+
 def _library_failure(e: BaseException) -> bool:
     """An error the tokenizers library raised about its input: an Exception, or a Rust panic."""
     return isinstance(e, Exception) or type(e).__name__ == "PanicException"
@@ -368,11 +545,7 @@ def _refuse_crashing_bpe(path: Path) -> None:
 
 def _refuse_tiktoken(path: Path) -> None:
     """Llama 3's tokenizer.model is a tiktoken rank file (base64 token, rank per line), not SentencePiece."""
-    from .io import open_regular
-
-    with open_regular(path, TokenizerError) as f:
-        head = f.read(256)
-    first = head.split(b"\n", 1)[0].split(b" ")
-    if len(first) == 2 and first[1].strip().isdigit() and re.fullmatch(rb"[A-Za-z0-9+/=]+", first[0]):
-        raise TokenizerError(f"{path}: this is a Llama 3 tiktoken vocabulary, which npllama does not read "
-                             f"yet; convert the model to Hugging Face format (tokenizer.json) or GGUF")
+    if is_tiktoken_file(path):
+        raise TokenizerError(f"{path}: this is a Llama 3 tiktoken vocabulary, not a SentencePiece model; "
+                             f"read it with Tokenizer.from_tiktoken (npllama.load reads a Meta Llama 3 "
+                             f"folder as such)")

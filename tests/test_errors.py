@@ -231,6 +231,18 @@ def _(e):
     return load(e.root / "no-such-model")
 
 
+@case(PATHS, "A Hugging Face Hub id, not a local path, not in the Hub cache, HF_HUB_OFFLINE=1", CheckpointError,
+      r"org/missing-model: no such local file or folder, and as a Hugging Face Hub id: .* HF_HUB_OFFLINE is set")
+def _(e):
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE")}
+    os.environ.update(HF_HUB_CACHE=str(e.root / "hub-cache"), HF_HUB_OFFLINE="1")
+    try:
+        return load("org/missing-model")
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
 @case(PATHS, "A file that is not a checkpoint (a text file)", CheckpointError, r"a file that is not GGUF")
 def _(e):
     (e.root / "notes.txt").write_text("hello")
@@ -460,6 +472,22 @@ def _(e):
 def _(e):
     f = e.copy(e.meta, "pth-memo")
     rezip(f / "consolidated.00.pth", {"/data.pkl": b"\x80\x02N" + b"r" + struct.pack("<I", 1 << 27) + b"."})
+    return load(f)
+
+
+@case(META, "A Llama 3 tokenizer.model (tiktoken) whose ranks skip a number", TokenizerError,
+      r"tokenizer.model: the ranks of its 2 tokens are not 0 \.\. 1, each once")
+def _(e):
+    f = e.copy(e.meta, "tiktoken-gap")
+    (f / "tokenizer.model").write_text("IQ== 0\nIg== 2\n")
+    return load(f)
+
+
+@case(META, "A Llama 3 tokenizer.model (tiktoken) with a line that is not base64", TokenizerError,
+      r"tokenizer.model: not a readable tiktoken rank file")
+def _(e):
+    f = e.copy(e.meta, "tiktoken-line")
+    (f / "tokenizer.model").write_text("IQ== 0\nthis is no token 1\n")
     return load(f)
 
 

@@ -28,7 +28,7 @@ def read_template(path: str) -> ChatTemplate:
         raw = read_regular(path, 4 * MAX_TEMPLATE_CHARS, InputError, name)
     except InputError as e:
         if "cannot read" in str(e) and not os.path.exists(path):
-            raise InputError(f"{name}: not a built-in (llama2, llama3, chatml) and not a file") from None
+            raise InputError(f"{name}: not a built-in ({', '.join(BUILTIN_TEMPLATES)}) and not a file") from None
         raise
     try:
         return ChatTemplate(raw.decode("utf-8"), name)
@@ -43,7 +43,7 @@ def read_template(path: str) -> ChatTemplate:
 @backend_options
 @click.option("--system", "-s", default=None, help="System prompt.")
 @click.option("--template", default=None, metavar="NAME|FILE",
-              help="Chat template: llama2, llama3, chatml, or a Jinja file (default: the model's own).")
+              help="Chat template: llama2, llama3, llama3.1, chatml, or a Jinja file (default: the model's own).")
 @click.option("--context", "context", type=click.IntRange(min=1), default=None,
               help="Use at most this many positions (default: the model's context window).")
 @sampling_options

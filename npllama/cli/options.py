@@ -125,8 +125,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
 
 def model_option(f):
     return click.option("--model", "-m", "model_path", default=None, metavar="PATH",
-                        help="A Hugging Face folder, a Meta folder, or a .gguf file "
-                             "(default: SmolLM2-135M-Instruct in weights/).")(f)
+                        help="A Hugging Face folder, a Meta folder, a .gguf file, or a Hugging Face Hub id "
+                             "org/name[@revision] (default: SmolLM2-135M-Instruct in weights/).")(f)
 
 
 def backend_options(f):

@@ -10,6 +10,9 @@ Three formats are recognised by what a path holds:
 * Meta folder          params.json + consolidated.00.pth [.01 ...] + tokenizer.model -> formats/meta.py
 * GGUF                 a .gguf file, or a folder holding exactly one             -> formats/gguf.py
 
+A path that does not exist but reads as a Hugging Face Hub id (org/name[@revision]) is the
+repository's snapshot in huggingface_hub's cache (hub.py; fetched when missing, unless offline).
+
 Each loader returns the weights in npllama's contract (params.py): Meta's names, nn.Linear's
 (out, in) layout, q/k rows in the rotate-half layout. The model never knows which file it came from.
 Shared by the loaders: names.py (the one table of tensor names), permute.py (rotary layouts),
@@ -40,17 +43,16 @@ def load(path: str | os.PathLike | None = None, *, progress: bool = True, dtype=
          weights: str = "float32") -> Transformer:
     """Load a checkpoint as a Transformer; ``path=None`` loads (and first fetches) the default model.
 
+    path: a file or folder, or a Hugging Face Hub id (org/name, org/name@revision) when no such
+    local path exists, read through huggingface_hub's cache (npllama/hub.py).
+
     progress: show a progress bar over tensors on stderr. dtype: the compute dtype of the weights.
     weights: "float32" expands every tensor to floats (dtype); "gguf" keeps a GGUF file's blocks in
     memory and dequantizes each matrix a piece at a time when it is used (npllama.quant.matrix):
     memory about the file's size, the same logits as "float32" up to the order of summation.
     """
     check_weights(weights)
-    if path is None:
-        from ..weights import default_model_path
-        path = default_model_path()
-    path = Path(path).expanduser()
-    fmt, where = detect_format(path)
+    fmt, where = detect_format(resolve(path))
     if weights == "gguf" and fmt != "gguf":
         raise InputError(f"{where}: weights='gguf' keeps a GGUF file's quantized blocks, but this is a "
                          f"{'Hugging Face' if fmt == 'hf' else 'Meta'} checkpoint; load it with "
@@ -104,6 +106,16 @@ def check_finite(params, source) -> None:
     for name, array in params.items():
         if not (array.all_finite() if isinstance(array, QuantizedMatrix) else np.isfinite(array).all()):
             raise CheckpointError(f"{source}: tensor {name!r} holds inf or NaN values; the file is corrupt")
+
+
+def resolve(path: str | os.PathLike | None) -> Path:
+    """The local file or folder a model path names: the default model for None, the path itself when
+    it exists, else a Hub id's snapshot in huggingface_hub's cache (npllama.hub.resolve_model_path)."""
+    if path is None:
+        from ..weights import default_model_path
+        return default_model_path()
+    from ..hub import resolve_model_path
+    return resolve_model_path(path)
 
 
 def detect_format(path: Path) -> tuple[str, Path]:

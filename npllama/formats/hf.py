@@ -39,7 +39,7 @@ from ..chat import MAX_TEMPLATE_CHARS, ChatTemplate
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..io import open_regular, parse_json, read_json as io_read_json, read_regular, write_folder
 from ..params import check_params
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, is_tiktoken_file
 from .fields import Fields, build_args, normalise_rope_scaling
 from .names import rename
 
@@ -331,6 +331,12 @@ def hf_tokenizer(folder: Path, cfg: dict, gen: dict) -> Tokenizer | None:
                                              chat_template=template, add_bos=add_bos,
                                              bos_token=_spelling(tok_cfg.get("bos_token")),
                                              eos_token=_spelling(tok_cfg.get("eos_token")))
+    if os.path.lexists(folder / "tokenizer.model") and is_tiktoken_file(folder / "tokenizer.model"):
+        # Llama 3's tiktoken file (a Meta folder converted by npllama): 3.1 and later scale their rope
+        scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+        scaled = isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type")) == "llama3"
+        return Tokenizer.from_tiktoken(folder / "tokenizer.model", version="3.1" if scaled else "3",
+                                       chat_template=template, add_bos=True if add_bos is None else add_bos)
     if os.path.lexists(folder / "tokenizer.model"):   # SentencePiece knows its own <s> and </s>
         return Tokenizer.from_sentencepiece(folder / "tokenizer.model", bos_id=-1 if bos is None else bos,
                                             eos_ids=eos_ids or None, chat_template=template,

@@ -1,4 +1,7 @@
-"""Meta checkpoints (llama, llama-models): params.json + consolidated.NN.pth + tokenizer.model.
+"""Meta checkpoints (llama, llama3, llama-models): params.json + consolidated.NN.pth + tokenizer.model.
+
+tokenizer.model is SentencePiece for Llama 1 / 2 and a tiktoken rank file for Llama 3 (told apart
+by its first line, see meta_tokenizer); params.json's use_scaled_rope marks Llama 3.1 and later.
 
 The .pth files are ``torch.save`` archives, read here without torch and without running any code
 from the file. A torch.save archive is a zip file:
@@ -39,7 +42,7 @@ import numpy as np
 
 from ..config import ModelArgs
 from ..errors import CheckpointError, ConfigError, TokenizerError
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, is_tiktoken_file
 from .fields import Fields, build_args
 from ..io import open_regular
 from .hf import bf16_to_float32, read_json
@@ -61,10 +64,18 @@ def meta_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def args_from_params(params: Any, vocab_size: int | None = None, source: str = "params.json") -> ModelArgs:
+def args_from_params(params: Any, vocab_size: int | None = None, source: str = "params.json",
+                     llama3: bool = False) -> ModelArgs:
     """ModelArgs from Meta's ``params.json`` (llama, llama3, llama-models).
 
     vocab_size: the tokenizer's, used when params.json says -1 (Llama 1 / 2 do).
+    llama3: the folder holds Llama 3's tiktoken tokenizer, so what params.json leaves out takes
+    Llama 3's values (llama-models' ModelArgs): rope_theta 500000 and an 8192-token window (131072
+    with use_scaled_rope, Llama 3.1 and later).
+
+    Llama 3.1 and later say ``use_scaled_rope``: the llama3 rope scaling of Meta's
+    ``apply_scaling``, with its factor 8 and high-frequency factor 4 unless params.json gives
+    ``rope_scaling_factor`` / ``rope_high_freq_factor`` (as later llama-models files do).
     """
     f = Fields(params, source)
     dim = f.integer("dim")
@@ -77,11 +88,11 @@ def args_from_params(params: Any, vocab_size: int | None = None, source: str = "
     scaled = f.flag("use_scaled_rope", False)
     scaling: dict[str, Any] = {"rope_type": "default"}
     if scaled:
-        # Meta's apply_scaling() in llama3/llama-models; 8 unless the file says otherwise.
         scaling = {"rope_type": "llama3", "factor": f.number("rope_scaling_factor", 8.0),
-                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "low_freq_factor": 1.0, "high_freq_factor": f.number("rope_high_freq_factor", 4.0),
                    "original_max_position_embeddings": 8192}
     multiplier = f.number("ffn_dim_multiplier", None)
+    window = 131072 if scaled else 8192 if llama3 else 2048
     return ModelArgs(
         dim=dim,
         n_layers=f.integer("n_layers"),
@@ -90,11 +101,24 @@ def args_from_params(params: Any, vocab_size: int | None = None, source: str = "
         vocab_size=vocab,
         hidden_dim=meta_hidden_dim(dim, f.integer("multiple_of"), multiplier),
         norm_eps=f.number("norm_eps", 1e-5),
-        rope_theta=f.number("rope_theta", 10000.0),
+        rope_theta=f.number("rope_theta", 500000.0 if llama3 else 10000.0),
         rope_scaling=scaling,
-        max_seq_len=f.integer("max_seq_len", 131072 if scaled else 2048),
+        max_seq_len=f.integer("max_seq_len", window),
         tie_word_embeddings=False,
     )
+
+
+def meta_tokenizer(folder: Path, params_json: Any) -> Tokenizer | None:
+    """The folder's tokenizer.model: SentencePiece (Llama 1 / 2) or tiktoken (Llama 3), told apart by
+    its first line. Llama 3's special tokens and built-in chat format follow params.json: Llama 3.1
+    and later (``use_scaled_rope``) name more of them and open every conversation with a system header."""
+    path = folder / "tokenizer.model"
+    if not os.path.lexists(path):
+        return None
+    if is_tiktoken_file(path):
+        scaled = isinstance(params_json, dict) and params_json.get("use_scaled_rope") is True
+        return Tokenizer.from_tiktoken(path, version="3.1" if scaled else "3")
+    return Tokenizer.from_sentencepiece(path)
 
 
 # ---------------------------------------------------------------------------- torch.save without torch
@@ -483,14 +507,13 @@ def load_meta(folder: Path, progress: Callable):
     """A Meta folder -> (ModelArgs, params in npllama names and half rotary layout, Tokenizer or None)."""
     params_json = read_json(folder / "params.json")
     tok_path = folder / "tokenizer.model"
-    tokenizer = None
-    if os.path.lexists(tok_path):
-        tokenizer = Tokenizer.from_sentencepiece(tok_path)
-    elif not isinstance(params_json, dict) or not isinstance(params_json.get("vocab_size"), int) \
-            or params_json["vocab_size"] <= 0:
+    tokenizer = meta_tokenizer(folder, params_json)
+    if tokenizer is None and (not isinstance(params_json, dict) or not isinstance(params_json.get("vocab_size"), int)
+                              or params_json["vocab_size"] <= 0):
         raise CheckpointError(f"{folder}: has no tokenizer.model, and params.json gives no vocab_size")
     args = build_args(args_from_params, folder / "params.json", params_json,
-                      vocab_size=tokenizer.vocab_size if tokenizer else None, source=str(folder / "params.json"))
+                      vocab_size=tokenizer.vocab_size if tokenizer else None, source=str(folder / "params.json"),
+                      llama3=tokenizer is not None and tokenizer.chat_format in ("llama3", "llama3.1"))
     if tokenizer is not None:
         if tokenizer.vocab_size > args.vocab_size:
             raise TokenizerError(f"{tok_path}: {tokenizer.vocab_size} tokens, but params.json gives the model "
