@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import npllama
-from npllama.chat import (CHATML, LLAMA2, LLAMA3, ChatSession, builtin_template_for,
-                          end_of_turn_ids, render_prompt, render_template, special_token_variables)
+from npllama.chat import ChatSession, end_of_turn_ids, render_prompt
+from npllama.chat_sandbox import render_template
+from npllama.chat_templates import CHATML, LLAMA2, LLAMA3, builtin_template_for, special_token_variables
 from npllama.errors import InputError
 from npllama.tokenizer import Tokenizer
 from npllama.weights import default_model_path

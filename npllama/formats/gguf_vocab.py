@@ -108,7 +108,7 @@ def _describe(value: Any) -> str:
 
 def gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer | None:
     """The tokenizer described by ``tokenizer.ggml.*`` (None when the file has no vocabulary)."""
-    from ..chat import ChatTemplate
+    from ..chat_templates import ChatTemplate
 
     if meta.get("tokenizer.ggml.model") is None or "tokenizer.ggml.tokens" not in meta:
         return None

@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ..config import ModelArgs
-from ..chat import MAX_TEMPLATE_CHARS, ChatTemplate
+from ..chat_templates import MAX_TEMPLATE_CHARS, ChatTemplate
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..io import open_regular, parse_json, read_json as io_read_json, read_regular, write_folder
 from ..params import check_params
