@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 from .chat_sandbox import render_template
 from .chat_templates import chat_template_for, special_token_variables
 from .errors import InputError
-from .generate import CONTEXT_FULL, generate, stream_text
+from .generate import CONTEXT_FULL, INTERRUPTED, MAX_NEW_TOKENS, STOP_TOKEN, generate, stream_text
 from .rope_scaling import context_window
 from .sampling import SamplingSettings
 
@@ -80,8 +80,8 @@ class TurnStats:
     prefilled   prompt tokens run through the model for this turn
     generated   answer tokens produced (the stop token included)
     dropped     oldest turns dropped to fit the context window
-    stopped     "end of turn", "length" (max_new_tokens), "context window full" (no room was
-                left for more) or "interrupted"
+    stopped     why the answer ended, in generate's words: STOP_TOKEN (the end of the turn),
+                MAX_NEW_TOKENS, CONTEXT_FULL (no room was left for more) or INTERRUPTED
     seconds     wall time of the turn
     answer_ids  the generated token ids, the stop token included
     """
@@ -228,7 +228,7 @@ class ChatSession:
         self.cache.truncate(keep)
         del self.cached_ids[keep:]
         answer: list[int] = []
-        stats = TurnStats(reused=keep, prefilled=len(ids) - keep, dropped=dropped, stopped="interrupted",
+        stats = TurnStats(reused=keep, prefilled=len(ids) - keep, dropped=dropped, stopped=INTERRUPTED,
                           answer_ids=answer)
         self.last_turn = stats
         seed = None if self.seed is None else self.seed + self._turns
@@ -246,8 +246,8 @@ class ChatSession:
         try:
             yield from pieces
             full = getattr(tokens, "stopped", [None])[0] == CONTEXT_FULL
-            stats.stopped = ("end of turn" if answer and answer[-1] in stops
-                             else "context window full" if full else "length")
+            stats.stopped = (STOP_TOKEN if answer and answer[-1] in stops
+                             else CONTEXT_FULL if full else MAX_NEW_TOKENS)
         finally:
             pieces.close()
             tokens.close()
@@ -255,7 +255,7 @@ class ChatSession:
             # or less when a forward pass was interrupted: trust its length.
             self.cached_ids = (ids + answer)[: self.cache.length]
             text = self.tokenizer.decode([t for t in answer if t not in stops])
-            if text or stats.stopped != "interrupted":
+            if text or stats.stopped != INTERRUPTED:
                 self.messages.append({"role": "assistant", "content": text})
             else:                                  # stopped before a word: the turn never happened
                 self.messages.pop()

@@ -27,7 +27,11 @@ from .tokenizer import StreamDecoder
 
 PAD_ID = 0   # the id padding columns carry: any valid id does, since padding is never attended
 
-STOP_TOKEN, MAX_NEW_TOKENS, CONTEXT_FULL = "stop token", "max_new_tokens", "context window full"
+# Why a row stopped, in the words of both generate (Generation.stopped) and the chat session
+# (TurnStats.stopped): its stop token, its max_new_tokens, the end of the context window, or a
+# reader that stopped iterating (chat only: a generator cannot see its own close).
+STOP_TOKEN, MAX_NEW_TOKENS, CONTEXT_FULL, INTERRUPTED = "stop token", "max_new_tokens", "context window full", \
+    "interrupted"
 
 
 def check_budget(prompt_len: int, cached: int, window: int, max_new_tokens: int) -> int:
