@@ -23,6 +23,7 @@ from typing import Callable, Iterator, Sequence
 
 from .chat_sandbox import render_template
 from .chat_templates import chat_template_for, special_token_variables
+from .checks import is_int
 from .errors import InputError
 from .generate import CONTEXT_FULL, INTERRUPTED, MAX_NEW_TOKENS, STOP_TOKEN, generate, stream_text
 from .rope_scaling import context_window
@@ -125,7 +126,7 @@ class ChatSession:
                  max_seq_len: int | None = None, on_drop: Callable[[int], None] | None = None):
         if model.tokenizer is None:
             raise InputError("this checkpoint has no tokenizer, so it cannot chat; load one that ships a tokenizer")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not is_int(max_new_tokens) or max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         window = context_window(model.config)
         if max_seq_len is not None and not 0 < max_seq_len <= window:

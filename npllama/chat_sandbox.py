@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Sequence
 
 from .chat_templates import MAX_TEMPLATE_CHARS, template_origin
+from .checks import is_int
 from .errors import InputError, TokenizerError
 
 
@@ -75,8 +76,8 @@ class _Meter:
         """value, after checking that it is not too large (strings, lists, integers)."""
         if isinstance(value, (str, list, tuple, dict, set, frozenset, bytes)):
             self.size(len(value))
-        elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > self.budget.int_bits:
-            raise OverBudget(f"an integer of {value.bit_length()} bits, more than {self.budget.int_bits}")
+        elif is_int(value) and _bits(value) > self.budget.int_bits:
+            raise OverBudget(f"an integer of {_bits(value)} bits, more than {self.budget.int_bits}")
         return value
 
 
@@ -91,7 +92,7 @@ def _meter() -> _Meter:
 
 
 def _bits(x) -> int:
-    return abs(x).bit_length() if isinstance(x, int) and not isinstance(x, bool) else 0
+    return abs(int(x)).bit_length() if is_int(x) else 0
 
 
 def _sized(x) -> bool:
@@ -104,7 +105,7 @@ def _check_format(meter: _Meter, fmt: str, args) -> None:
         if len(number) > 9 or int(number) > meter.budget.value_chars:
             raise OverBudget(f"a format width or precision of {number[:12]}, more than {meter.budget.value_chars}")
     for a in args:
-        if isinstance(a, int) and not isinstance(a, bool) and abs(a) > meter.budget.value_chars:
+        if is_int(a) and abs(a) > meter.budget.value_chars:
             raise OverBudget(f"a format argument of {a.bit_length()} bits (a width?), more than allowed")
 
 
@@ -217,7 +218,7 @@ def _checked_filter(name: str, fn):
                 raise OverBudget("sum of strings or lists (quadratic); join them instead")
         elif name == "tojson":
             indent = arg(1, "indent", None)
-            if isinstance(indent, (int, str)) and not isinstance(indent, bool) and \
+            if (is_int(indent) or isinstance(indent, str)) and \
                     (len(indent) if isinstance(indent, str) else indent) > 64:
                 raise OverBudget(f"tojson with an indent of {indent!r:.20}, more than 64")
         return meter.check(fn(*args, **kwargs))

@@ -39,6 +39,7 @@ from typing import Callable
 import numpy as np
 
 from .config import ModelArgs
+from .checks import is_number
 from .errors import ConfigError
 from .rope import default_inv_freq
 
@@ -117,7 +118,7 @@ def rope_param(args: ModelArgs, key: str, default=_REQUIRED, positive: bool = Fa
                               f"(got rope_scaling={args.rope_scaling})")
         return default
     try:
-        if isinstance(value, bool):
+        if not is_number(value):
             raise TypeError
         number = float(value)
     except (TypeError, ValueError, OverflowError):

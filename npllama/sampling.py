@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import is_int, is_number
 from .errors import InputError
 
 
@@ -27,11 +28,11 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+        if not (is_number(t) and math.isfinite(t) and t >= 0):
             raise InputError(f"temperature must be a number >= 0 (0 means greedy), got {t!r}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        if not is_int(k) or k < 0:
             raise InputError(f"top_k must be an integer >= 0 (0 turns it off), got {k!r}")
-        if not (isinstance(p, (int, float)) and 0 < p <= 1):
+        if not (is_number(p) and 0 < p <= 1):
             raise InputError(f"top_p must lie in (0, 1] (1 turns it off), got {p!r}")
 
     @property
@@ -45,7 +46,7 @@ def uniforms(seed: int | None, steps: int, batch: int = 1) -> np.ndarray:
     NumPy's PCG64 seeded with ``seed`` is the one source of randomness for both backends.
     seed: None (fresh randomness) or an integer >= 0.
     """
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+    if seed is not None and (not is_int(seed) or seed < 0):
         raise InputError(f"seed must be an integer >= 0 (or none for fresh randomness), got {seed!r:.40}")
     return np.random.default_rng(seed).random((steps, batch))
 

@@ -22,8 +22,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
-
+from .checks import is_int
 from .errors import TokenizerError
 
 
@@ -52,7 +51,7 @@ class Tokenizer:
         self.special_ids = frozenset(special)
 
     def _check_id(self, i, what: str) -> int:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+        if not is_int(i):
             raise TokenizerError(f"{self.source}: {what} must be an integer token id, got {i!r}")
         i = int(i)
         if not 0 <= i < self.vocab_size:

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from npllama.config import ModelArgs
+from npllama.checks import is_int
 from npllama.errors import CheckpointError, InputError
 from npllama.generate import check_budget, row_seeds
 from npllama.layout import fuse_params
@@ -341,7 +342,7 @@ class FastDecoder(nn.Module):
         super().__init__()
         self.weights = model if isinstance(model, FastWeights) else FastWeights(model, layout)
         args = self.config = self.weights.config
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        if not is_int(batch_size) or batch_size <= 0:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         slots = int(max_seq_len or args.max_seq_len)
         if not 0 < slots <= args.max_seq_len:
@@ -465,7 +466,7 @@ class FastDecoder(nn.Module):
         """
         prompts = self._check_prompts(prompts)
         n = len(prompts)
-        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        if not is_int(sync_every) or sync_every < 1:
             raise InputError(f"sync_every must be a positive integer, got {sync_every!r}")
         longest = max(len(p) for p in prompts)
         if longest > self.max_seq_len:
