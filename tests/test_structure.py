@@ -197,11 +197,19 @@ PLANTED = {"tok_embeddings": "tok_embeddings.weight", "layers.0.attention_norm":
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("op", PLANTED)
 def test_first_overflow_names_the_op_where_it_is_planted(op):
-    from npllama.numerics import first_overflow
+    """Both backends name the op (the Torch backend searches with npllama's search, its own test)."""
+    import parity
+    import parity.numerics
+    from npllama.numerics import first_overflow, non_finite_error
     args = ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=30, hidden_dim=24)
     params = init_params(args, seed=1)
     params[PLANTED[op]] = np.full_like(params[PLANTED[op]], 3e38)
-    assert first_overflow(Transformer(args, params), np.array([[1, 2, 3]])) == op
+    model = Transformer(args, params)
+    assert first_overflow(model, np.array([[1, 2, 3]])) == op
+    assert f"first in {op})" in str(non_finite_error(model, [1, 2, 3], "the prompt"))
+    twin = parity.from_numpy(model)
+    assert parity.numerics.first_overflow(twin, np.array([[1, 2, 3]])) == op
+    assert f"first in {op})" in str(parity.numerics.non_finite_error(twin, torch.tensor([1, 2, 3]), "the prompt"))
 
 
 def test_torch_commands_arrive_as_plug_ins():
