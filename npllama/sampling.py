@@ -1,12 +1,15 @@
 """Choosing the next token: a pure function of (logits, settings, u).
 
-Order (as in transformers and Meta's reference): temperature, then top-k, then top-p;
-temperature 0 means greedy (argmax). The random number ``u`` in [0, 1) is an argument, as in
-llama2.c's sampler (its ``coin``): the draw happens outside, so two backends that compute the same
-probabilities pick the same token. ``uniforms(seed, steps, batch)`` makes those numbers.
+Order (as transformers' generate applies its warpers): temperature, then top-k, then top-p, each
+on what the one before left; temperature 0 means greedy (argmax). Meta's reference has temperature
+and top-p only (``sample_top_p`` in llama's generation.py). The random number ``u`` in [0, 1) is an
+argument, as in llama2.c's sampler (its ``coin``): the draw happens outside, so two backends that
+compute the same probabilities pick the same token. ``uniforms(seed, steps, batch)`` makes those
+numbers.
 
 Top-p follows Meta's convention: sort descending and keep the smallest prefix whose mass reaches p,
-including the token that crosses p (drop token i when cumsum_before_i > p).
+including the token that crosses p (drop token i when cumsum_before_i > p). After top-k the mass
+is that of the k tokens left, renormalised (as transformers and llama.cpp measure it).
 """
 
 from __future__ import annotations
@@ -59,13 +62,15 @@ def softmax_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def top_k_top_p(probs_sorted: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-    """Zero the tail of probabilities sorted in descending order. (vocab,) -> (vocab,)"""
+    """Zero the tail of probabilities sorted in descending order: past the top_k first, then past
+    the smallest prefix of what is left whose mass reaches top_p of it. (vocab,) -> (vocab,)"""
     kept = probs_sorted.copy()
     if top_k:
         kept[top_k:] = 0.0
     if top_p < 1.0:
+        mass = kept.sum() if top_k else 1.0       # top-p reads the distribution top-k left
         mass_before = np.cumsum(kept) - kept      # mass of the tokens ranked above each one
-        kept[mass_before > top_p] = 0.0
+        kept[mass_before > top_p * mass] = 0.0
     return kept
 
 
