@@ -227,9 +227,9 @@ def rope_llama3(args: ModelArgs, seq_len: int) -> tuple[np.ndarray, float]:
 
 
 def yarn_correction_dim(num_rotations: float, dim: int, base: float, max_seq_len: float) -> float:
-    """The (fractional) dimension index 2i whose wavelength fits num_rotations times in max_seq_len.
+    """The (fractional) frequency index i whose wavelength fits num_rotations times in max_seq_len.
 
-    Solves max_seq_len / (2 pi base ** (2i / dim)) = num_rotations for 2i.
+    Solves max_seq_len / (2 pi base ** (2i / dim)) = num_rotations for i (theta_i, i in [0, dim/2)).
     """
     return (dim * math.log(max_seq_len / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
 

@@ -212,6 +212,27 @@ def test_first_overflow_names_the_op_where_it_is_planted(op):
     assert f"first in {op})" in str(parity.numerics.non_finite_error(twin, torch.tensor([1, 2, 3]), "the prompt"))
 
 
+SPEC_TESTS = sorted((ROOT / "tests").glob("test_spec_*.py"))
+
+
+def test_every_op_has_a_numpy_only_test_module():
+    names = {p.stem for p in SPEC_TESTS}
+    for op in ("norm", "mlp", "rope", "rope_scaling", "attention", "cache", "sampling"):
+        assert f"test_spec_{op}" in names and (SPEC / f"{op}.py").exists(), op
+    for path in [*SPEC_TESTS, ROOT / "tests" / "spec_formulas.py"]:
+        bad = {m for m in imported_modules(path) if m.split(".")[0] in ("torch", "parity", "transformers")}
+        assert not bad, f"{path.name} imports {sorted(bad)}"
+
+
+def test_the_numpy_only_tests_pass_where_torch_cannot_be_imported():
+    code = ("import sys; sys.modules['torch'] = None; import pytest; "
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-p', 'no:xdist', *sys.argv[1:]]))")
+    out = subprocess.run([sys.executable, "-c", code, *map(str, SPEC_TESTS)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout
+
+
 def test_torch_commands_arrive_as_plug_ins():
     result = CliRunner().invoke(main, ["--help"])
     assert result.exit_code == 0
