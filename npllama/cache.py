@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import ModelArgs
 from .checks import is_int
+from .config import ModelArgs
 from .errors import InputError
 from .rope_scaling import context_window
 

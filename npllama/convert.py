@@ -24,8 +24,8 @@ from typing import Mapping
 
 import numpy as np
 
-from .config import ModelArgs
 from .checks import is_int
+from .config import ModelArgs
 from .errors import ConfigError
 from .params import check_params
 

@@ -38,8 +38,8 @@ from typing import Callable
 
 import numpy as np
 
-from .config import ModelArgs
 from .checks import is_number
+from .config import ModelArgs
 from .errors import ConfigError
 from .rope import default_inv_freq
 

@@ -109,7 +109,9 @@ OPS = ("norm", "rope", "rope_scaling", "mlp", "attention", "cache", "inputs", "s
 ABOVE = {**{op: ("model", "generate", "chat", "chat_sandbox", "formats", "cli") for op in OPS},
          "model": ("generate", "chat", "chat_sandbox", "formats", "cli"),
          "generate": ("chat", "chat_sandbox", "formats", "cli"),
-         "chat": ("cli", "formats")}
+         "chat": ("cli", "formats"),
+         "chat_sandbox": ("chat", "generate", "model", "cli"),
+         "chat_templates": ("chat", "chat_sandbox", "generate", "model", "cli")}
 
 
 @pytest.mark.parametrize("module", ABOVE)
@@ -210,6 +212,13 @@ def test_first_overflow_names_the_op_where_it_is_planted(op):
     twin = parity.from_numpy(model)
     assert parity.numerics.first_overflow(twin, np.array([[1, 2, 3]])) == op
     assert f"first in {op})" in str(parity.numerics.non_finite_error(twin, torch.tensor([1, 2, 3]), "the prompt"))
+
+
+def test_reading_md_gives_the_line_counts_of_the_path_as_measured():
+    """docs/reading.md's table is what docs/count_lines.py prints now (run it and paste the table)."""
+    table = subprocess.run([sys.executable, str(ROOT / "docs" / "count_lines.py")], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert table in (ROOT / "docs" / "reading.md").read_text(encoding="utf-8"), table
 
 
 SPEC_TESTS = sorted((ROOT / "tests").glob("test_spec_*.py"))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
-from ..config import ModelArgs
 from ..checks import is_int, is_number
+from ..config import ModelArgs
 from ..errors import ConfigError
 
 _MISSING = object()

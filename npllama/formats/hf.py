@@ -34,9 +34,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ..config import ModelArgs
 from ..chat_templates import MAX_TEMPLATE_CHARS, ChatTemplate
 from ..checks import is_int
+from ..config import ModelArgs
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..io import open_regular, parse_json, read_json as io_read_json, read_regular, write_folder
 from ..params import check_params
