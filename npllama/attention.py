@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from .checks import is_int
 from .errors import InputError
 from .layout import BLOCK_K, BLOCK_Q
 
@@ -137,7 +138,7 @@ def flash_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = 
     if n_heads % n_kv_heads:
         raise InputError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
     for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+        if not is_int(size) or size < 1:
             raise InputError(f"{name} must be a positive integer, got {size!r}")
     n_rep = n_heads // n_kv_heads
     offset = kv_len - q_len                          # query i sits at absolute position offset + i

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .checks import is_int
 from .config import ModelArgs
 from .errors import InputError
 from .rope_scaling import context_window
@@ -35,11 +36,11 @@ class KVCache:
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int | None = None,
                  dtype=np.float32, initial_capacity: int = 256):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        if not is_int(batch_size) or batch_size <= 0:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         if max_seq_len is None:
             max_seq_len = context_window(args)
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, (int, np.integer)) or max_seq_len <= 0:
+        if not is_int(max_seq_len) or max_seq_len <= 0:
             raise InputError(f"max_seq_len must be a positive integer, got {max_seq_len!r}")
         self.max_seq_len = int(max_seq_len)
         self.batch_size = int(batch_size)

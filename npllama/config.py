@@ -26,6 +26,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .checks import is_int, is_number
 from .errors import ConfigError
 
 
@@ -94,7 +95,7 @@ class ModelArgs:
         ids = ([("bos_token_id", self.bos_token_id)] if self.bos_token_id is not None else []) + \
             [("eos_token_id", i) for i in self.eos_token_ids]
         for name, value in ids:
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
+            if not is_int(value) or not 0 <= value < self.vocab_size:
                 raise ConfigError(f"config: {name} {value!r} must be a token id in 0..{self.vocab_size - 1}")
 
     @property
@@ -116,8 +117,8 @@ class ModelArgs:
 
 
 def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return is_int(value) and value > 0
 
 
 def _real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return is_number(value)

@@ -24,6 +24,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .checks import is_int
 from .config import ModelArgs
 from .errors import ConfigError
 from .params import check_params
@@ -55,7 +56,7 @@ def convert_kv_heads(args: ModelArgs, params: Mapping[str, np.ndarray],
     heads (MHA -> GQA-G, GQA -> fewer groups, anything -> MQA with 1).
     """
     check_params(args, params)
-    if isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, (int, np.integer)) or n_kv_heads <= 0:
+    if not is_int(n_kv_heads) or n_kv_heads <= 0:
         raise ConfigError(f"--kv-heads must be a positive integer, got {n_kv_heads!r}")
     if args.n_kv_heads % n_kv_heads:
         divisors = [g for g in range(1, args.n_kv_heads + 1) if args.n_kv_heads % g == 0]

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .checks import is_int
 from .errors import InputError
 from .numerics import non_finite_error
 
@@ -91,9 +92,9 @@ def perplexity(model, text: str, seq_len: int | None = None, batch_size: int = 8
         raise InputError("the model has no tokenizer; perplexity of text needs one")
     if not text.strip():
         raise InputError("the text is empty")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+    if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 1):
         raise InputError(f"max_tokens must be a positive integer (or None: the whole text), got {max_tokens!r}")
     seq_len = min(seq_len or model.config.max_seq_len, model.config.max_seq_len)
     ids, bos = encode_text(model.tokenizer, text)

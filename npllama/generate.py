@@ -2,7 +2,7 @@
 
     logits = model(prompts, cache)          # prefill: every prompt position at once (left padded)
     repeat:
-        token = sample(logits[:, -1], settings, u[step])     # one per row
+        tokens = sample_batch(logits[:, -1], settings, u[step])     # one per row
         a row stops on its own end-of-sequence token or budget
         logits = model(tokens, cache)       # decode: one position per row, reusing the cache
 
@@ -22,12 +22,16 @@ import numpy as np
 from .cache import KVCache
 from .errors import InputError
 from .numerics import bad_logits, check_finite_logits, non_finite_error
-from .sampling import SamplingSettings, sample, uniforms
+from .sampling import SamplingSettings, sample_batch, uniforms
 from .tokenizer import StreamDecoder
 
 PAD_ID = 0   # the id padding columns carry: any valid id does, since padding is never attended
 
-STOP_TOKEN, MAX_NEW_TOKENS, CONTEXT_FULL = "stop token", "max_new_tokens", "context window full"
+# Why a row stopped, in the words of both generate (Generation.stopped) and the chat session
+# (TurnStats.stopped): its stop token, its max_new_tokens, the end of the context window, or a
+# reader that stopped iterating (chat only: a generator cannot see its own close).
+STOP_TOKEN, MAX_NEW_TOKENS, CONTEXT_FULL, INTERRUPTED = "stop token", "max_new_tokens", "context window full", \
+    "interrupted"
 
 
 def check_budget(prompt_len: int, cached: int, window: int, max_new_tokens: int) -> int:
@@ -142,41 +146,65 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, settings: SamplingSet
     stops = set(model.config.eos_token_ids if stop_ids is None else stop_ids)
     draws = [uniforms(s, budget, 1)[:, 0] for s, budget in zip(row_seeds(seed, rows), budgets)]   # (budget,) each
     steps = _decode(model, prompts, cache, settings, draws, budgets, stops)
-    held = [int(cache.positions[r]) + len(p) for r, p in enumerate(prompts)]
-    return Generation(steps, budgets, stops, int(max_new_tokens), batched, cache.max_seq_len, held)
+    prompt_lengths = [int(cache.positions[r]) + len(p) for r, p in enumerate(prompts)]
+    return Generation(steps, budgets, stops, int(max_new_tokens), batched, cache.max_seq_len, prompt_lengths)
+
+
+class DecodeRows:
+    """The decode loop's bookkeeping, one entry per row (both backends' loops keep it so).
+
+    active: (batch,) bool, the rows still generating; produced[r]: how many tokens row r has made;
+    read[r]: the ids row r has fed the model (its prompt, then each token fed back), which an
+    overflow error runs again.
+    """
+
+    def __init__(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int], stops: set[int]):
+        self.budgets, self.stops = budgets, stops
+        self.active = np.array([budget > 0 for budget in budgets])            # (batch,)
+        self.produced = [0] * len(prompts)
+        self.read = [list(p) for p in prompts]
+
+    def record(self, rows: Sequence[int], tokens: Sequence[int]) -> list[int | None]:
+        """The step's tokens, ``tokens[i]`` made by row ``rows[i]``, as the step yields them (None
+        for a row that made none). A row stops on a stop token or at its budget."""
+        step: list[int | None] = [None] * len(self.produced)
+        for r, token in zip(rows, tokens):
+            self.produced[r] += 1
+            step[r] = int(token)
+            self.active[r] = token not in self.stops and self.produced[r] < self.budgets[r]
+        return step
+
+    def feed_back(self, step: Sequence[int | None]) -> None:
+        """The step's tokens of the rows still active were fed to the model (a row's last token never is)."""
+        for r in np.flatnonzero(self.active):
+            self.read[r].append(step[r])
 
 
 def _decode(model, prompts, cache, settings, draws, budgets, stops) -> Iterator[list[int | None]]:
-    """The loop itself: one padded prefill, then one decode step for every row still going."""
-    rows = len(prompts)
-    going = np.array([budget > 0 for budget in budgets])                     # (batch,)
-    if not going.any():
+    """The loop itself: one padded prefill, then one decode step for every row still active."""
+    rows = DecodeRows(prompts, budgets, stops)
+    if not rows.active.any():
         return
     ids, mask = left_pad(prompts)                                            # (batch, L)
     logits = model(ids, cache=cache, attention_mask=None if mask.all() else mask)  # (batch, L, vocab)
     for r, p in enumerate(prompts):                                          # every prompt position
-        check_finite_logits(logits[r, -len(p):], model, p[None], "the prompt" if rows == 1 else f"prompt {r + 1}")
+        where = "the prompt" if len(prompts) == 1 else f"prompt {r + 1}"
+        check_finite_logits(logits[r, -len(p):], model, p[None], where)
     logits = logits[:, -1]                                                   # (batch, vocab)
-    produced = [0] * rows
-    seqs = [list(p) for p in prompts]                                        # what each row has read
     while True:
-        step: list[int | None] = [None] * rows
-        for r in np.flatnonzero(going):
-            token = sample(logits[r], settings, float(draws[r][produced[r]]))
-            produced[r] += 1
-            step[r] = token
-            going[r] = token not in stops and produced[r] < budgets[r]      # the last token is not fed back
+        active = np.flatnonzero(rows.active)                                 # (n_active,) row numbers
+        u = np.array([draws[r][rows.produced[r]] for r in active])           # (n_active,)
+        step = rows.record(active, sample_batch(logits[active], settings, u))
         yield step
-        if not going.any():
+        if not rows.active.any():
             return
-        feed = np.array([[t if t is not None and g else PAD_ID] for t, g in zip(step, going)])   # (batch, 1)
-        logits = model(feed, cache=cache, attention_mask=None if going.all() else going[:, None])[:, -1]
-        live = np.flatnonzero(going)
-        for r in live:
-            seqs[r].append(step[r])
-        if bad_logits(logits[live]):                                        # one check for the batch
-            r = next(r for r in live if bad_logits(logits[r]))
-            raise non_finite_error(model, [seqs[r]], f"generated token {produced[r]}")
+        feed = np.array([[t if t is not None and a else PAD_ID] for t, a in zip(step, rows.active)])   # (batch, 1)
+        logits = model(feed, cache=cache, attention_mask=None if rows.active.all() else rows.active[:, None])[:, -1]
+        rows.feed_back(step)
+        active = np.flatnonzero(rows.active)
+        if bad_logits(logits[active]):                                       # one check for the batch
+            r = next(r for r in active if bad_logits(logits[r]))
+            raise non_finite_error(model, [rows.read[r]], f"generated token {rows.produced[r]}")
 
 
 def stream_text(tokenizer, tokens: Iterable[int], skip_ids: Iterable[int] = ()) -> Iterator[str]:

@@ -1,9 +1,14 @@
-"""How the weights are laid out for compute: npllama's performance choices, all in one place.
+"""How the weights are laid out for compute, and which attention runs: the speed choices made
+after loading, in one place.
 
-Nothing here changes a number the model computes; each choice only decides in which order the
-same arithmetic touches memory. The spec (model.py) holds every matrix as its file does, (out, in),
-and applies it as ``x @ w.T``; these choices are applied after loading, so the maths reads as the
-equations. Why each was chosen, with the measurements, is in bench/RESULTS.md.
+Nothing here changes the function the model computes; each choice decides in which order the same
+arithmetic touches memory, and so, for the memory order and the attention tiles, in which order
+sums are taken: results may move by rounding (a decode product by an ulp or so), within the
+tolerances of tolerances.py, never by more. The spec (model.py) holds every matrix as its file
+does, (out, in), and applies it as ``x @ w.T``; these choices are applied after loading, so the
+maths reads as the equations. Two speed choices live with what they concern: the KV cache grows
+by doubling (cache.py) and attention views the queries in groups rather than copying k and v
+(attention.py). Why each was chosen, with the measurements, is in bench/RESULTS.md.
 
 1. Fused projections. Projections of the same input can be placed side by side, so that each pair
    or triple is one matrix product: wq|wk|wv -> ``attention.wqkv`` and w1|w3 -> ``feed_forward.w13``.

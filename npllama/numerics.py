@@ -9,12 +9,16 @@ nothing and exits 0. :func:`check_finite_logits` refuses both: logits that are n
 row of logits that are all equal (a trained LM head never gives that). It costs two passes over
 each step's logits (vocab_size numbers, against the vocab_size x dim products of the step); only
 when it fails is the forward pass run again with a trace that stops at the first intermediate (in
-``model.trace_names`` order) that is not finite or too large to square.
+``npllama.model.trace_names(n_layers)`` order, tests/test_structure.py checks it) that is not
+finite or too large to square.
 
-The Torch backend has the same functions in parity/numerics.py.
+The Torch backend has the same functions in parity/numerics.py: its own ``overflowed`` and
+``bad_logits`` (they read tensors on the device), the rest these, given its ``overflowed``.
 """
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import numpy as np
 
@@ -23,7 +27,7 @@ from .errors import CheckpointError
 SQUARE_LIMIT = float(np.sqrt(np.finfo(np.float32).max))   # RMSNorm squares in (at least) float32
 
 
-class _Found(Exception):
+class OverflowFound(Exception):
     """Stops a traced forward pass at the first intermediate that overflowed."""
 
     def __init__(self, name: str):
@@ -37,18 +41,19 @@ def overflowed(array) -> bool:
     return a.size > 0 and not (np.isfinite(a).all() and np.abs(a).max() < SQUARE_LIMIT)
 
 
-def first_overflow(model, ids) -> str | None:
+def first_overflow(model, ids, overflowed: Callable[[Any], bool] = overflowed) -> str | None:
     """The name of the first intermediate of ``model(ids)`` (no cache) that overflowed, or None.
 
     ids: (batch, seq) token ids. The forward pass stops there. None also when the model cannot be
-    traced this way (a backend whose arrays NumPy cannot read).
+    traced this way (a backend whose arrays ``overflowed`` cannot read; the Torch backend passes
+    its own).
     """
     def trace(name: str, array) -> None:
         if overflowed(array):
-            raise _Found(name)
+            raise OverflowFound(name)
     try:
         model(ids, trace=trace)
-    except _Found as found:
+    except OverflowFound as found:
         return found.name
     except Exception:
         return None
@@ -63,11 +68,18 @@ def bad_logits(logits) -> bool:
     return logits.shape[-1] > 1 and bool((logits.max(axis=-1) == logits.min(axis=-1)).any())
 
 
-def non_finite_error(model, ids, step: str) -> CheckpointError:
+def non_finite_error(model, ids, step: str,
+                     first_overflow: Callable[[Any, Any], str | None] = first_overflow) -> CheckpointError:
     """The error for logits computed from ``step`` ("the prompt", "generated token 3") that overflowed,
-    naming the first intermediate that did when ids run again without the cache."""
+    naming the first intermediate that did when ids run again without the cache.
+
+    ids: (seq,) or (batch, seq) token ids, a list or an array of either backend; first_overflow:
+    the backend's (the Torch backend passes its own).
+    """
     source = getattr(model, "source", None) or "the model"
-    where = first_overflow(model, np.asarray(ids).reshape(1, -1) if np.ndim(ids) < 2 else ids)
+    if np.ndim(ids) < 2:
+        ids = ids[None] if hasattr(ids, "ndim") else np.asarray(ids)[None]
+    where = first_overflow(model, ids)
     located = (f"first in {where}" if where is not None else
                "run again without the earlier tokens they do not, so it needs the whole context")
     return CheckpointError(f"{source}: the activations overflow float32 ({located}), so the logits computed from "

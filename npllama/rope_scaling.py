@@ -38,6 +38,7 @@ from typing import Callable
 
 import numpy as np
 
+from .checks import is_number
 from .config import ModelArgs
 from .errors import ConfigError
 from .rope import default_inv_freq
@@ -117,7 +118,7 @@ def rope_param(args: ModelArgs, key: str, default=_REQUIRED, positive: bool = Fa
                               f"(got rope_scaling={args.rope_scaling})")
         return default
     try:
-        if isinstance(value, bool):
+        if not is_number(value):
             raise TypeError
         number = float(value)
     except (TypeError, ValueError, OverflowError):
@@ -226,9 +227,9 @@ def rope_llama3(args: ModelArgs, seq_len: int) -> tuple[np.ndarray, float]:
 
 
 def yarn_correction_dim(num_rotations: float, dim: int, base: float, max_seq_len: float) -> float:
-    """The (fractional) dimension index 2i whose wavelength fits num_rotations times in max_seq_len.
+    """The (fractional) frequency index i whose wavelength fits num_rotations times in max_seq_len.
 
-    Solves max_seq_len / (2 pi base ** (2i / dim)) = num_rotations for 2i.
+    Solves max_seq_len / (2 pi base ** (2i / dim)) = num_rotations for i (theta_i, i in [0, dim/2)).
     """
     return (dim * math.log(max_seq_len / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
 

@@ -1,12 +1,15 @@
 """Choosing the next token: a pure function of (logits, settings, u).
 
-Order (as in transformers and Meta's reference): temperature, then top-k, then top-p;
-temperature 0 means greedy (argmax). The random number ``u`` in [0, 1) is an argument, as in
-llama2.c's sampler (its ``coin``): the draw happens outside, so two backends that compute the same
-probabilities pick the same token. ``uniforms(seed, steps, batch)`` makes those numbers.
+Order (as transformers' generate applies its warpers): temperature, then top-k, then top-p, each
+on what the one before left; temperature 0 means greedy (argmax). Meta's reference has temperature
+and top-p only (``sample_top_p`` in llama's generation.py). The random number ``u`` in [0, 1) is an
+argument, as in llama2.c's sampler (its ``coin``): the draw happens outside, so two backends that
+compute the same probabilities pick the same token. ``uniforms(seed, steps, batch)`` makes those
+numbers.
 
 Top-p follows Meta's convention: sort descending and keep the smallest prefix whose mass reaches p,
-including the token that crosses p (drop token i when cumsum_before_i > p).
+including the token that crosses p (drop token i when cumsum_before_i > p). After top-k the mass
+is that of the k tokens left, renormalised (as transformers and llama.cpp measure it).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .checks import is_int, is_number
 from .errors import InputError
 
 
@@ -27,11 +31,11 @@ class SamplingSettings:
 
     def __post_init__(self) -> None:
         t, k, p = self.temperature, self.top_k, self.top_p
-        if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
+        if not (is_number(t) and math.isfinite(t) and t >= 0):
             raise InputError(f"temperature must be a number >= 0 (0 means greedy), got {t!r}")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        if not is_int(k) or k < 0:
             raise InputError(f"top_k must be an integer >= 0 (0 turns it off), got {k!r}")
-        if not (isinstance(p, (int, float)) and 0 < p <= 1):
+        if not (is_number(p) and 0 < p <= 1):
             raise InputError(f"top_p must lie in (0, 1] (1 turns it off), got {p!r}")
 
     @property
@@ -45,7 +49,7 @@ def uniforms(seed: int | None, steps: int, batch: int = 1) -> np.ndarray:
     NumPy's PCG64 seeded with ``seed`` is the one source of randomness for both backends.
     seed: None (fresh randomness) or an integer >= 0.
     """
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+    if seed is not None and (not is_int(seed) or seed < 0):
         raise InputError(f"seed must be an integer >= 0 (or none for fresh randomness), got {seed!r:.40}")
     return np.random.default_rng(seed).random((steps, batch))
 
@@ -58,13 +62,15 @@ def softmax_probs(logits: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def top_k_top_p(probs_sorted: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-    """Zero the tail of probabilities sorted in descending order. (vocab,) -> (vocab,)"""
+    """Zero the tail of probabilities sorted in descending order: past the top_k first, then past
+    the smallest prefix of what is left whose mass reaches top_p of it. (vocab,) -> (vocab,)"""
     kept = probs_sorted.copy()
     if top_k:
         kept[top_k:] = 0.0
     if top_p < 1.0:
+        mass = kept.sum() if top_k else 1.0       # top-p reads the distribution top-k left
         mass_before = np.cumsum(kept) - kept      # mass of the tokens ranked above each one
-        kept[mass_before > top_p] = 0.0
+        kept[mass_before > top_p * mass] = 0.0
     return kept
 
 

@@ -24,8 +24,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
-
+from .checks import is_int
 from .errors import TokenizerError
 
 
@@ -37,7 +36,7 @@ class Tokenizer:
     eos_ids      ids that end a generation (Llama 3: <|end_of_text|> and <|eot_id|>; SmolLM2: <|im_end|>)
     add_bos      the tokenizer's convention: does ``encode`` prepend BOS when not told?
     chat_template  the Jinja chat template shipped with the tokenizer, or None
-    chat_format  the name of the built-in chat format (npllama.chat.BUILTIN_TEMPLATES) for a checkpoint
+    chat_format  the name of the built-in chat format (npllama.chat_templates.BUILTIN_TEMPLATES) for a checkpoint
                  that ships no template but says which format it was trained on (a Meta Llama 3
                  folder: "llama3", or "llama3.1" when params.json says use_scaled_rope), or None
     special_ids  ids of control tokens (never produced by plain text)
@@ -59,7 +58,7 @@ class Tokenizer:
         self.special_ids = frozenset(special)
 
     def _check_id(self, i, what: str) -> int:
-        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+        if not is_int(i):
             raise TokenizerError(f"{self.source}: {what} must be an integer token id, got {i!r}")
         i = int(i)
         if not 0 <= i < self.vocab_size:

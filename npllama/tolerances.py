@@ -40,6 +40,15 @@ ROPE_ANGLE_VS_TRANSFORMERS_RTOL = 16 * FLOAT32_EPS
 # angles above at the short positions these models use.
 ROPE_MODEL_VS_TRANSFORMERS_RTOL_FLOAT32 = 1e-4
 
+# ------------------------------------------------------------------------------ the spec against its formula
+# Each op of npllama (tests/test_spec_*.py) against its formula written apart from it (Python
+# floats with math.fsum, float64 loops or einsum, complex numbers for the rotation), norm-relative.
+# In float64 the two differ only in the order of sums and in libm's last ulp (exp, tanh, cos,
+# sqrt): a few ulps of O(1) values, and 1e-12 leaves three orders of headroom over eps (2.2e-16)
+# for the sums of a few hundred terms the tests draw. In float32 the op rounds each step to
+# float32 (u = 6e-8) and its sums of up to a few hundred terms err like sqrt(K) u: 1e-5 (~80 eps).
+SPEC_VS_FORMULA_RTOL = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
+
 # ------------------------------------------------------------------------------ attention
 # flash_attention vs naive_attention (NumPy), norm-relative on the output. Both compute the same
 # scores and the same softmax; they differ only in the order of sums: the tile GEMMs block the

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from npllama.layout import BLOCK_K, BLOCK_Q
+from npllama.checks import is_int
 from npllama.errors import InputError
 
 
@@ -102,7 +103,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     if n_heads % n_kv_heads:
         raise InputError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({n_kv_heads})")
     for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_int(size) or size < 1:
             raise InputError(f"{name} must be a positive integer, got {size!r}")
     n_rep = n_heads // n_kv_heads
     offset = kv_len - q_len                          # query i sits at absolute position offset + i

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from npllama.config import ModelArgs
+from npllama.checks import is_int
 from npllama.errors import InputError
 from npllama.rope_scaling import context_window
 
@@ -28,7 +29,7 @@ class KVCache:
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  slots: int | None = None):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        if not is_int(batch_size) or batch_size <= 0:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.max_seq_len = int(context_window(args) if max_seq_len is None else max_seq_len)
         if self.max_seq_len <= 0:

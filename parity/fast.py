@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from npllama.config import ModelArgs
+from npllama.checks import is_int
 from npllama.errors import CheckpointError, InputError
 from npllama.generate import check_budget, row_seeds
 from npllama.layout import fuse_params
@@ -219,7 +220,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+def apply_rotary_rolled(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin over the first rotary_dim channels, the rest passed through.
 
     rotate_half(x) * sin = (-x2, x1) * (sin1, sin2) is computed as roll(x, half) * (-sin1, sin2),
@@ -233,21 +234,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -
     return torch.cat([x_rot * cos + x_rot.roll(rot // 2, -1) * sin_signed, x[..., rot:]], dim=-1)
 
 
-def attention(x: torch.Tensor, layer: FastBlock, args: ModelArgs, cos: torch.Tensor, sin: torch.Tensor,
-              k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-              bias: torch.Tensor | None, from_cache: bool, in_out: bool) -> torch.Tensor:
-    """Attention of seq new positions, writing their keys and values into the static cache.
+def fused_attention(x: torch.Tensor, layer: FastBlock, args: ModelArgs, cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                    bias: torch.Tensor | None, from_cache: bool, in_out: bool) -> torch.Tensor:
+    """Attention of seq new positions through the fused wqkv, writing their keys and values into
+    the static cache (parity.model.Attention's arithmetic on the fast path).
 
     x: (batch, seq, dim); cos, sin: (batch, seq, 1, rotary_dim), per row (left padding; sin signed,
-    see apply_rotary); k_cache, v_cache: (batch, n_kv_heads, slots, head_dim); slots: (seq,) the
-    cache columns to write. bias: the additive mask of grouped_mask, (batch, 1, n_rep * seq, kv),
+    see apply_rotary_rolled); k_cache, v_cache: (batch, n_kv_heads, slots, head_dim); slots: (seq,)
+    the cache columns to write. bias: the additive mask of grouped_mask, (batch, 1, n_rep * seq, kv),
     or None for plain causal attention. from_cache: attend over the whole cache (decode), or over
     the seq new keys only (prefill into an empty cache). -> (batch, seq, dim)
     """
     b, seq, _ = x.shape
     hd, nq, nkv = args.head_dim, args.n_heads, args.n_kv_heads
     qkv = project(x, layer.wqkv, layer.bqkv, in_out).view(b, seq, nq + 2 * nkv, hd)   # (batch, seq, heads, hd)
-    qk = apply_rotary(qkv[:, :, : nq + nkv], cos, sin)                       # q and k rotated together
+    qk = apply_rotary_rolled(qkv[:, :, : nq + nkv], cos, sin)                # q and k rotated together
     q = qk[:, :, :nq].transpose(1, 2)                                        # (batch, nq, seq, hd)
     k = qk[:, :, nq:].transpose(1, 2)                                        # (batch, nkv, seq, hd)
     v = qkv[:, :, nq + nkv:].transpose(1, 2)                                 # (batch, nkv, seq, hd)
@@ -283,20 +285,21 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     return F.scaled_dot_product_attention(qg, k, v, attn_mask=bias).reshape(b, nq, seq, hd)
 
 
-def feed_forward(x: torch.Tensor, layer: FastBlock, hidden_dim: int, in_out: bool) -> torch.Tensor:
-    """SwiGLU with w1|w3 as one product. x: (batch, seq, dim) -> (batch, seq, dim)."""
+def fused_feed_forward(x: torch.Tensor, layer: FastBlock, hidden_dim: int, in_out: bool) -> torch.Tensor:
+    """SwiGLU through the fused w13: w1|w3 as one product. x: (batch, seq, dim) -> (batch, seq, dim)."""
     gate_up = project(x, layer.w13, layer.b13, in_out)                       # (batch, seq, 2 hidden_dim)
     return project(silu(gate_up[..., :hidden_dim]) * gate_up[..., hidden_dim:], layer.w2, layer.b2, in_out)
 
 
-def forward(w: FastWeights, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-            mask: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            cos_table: torch.Tensor, sin_table: torch.Tensor, from_cache: bool) -> torch.Tensor:
-    """The decoder on seq new positions of every row -> logits of the last one, (batch, vocab) float32.
+def fused_forward(w: FastWeights, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                  mask: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  cos_table: torch.Tensor, sin_table: torch.Tensor, from_cache: bool) -> torch.Tensor:
+    """The decoder on fused weights over seq new positions of every row -> logits of the last one,
+    (batch, vocab) float32.
 
     ids, positions: (batch, seq); slots: (seq,); mask: (batch, 1, seq, kv) boolean or None (causal);
     k_cache, v_cache: (n_layers, batch, n_kv_heads, slots, head_dim); cos_table, sin_table:
-    (slots, rotary_dim), sin signed as apply_rotary wants it.
+    (slots, rotary_dim), sin signed as apply_rotary_rolled wants it.
     """
     args = w.config
     cos = cos_table[positions][:, :, None]                                   # (batch, seq, 1, rotary_dim)
@@ -305,8 +308,9 @@ def forward(w: FastWeights, ids: torch.Tensor, positions: torch.Tensor, slots: t
     h = F.embedding(ids, w.tok_embeddings)                                   # (batch, seq, dim)
     for i, layer in enumerate(w.layers):
         x = rms_norm(h, layer.attention_norm, args.norm_eps)
-        h = h + attention(x, layer, args, cos, sin, k_cache[i], v_cache[i], slots, bias, from_cache, w.in_out)
-        h = h + feed_forward(rms_norm(h, layer.ffn_norm, args.norm_eps), layer, args.hidden_dim, w.in_out)
+        h = h + fused_attention(x, layer, args, cos, sin, k_cache[i], v_cache[i], slots, bias, from_cache,
+                                w.in_out)
+        h = h + fused_feed_forward(rms_norm(h, layer.ffn_norm, args.norm_eps), layer, args.hidden_dim, w.in_out)
     h = rms_norm(h[:, -1], w.norm, args.norm_eps)                            # (batch, dim): last position only
     return project(h, w.output, None, w.in_out).float()                      # (batch, vocab)
 
@@ -341,7 +345,7 @@ class FastDecoder(nn.Module):
         super().__init__()
         self.weights = model if isinstance(model, FastWeights) else FastWeights(model, layout)
         args = self.config = self.weights.config
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        if not is_int(batch_size) or batch_size <= 0:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         slots = int(max_seq_len or args.max_seq_len)
         if not 0 < slots <= args.max_seq_len:
@@ -388,14 +392,6 @@ class FastDecoder(nn.Module):
         if compile is not None:
             self._step = torch.compile(self._decode_step, mode=compile, backend=backend, fullgraph=True)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weights.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.weights.device
-
     # -------------------------------------------------------------- prefill and decode
     @torch.no_grad()
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -411,16 +407,16 @@ class FastDecoder(nn.Module):
         slots = self.slot_ids[:length]                                        # (L,)
         positions = (slots[None, :] - self.pad[:, None]).clamp_(min=0)        # (batch, L)
         mask = None if not pad.any() else padding_mask(self.pad, slots, slots)  # (batch, 1, L, L)
-        ids = torch.from_numpy(ids).to(self.device)
-        logits = forward(self.weights, ids, positions, slots, mask, self.k_cache, self.v_cache,
-                         self.cos_table, self.sin_table, from_cache=False)
+        ids = torch.from_numpy(ids).to(self.weights.device)
+        logits = fused_forward(self.weights, ids, positions, slots, mask, self.k_cache, self.v_cache,
+                               self.cos_table, self.sin_table, from_cache=False)
         self.slot.fill_(length)
         return logits
 
     @torch.no_grad()
     def decode(self, tokens) -> torch.Tensor:
         """Feed one token per row at the current slot (eager); -> next logits (batch, vocab) float32."""
-        tokens = torch.as_tensor(tokens, dtype=torch.int64, device=self.device).reshape(self.batch_size)
+        tokens = torch.as_tensor(tokens, dtype=torch.int64, device=self.weights.device).reshape(self.batch_size)
         if int(self.slot) >= self.max_seq_len:
             raise InputError(f"the cache's {self.max_seq_len} slots are full")
         self.tokens.copy_(tokens)
@@ -432,8 +428,8 @@ class FastDecoder(nn.Module):
         """Logits after feeding self.tokens at self.slot, every row at its own position."""
         positions = (self.slot - self.pad)[:, None]                           # (batch, 1)
         mask = padding_mask(self.pad, self.slot, self.slot_ids)               # (batch, 1, 1, slots)
-        return forward(self.weights, self.tokens[:, None], positions, self.slot, mask,
-                       self.k_cache, self.v_cache, self.cos_table, self.sin_table, from_cache=True)
+        return fused_forward(self.weights, self.tokens[:, None], positions, self.slot, mask,
+                             self.k_cache, self.v_cache, self.cos_table, self.sin_table, from_cache=True)
 
     def _decode_step(self) -> None:
         """One token for every row, all on the device: feed, sample, record, flag stops, advance.
@@ -465,7 +461,7 @@ class FastDecoder(nn.Module):
         """
         prompts = self._check_prompts(prompts)
         n = len(prompts)
-        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        if not is_int(sync_every) or sync_every < 1:
             raise InputError(f"sync_every must be a positive integer, got {sync_every!r}")
         longest = max(len(p) for p in prompts)
         if longest > self.max_seq_len:
@@ -529,7 +525,8 @@ class FastDecoder(nn.Module):
     def _overflow(self, row: int, produced: int) -> CheckpointError:
         """The error for row ``row``'s logits that overflowed after ``produced`` tokens (parity.numerics)."""
         step = "the prompt" if produced == 0 else f"generated token {produced}"
-        return CheckpointError(f"{self.weights.source or 'the model'}: the activations overflow {self.dtype} (prompt "
+        w = self.weights
+        return CheckpointError(f"{w.source or 'the model'}: the activations overflow {w.dtype} (prompt "
                                f"{row}), so the logits computed from {step} are inf, NaN or all equal and no token "
                                f"can be chosen; the checkpoint is corrupt (weights near 1e38?). npllama generate "
                                f"names the layer where it happens")
@@ -569,10 +566,10 @@ class FastDecoder(nn.Module):
         self.settings = settings
         steps, n = u.shape
         self.u.zero_()
-        self.u[longest: longest + steps, :n] = torch.from_numpy(u).to(self.device)
+        self.u[longest: longest + steps, :n] = torch.from_numpy(u).to(self.weights.device)
         self.stop_ids.fill_(-1)
         if stops:
-            self.stop_ids[: len(stops)] = torch.tensor(stops, dtype=torch.int64, device=self.device)
+            self.stop_ids[: len(stops)] = torch.tensor(stops, dtype=torch.int64, device=self.weights.device)
 
 
 def fast_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128,

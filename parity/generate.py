@@ -1,8 +1,9 @@
 """Autoregressive generation in Torch, the twin of npllama.generate.
 
 The same loop: one left-padded prefill of every prompt, then one decode step for every row still
-going, each row stopping on its own stop token or budget, and each row drawing
-``npllama.sampling.uniforms(seed, steps, 1)`` as it would alone (NumPy PCG64 on the host). Here
+active, each row stopping on its own stop token or budget (npllama.generate.DecodeRows keeps the
+books of both loops), and each row drawing ``npllama.sampling.uniforms(seed, steps, 1)`` as it
+would alone (NumPy PCG64 on the host). Here
 the numbers are copied to the device once, and each step samples on the device with
 ``parity.sampling.sample_batch``, the same inverse-CDF draw as npllama's; so for the same seed the
 two backends pick the same tokens whenever their logits agree (to the rounding that cannot move a
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from npllama.errors import InputError
-from npllama.generate import Generation, check_budget, is_batch, left_pad, row_seeds
+from npllama.generate import DecodeRows, Generation, check_budget, is_batch, left_pad, row_seeds
 from npllama.generate import generate_text as generate_text_with
 from npllama.rope_scaling import context_window
 
@@ -39,8 +40,8 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, settings: SamplingSet
     prompts = [np.asarray(model.check_ids(p)[0].cpu()) for p in (prompt_ids if batched else [prompt_ids])]
     rows = len(prompts)
     window = cache.max_seq_len if cache is not None else context_window(model.config)
-    held = [0] * rows if cache is None else [int(n) for n in cache.positions]
-    budgets = [check_budget(len(p), held[r], window, max_new_tokens) for r, p in enumerate(prompts)]
+    cached = [0] * rows if cache is None else [int(n) for n in cache.positions]
+    budgets = [check_budget(len(p), cached[r], window, max_new_tokens) for r, p in enumerate(prompts)]
     if cache is None:
         longest = max(len(p) for p in prompts)
         cache = KVCache(model.config, rows, window, dtype=model.dtype, device=model.device,
@@ -51,45 +52,43 @@ def generate(model, prompt_ids, max_new_tokens: int = 128, settings: SamplingSet
     draws = [torch.from_numpy(uniforms(s, b, 1)[:, 0]).to(model.device)                # (budget,) each
              for s, b in zip(row_seeds(seed, rows), budgets)]
     steps = _decode(model, prompts, cache, settings, draws, budgets, stops)
-    lengths = [held[r] + len(p) for r, p in enumerate(prompts)]
-    return Generation(steps, budgets, stops, int(max_new_tokens), batched, cache.max_seq_len, lengths)
+    prompt_lengths = [cached[r] + len(p) for r, p in enumerate(prompts)]
+    return Generation(steps, budgets, stops, int(max_new_tokens), batched, cache.max_seq_len, prompt_lengths)
 
 
 @torch.no_grad()
 def _decode(model, prompts, cache, settings, draws, budgets, stops) -> Iterator[list[int | None]]:
     """The loop of npllama.generate._decode, sampling on the device."""
-    rows = len(prompts)
-    going = np.array([budget > 0 for budget in budgets])                          # (batch,)
-    if not going.any():
+    rows = DecodeRows(prompts, budgets, stops)
+    if not rows.active.any():
         return
     ids, mask = left_pad(prompts)                                                 # (batch, L)
     logits = model(ids, cache=cache, attention_mask=None if mask.all() else mask)  # (batch, L, vocab)
     for r, p in enumerate(prompts):                                               # every prompt position
-        check_finite_logits(logits[r, -len(p):], model, p[None], "the prompt" if rows == 1 else f"prompt {r + 1}")
+        where = "the prompt" if len(prompts) == 1 else f"prompt {r + 1}"
+        check_finite_logits(logits[r, -len(p):], model, p[None], where)
     logits = logits[:, -1]                                                        # (batch, vocab)
-    produced = [0] * rows
-    seqs = [list(p) for p in prompts]                                             # what each row has read
     while True:
-        live = np.flatnonzero(going)
-        u = torch.stack([draws[r][produced[r]] for r in live])                    # (live,)
-        chosen = sample_batch(logits[torch.from_numpy(live).to(logits.device)], settings, u)  # (live,) on the device
-        step: list[int | None] = [None] * rows
-        for r, token in zip(live, chosen.tolist()):                               # the host sync
-            produced[r] += 1
-            step[r] = token
-            going[r] = token not in stops and produced[r] < budgets[r]
+        active = np.flatnonzero(rows.active)                                      # (n_active,) row numbers
+        u = torch.stack([draws[r][rows.produced[r]] for r in active])             # (n_active,)
+        chosen = sample_batch(logits[_on_device(active, logits)], settings, u)    # (n_active,) on the device
+        step = rows.record(active, chosen.tolist())                               # the host sync
         yield step
-        if not going.any():
+        if not rows.active.any():
             return
-        feed = torch.zeros((rows, 1), dtype=torch.int64, device=logits.device)     # padding: id 0, never attended
-        feed[torch.from_numpy(live).to(logits.device), 0] = chosen
-        logits = model(feed, cache=cache, attention_mask=None if going.all() else going[:, None])[:, -1]
-        live = np.flatnonzero(going)
-        for r in live:
-            seqs[r].append(step[r])
-        if bad_logits(logits[torch.from_numpy(live).to(logits.device)]):                                        # one check for the batch
-            r = next(r for r in live if bad_logits(logits[r]))
-            raise non_finite_error(model, [seqs[r]], f"generated token {produced[r]}")
+        feed = torch.zeros((len(prompts), 1), dtype=torch.int64, device=logits.device)   # padding: id 0, never attended
+        feed[_on_device(active, logits), 0] = chosen
+        logits = model(feed, cache=cache, attention_mask=None if rows.active.all() else rows.active[:, None])[:, -1]
+        rows.feed_back(step)
+        active = np.flatnonzero(rows.active)
+        if bad_logits(logits[_on_device(active, logits)]):                        # one check for the batch
+            r = next(r for r in active if bad_logits(logits[r]))
+            raise non_finite_error(model, [rows.read[r]], f"generated token {rows.produced[r]}")
+
+
+def _on_device(rows: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    """Row numbers (a NumPy array) as an index tensor on x's device."""
+    return torch.from_numpy(rows).to(x.device)
 
 
 def generate_text(model, prompt, max_new_tokens: int = 128,

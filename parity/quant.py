@@ -186,16 +186,6 @@ def is_quantized(w) -> bool:
     return isinstance(w, QuantizedWeight)
 
 
-def quantized_linear(x: torch.Tensor, w: "Int8Weight | Int4Weight", b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T + b through w's kernel. x: (..., in) -> (..., out)."""
-    return w.linear(x, b)
-
-
-def weight_bytes(module: nn.Module) -> int:
-    """Bytes of a module's parameters and buffers as they sit on the device (the int4 host codes aside)."""
-    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-
-
 # ---------------------------------------------------------------------------- from a checkpoint
 def int8_weight(w: np.ndarray, dtype: torch.dtype, device: torch.device) -> Int8Weight:
     """Float weights (N, K) quantized to int8 per channel (quantize_int8, scales in dtype)."""

@@ -7,8 +7,8 @@ npllama's float64 table in a tensor. Why one registry for both backends:
 - A variant is a function of the config and the length that yields rotary_dim/2 numbers once per
   forward call; computing them in Torch buys nothing, and a second copy of each formula is a
   second place for it to drift (the table is built one way, in one place).
-- A variant registered once with ``npllama.rope.register`` (or ``parity.rope.register``, the same
-  function) runs in both backends, so a plug-in cannot make the two disagree.
+- A variant registered once with ``npllama.rope_scaling.register`` (or ``parity.rope.register``,
+  the same function) runs in both backends, so a plug-in cannot make the two disagree.
 - What the backends do compute separately, and what the parity tests compare, is everything
   after the table: the angles, cos and sin, their cast, and the rotation of q and k.
 

@@ -1,7 +1,8 @@
 """Choosing the next token on the device, the Torch twin of npllama.sampling.
 
-The same pure function of (logits, settings, u): temperature, then top-k, then top-p (Meta's
-convention: keep the token that crosses p), then an inverse-CDF draw with the uniform number u.
+The same pure function of (logits, settings, u): temperature, then top-k, then top-p of what
+top-k left (Meta's convention: keep the token that crosses p), then an inverse-CDF draw with the
+uniform number u.
 Where the randomness comes from is decided once, in npllama: ``uniforms(seed, steps, batch)``
 draws every u of a generation up front with NumPy's PCG64 on the host. Both backends consume
 those same numbers, so they pick the same token whenever their logits agree; here the numbers
@@ -26,14 +27,16 @@ def softmax_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def top_k_top_p(probs_sorted: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Zero the tail of probabilities sorted in descending order. (..., vocab) -> (..., vocab)"""
+    """Zero the tail of probabilities sorted in descending order: past the top_k first, then past
+    the smallest prefix of what is left whose mass reaches top_p of it. (..., vocab) -> (..., vocab)"""
     kept = probs_sorted
     if top_k:
         kept = kept.clone()
         kept[..., top_k:] = 0.0
     if top_p < 1.0:
-        mass_before = torch.cumsum(kept, dim=-1) - kept   # mass of the tokens ranked above each one
-        kept = kept.masked_fill(mass_before > top_p, 0.0)
+        mass = kept.sum(-1, keepdim=True) if top_k else 1.0   # top-p reads the distribution top-k left
+        mass_before = torch.cumsum(kept, dim=-1) - kept      # mass of the tokens ranked above each one
+        kept = kept.masked_fill(mass_before > top_p * mass, 0.0)
     return kept
 
 

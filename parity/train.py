@@ -47,6 +47,7 @@ import torch
 from npllama.config import ModelArgs
 from npllama.formats.fields import build_args
 from npllama.formats.hf import args_from_config, read_safetensors_header, safetensors_bytes, save_checkpoint
+from npllama.checks import is_int, is_number
 from npllama.errors import CheckpointError, ConfigError, InputError, TokenizerError
 from npllama.io import (atomic_write, check_regular, make_folder, read_json, read_regular, remove_folder,
                         remove_leftovers)
@@ -111,8 +112,8 @@ class TrainConfig:
             raise ConfigError(f"{source}: unknown training settings {unknown[:5]}; was it written by npllama train?")
         for name, value in values.items():
             kind = kinds[name]
-            ok = (isinstance(value, int) and not isinstance(value, bool) if kind is int else
-                  isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = (is_int(value) if kind is int else
+                  is_number(value) and math.isfinite(value)
                   if kind is float else isinstance(value, str))
             if not ok:
                 raise ConfigError(f"{source}: training setting {name!r} must be "

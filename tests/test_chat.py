@@ -13,9 +13,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import npllama
-from npllama.chat import (CHATML, LLAMA2, LLAMA3, ChatSession, builtin_template_for,
-                          end_of_turn_ids, render_prompt, render_template, special_token_variables)
+from npllama.chat import ChatSession, end_of_turn_ids, render_prompt
+from npllama.chat_sandbox import render_template
+from npllama.chat_templates import CHATML, LLAMA2, LLAMA3, builtin_template_for, special_token_variables
 from npllama.errors import InputError
+from npllama.generate import CONTEXT_FULL, INTERRUPTED, MAX_NEW_TOKENS, generate
 from npllama.tokenizer import Tokenizer
 from npllama.weights import default_model_path
 
@@ -303,7 +305,7 @@ def test_interrupted_answer_is_kept_and_the_cache_stays_consistent(tiny):
     pieces = session.send("the capital of France")
     got = next(pieces) + next(pieces)
     pieces.close()                                         # what Ctrl-C does in the terminal
-    assert session.last_turn.stopped == "interrupted"
+    assert session.last_turn.stopped == INTERRUPTED
     assert session.history[-1] == {"role": "assistant", "content": got}
     cache_holds(session, model)
     session.ask("and then?")
@@ -315,6 +317,23 @@ def test_interrupted_answer_is_kept_and_the_cache_stays_consistent(tiny):
     session.ask("hello")
     assert session.history[0]["content"] == "be brief"
     cache_holds(session, model)
+
+
+def test_a_turn_stops_for_the_reason_generate_gives(tiny):
+    """TurnStats.stopped and Generation.stopped speak the same words: the session's reason is the
+    generation's own, whichever way the answer ended."""
+    _, model = tiny
+    generations = []
+
+    def recording(*args, **kwargs):
+        generations.append(generate(*args, **kwargs))
+        return generations[-1]
+    for n, window, reason in ((3, None, MAX_NEW_TOKENS), (40, 60, CONTEXT_FULL)):
+        session = ChatSession(model, max_new_tokens=n, max_seq_len=window, generate_fn=recording, seed=0)
+        session.ask("the capital of France")
+        if session.last_turn.answer_ids[-1] not in session.stop_ids:     # a random model may end its turn
+            assert generations[-1].stopped[0] == reason
+        assert session.last_turn.stopped == generations[-1].stopped[0]
 
 
 def test_torch_backend_chats_like_numpy(tiny):

@@ -14,8 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import npllama
-from npllama.chat import (LLAMA3, LLAMA31, ChatSession, builtin_template_for, chat_template_for,
-                          end_of_turn_ids, render_prompt, render_template, special_token_variables)
+from npllama.chat import ChatSession, end_of_turn_ids, render_prompt
+from npllama.chat_sandbox import render_template
+from npllama.chat_templates import (LLAMA3, LLAMA31, builtin_template_for, chat_template_for,
+                                    special_token_variables)
 from npllama.errors import TokenizerError
 from npllama.tokenizer import LLAMA3_SPECIAL_TOKENS, StreamDecoder, Tokenizer
 from npllama.weights import LLAMA32_TOKENIZER_FILES, llama32_tokenizer_dir, sha256_file

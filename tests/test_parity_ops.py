@@ -73,13 +73,35 @@ def test_rms_norm(dtype, b, seq, dim, eps, scale, seed):
     check(out, nn_.rms_norm(x64, w64, eps), dtype)
 
 
+def bfloat16_places(v: float) -> float:
+    """v in units of the last place of a bfloat16 of its binade (8 significant bits; normal range)."""
+    m, e = math.frexp(v)                       # v = m 2**e, 1/2 <= |m| < 1
+    return m * 2 ** 8
+
+
+def to_bfloat16(v: float) -> float:
+    """v rounded to the nearest bfloat16, ties to even (Python's round), with Python floats."""
+    return 0.0 if v == 0 else round(bfloat16_places(v)) * 2.0 ** (math.frexp(v)[1] - 8)
+
+
 def test_rms_norm_casts_back_before_the_weight():
-    """bfloat16: the normalised x is rounded to bfloat16 before the gain, as npllama and Meta do."""
-    x = torch.tensor([[1.0, 2.0, 3.0, 4.01]], dtype=torch.bfloat16)
-    w = torch.full((4,), 1.7, dtype=torch.bfloat16)
-    x32 = x.float()
-    normed = (x32 / torch.sqrt((x32 * x32).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
-    assert torch.equal(tn.rms_norm(x, w, 1e-5), normed * w)
+    """bfloat16: the normalised x is rounded to bfloat16 before the gain, as npllama and Meta do.
+
+    The reference is the formula on Python floats, rounded to bfloat16 by its own rounding: once
+    after x / sqrt(mean(x^2) + eps), once after the gain. It equals torch's output bit for bit
+    because no value lies near a rounding tie (checked below: float32 arithmetic, 2**-16 places of
+    bfloat16 away from float64's, rounds the same way) and a product of two bfloat16 numbers is
+    exact before its rounding. Rounding once, after the gain, gives another answer (checked too).
+    """
+    x = [1.0, 2.0, 3.0, 4.0]                   # bfloat16 numbers; 1.703125 is 1.7 in bfloat16
+    gain, eps = 1.703125, 1e-5
+    rms = math.sqrt(sum(v * v for v in x) / len(x) + eps)
+    normed = [v / rms for v in x]
+    assert all(abs(bfloat16_places(n) % 1 - 0.5) > 0.01 for n in normed)              # far from ties
+    want = [to_bfloat16(to_bfloat16(n) * gain) for n in normed]
+    assert want != [to_bfloat16(n * gain) for n in normed]                           # the order shows
+    got = tn.rms_norm(torch.tensor([x], dtype=torch.bfloat16), torch.full((4,), gain, dtype=torch.bfloat16), eps)
+    assert got.dtype == torch.bfloat16 and got[0].tolist() == want
 
 
 @settings(max_examples=40, deadline=None)

@@ -9,7 +9,8 @@ import threading
 
 import click
 
-from ..chat import BUILTIN_TEMPLATES, MAX_TEMPLATE_CHARS, ChatSession, ChatTemplate
+from ..chat import ChatSession
+from ..chat_templates import BUILTIN_TEMPLATES, MAX_TEMPLATE_CHARS, ChatTemplate
 from ..errors import InputError
 from ..formats import require_tokenizer
 from ..io import read_regular

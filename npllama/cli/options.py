@@ -108,12 +108,6 @@ def numpy_backend(model) -> Backend:
     return Backend("numpy", model, generate, lambda ids, mask=None: float(model.loss(ids, attention_mask=mask)))
 
 
-def make_backend(name: str, model, device: str | None = None, dtype: str | None = None,
-                 weights: str = "float32") -> Backend:
-    """The loaded NumPy model as the named backend (the model itself for "numpy")."""
-    return backend_factory(name, device, dtype, weights)(model)
-
-
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float,
                    seed: int | None) -> SamplingSettings:
     """The sampling options, checked before the model loads: the settings, or an InputError."""

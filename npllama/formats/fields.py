@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
+from ..checks import is_int, is_number
 from ..config import ModelArgs
 from ..errors import ConfigError
 
@@ -40,8 +41,7 @@ class Fields:
         value = self._get(key, default)
         if value is default and default is not _MISSING:
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value != int(value):
+        if not is_number(value) or not math.isfinite(value) or value != int(value):
             raise self._bad(key, "an integer")
         value = int(value)
         if minimum is not None and value < minimum:
@@ -53,8 +53,7 @@ class Fields:
         value = self._get(key, default)
         if value is default and default is not _MISSING:
             return value
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or (positive and value <= 0):
+        if not is_number(value) or not math.isfinite(value) or (positive and value <= 0):
             raise self._bad(key, "a positive finite number" if positive else "a finite number")
         return float(value)
 
@@ -71,7 +70,7 @@ class Fields:
         if value is None:
             return ()
         values = value if isinstance(value, (list, tuple)) else [value]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+        if not all(is_int(v) and v >= 0 for v in values):
             raise self._bad(key, "a token id or a list of token ids")
         return tuple(values)
 

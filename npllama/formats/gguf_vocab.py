@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from ..checks import is_int, is_number
 from ..errors import TokenizerError
 from ..tokenizer import Tokenizer
 
@@ -61,8 +62,8 @@ class VocabFields:
         value = self.meta.get(key)
         if value is None:
             return None
-        kinds = (int,) if integral else (int, float)
-        if not isinstance(value, list) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in value):
+        kind = is_int if integral else is_number
+        if not isinstance(value, list) or not all(kind(v) for v in value):
             raise self._bad(key, f"an array of {'integers' if integral else 'numbers'}")
         if len(value) != length:
             raise TokenizerError(f"{self.source}: {key} has {len(value)} entries for {length} tokens")
@@ -74,7 +75,7 @@ class VocabFields:
         value = self.meta.get(key)
         if value is None:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_int(value) or value < 0:
             raise self._bad(key, "a token id (an integer >= 0)")
         return value
 
@@ -108,7 +109,7 @@ def _describe(value: Any) -> str:
 
 def gguf_tokenizer(meta: dict[str, Any], path: Path) -> Tokenizer | None:
     """The tokenizer described by ``tokenizer.ggml.*`` (None when the file has no vocabulary)."""
-    from ..chat import ChatTemplate
+    from ..chat_templates import ChatTemplate
 
     if meta.get("tokenizer.ggml.model") is None or "tokenizer.ggml.tokens" not in meta:
         return None

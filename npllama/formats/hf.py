@@ -34,8 +34,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from ..chat_templates import MAX_TEMPLATE_CHARS, ChatTemplate
+from ..checks import is_int
 from ..config import ModelArgs
-from ..chat import MAX_TEMPLATE_CHARS, ChatTemplate
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..io import open_regular, parse_json, read_json as io_read_json, read_regular, write_folder
 from ..params import check_params
@@ -185,10 +186,10 @@ def _check_entry(path: Path, name: str, entry: Any, data_size: int) -> None:
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(dtype, str) or dtype not in _ST_SIZES:
         raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
         raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative integers")
     if (not isinstance(offsets, list) or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            or not all(is_int(o) for o in offsets)):
         raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end]")
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:

@@ -75,8 +75,3 @@ def rename(name: str, source: str, target: str) -> str | None:
         if module == row[src]:
             return LAYER_PREFIX[target].format(layer) + f"{row[dst]}.{kind}"
     return None
-
-
-def layer_names(layer: int) -> dict[str, str]:
-    """npllama's names of one layer's modules, without .weight / .bias: {"wq": "layers.3.attention.wq", ...}."""
-    return {row[0].rpartition(".")[2]: LAYER_PREFIX["meta"].format(layer) + row[0] for row in LAYER_NAMES}
