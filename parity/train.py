@@ -48,7 +48,7 @@ from npllama.config import ModelArgs
 from npllama.formats.fields import build_args
 from npllama.formats.hf import args_from_config, read_safetensors_header, safetensors_bytes, save_checkpoint
 from npllama.errors import CheckpointError, ConfigError, InputError, TokenizerError
-from npllama.io import (atomic_write, check_regular, make_folder, read_json, read_regular, remove_folder,
+from npllama.io import (atomic_write, check_regular, make_folder, point_link, read_json, read_regular, remove_folder,
                         remove_leftovers)
 from npllama.layout import fuse_params, split_params
 from npllama.params import init_params
@@ -345,13 +345,9 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 
 
 def point_latest(out: Path, target: Path) -> None:
-    """Make OUT/latest a symbolic link to target, replaced atomically (readers see old or new)."""
-    link = out / "latest"
-    tmp = out / f".latest.tmp-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(target.name, tmp)
-    os.replace(tmp, link)
+    """Make OUT/latest a symbolic link to target, replaced atomically (readers see old or new); a
+    folder or file someone put at OUT/latest is refused, never replaced (npllama.io.point_link)."""
+    point_link(out / "latest", target.name)
 
 
 def remove_stale(out: Path) -> None:

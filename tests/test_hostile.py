@@ -1016,3 +1016,134 @@ def test_training_prunes_whole_checkpoints_and_a_resumed_run_cleans_up(tmp_path)
     assert checkpoint_steps(out) == [4]
     remove_stale(out)
     assert sorted(p.name for p in out.iterdir()) == ["step-000004"]
+
+
+# ==================================================================================== 11. outputs
+TARGETS = ["missing", "regular", "empty folder", "folder", "fifo", "char device", "socket", "link to regular",
+           "dangling link", "link to fifo", "link to folder", "link to char device", "looping link", "under a file"]
+
+
+def make_target(root: Path, kind: str) -> Path:
+    """A path of the drawn kind in root (a char device is a /dev/null twin made with mknod: root only)."""
+    import socket
+    import stat as st_
+
+    path = root / "out"
+    if kind == "regular":
+        path.write_bytes(b"old")
+    elif kind == "empty folder":
+        path.mkdir()
+    elif kind == "folder":
+        path.mkdir()
+        (path / "kept.txt").write_bytes(b"old")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "char device":
+        try:
+            os.mknod(path, st_.S_IFCHR | 0o666, os.makedev(1, 3))   # the numbers of /dev/null
+        except PermissionError:
+            pytest.skip("making a device node needs root")
+    elif kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+        server.close()
+    elif kind.startswith("link to "):
+        make_target(root / "elsewhere", kind[len("link to "):]) if (root / "elsewhere").mkdir() is None else None
+        path.symlink_to(root / "elsewhere" / "out")
+    elif kind == "dangling link":
+        path.symlink_to(root / "nowhere.bin")
+    elif kind == "looping link":
+        path.symlink_to(root / "out")
+    elif kind == "under a file":
+        (root / "a-file").write_bytes(b"old")
+        return root / "a-file" / "out"
+    return path
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, bytes | None]]:
+    """Every entry under root, links not followed: relative path -> (mode, inode, bytes of a regular file)."""
+    import stat as st_
+
+    out = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        s = path.lstat()
+        out[str(path.relative_to(root))] = (s.st_mode, s.st_ino, path.read_bytes() if st_.S_ISREG(s.st_mode) else None)
+    return out
+
+
+def write_with(writer: str, path: Path) -> None:
+    from npllama.io import atomic_write, point_link, write_folder
+
+    if writer == "atomic_write":
+        with atomic_write(path) as f:
+            f.write(b"new")
+    elif writer == "atomic_write text":
+        with atomic_write(path, "w") as f:
+            f.write("new")
+    elif writer == "write_folder":
+        write_folder(path, {"new.txt": b"new"}, overwrite=True)
+    else:
+        point_link(path, "step-000001")
+
+
+WRITERS = {"atomic_write": "file", "atomic_write text": "file", "write_folder": "folder", "point_link": "link"}
+# What each kind of writer may replace; everything else is refused and left as it was.
+ALLOWED = {"file": {"missing", "regular", "link to regular", "dangling link"},
+           "folder": {"missing", "empty folder", "folder", "link to folder", "dangling link"},
+           "link": {"missing", "link to regular", "dangling link", "link to fifo", "link to folder",
+                    "link to char device", "looping link"}}
+
+
+@examples(60)
+@given(writer=st.sampled_from(sorted(WRITERS)), kind=st.sampled_from(TARGETS))
+def test_writers_replace_only_what_they_may_and_follow_links(tmp_path_factory, writer, kind):
+    from npllama.errors import OutputError
+
+    root = tmp_path_factory.mktemp("target")
+    path = make_target(root, kind)
+    before = snapshot(root)
+    if kind in ALLOWED[WRITERS[writer]]:
+        write_with(writer, path)
+        if WRITERS[writer] == "link":
+            assert path.is_symlink() and os.readlink(path) == "step-000001"
+            return
+        if kind.startswith("link") or kind == "dangling link":
+            assert path.is_symlink()                       # the link stays a link; what it points to is new
+        real = Path(os.path.realpath(path))
+        if WRITERS[writer] == "file":
+            assert real.read_bytes() == b"new" and real.is_file()
+        else:
+            assert sorted(p.name for p in real.iterdir()) == ["new.txt"]
+        left = [p.name for p in real.parent.iterdir() if p.name.startswith(".")]
+        assert left == [], left                            # no temporary file or folder stays behind
+        return
+    with pytest.raises(OutputError) as info:
+        write_with(writer, path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message, message
+    assert snapshot(root) == before                         # nothing replaced, nothing left behind
+
+
+@pytest.mark.parametrize("kind", ["fifo", "char device", "empty folder", "link to fifo"])
+def test_trace_out_refuses_what_it_must_not_replace_before_the_load(tmp_path, kind):
+    path = make_target(tmp_path, kind)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["trace", "--model", str(tmp_path / "not-loaded"), "--ids", "1,2",
+                                       "--out", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "npllama writes files only over regular files" in result.output, result.output
+    assert result.output.count("\n") == 1 and "not-loaded" not in result.output, result.output
+    assert snapshot(tmp_path) == before
+
+
+def test_trace_out_makes_its_folders_and_names_one_it_cannot_make_before_the_load(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                                 # a fresh clone: no runs/ yet
+    result = CliRunner().invoke(main, ["trace", "--model", str(tiny["hf"]), "--ids", "1,2,3",
+                                       "--out", "runs/reference.safetensors"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "reference.safetensors").is_file()
+    (tmp_path / "a-file").write_bytes(b"x")
+    result = CliRunner().invoke(main, ["trace", "--model", "not-loaded", "--ids", "1,2,3",
+                                       "--out", "a-file/runs/reference.safetensors"])
+    assert result.exit_code == 2 and "a-file is a file, not a folder" in result.output, result.output
+    assert "not-loaded" not in result.output and result.output.count("\n") == 1, result.output
