@@ -27,6 +27,9 @@ import numpy as np
 from .errors import TokenizerError
 
 
+_NORMALIZE_MARGIN = 64   # characters around a cut that a normalizer may join with what follows
+
+
 class Tokenizer:
     """A vocabulary with encode/decode, its special ids and its chat template.
 
@@ -50,6 +53,7 @@ class Tokenizer:
         special = set(backend.special_ids)
         special.update(i for i in (self.bos_id, *self.eos_ids) if i is not None)
         self.special_ids = frozenset(special)
+        self._longest: int | None = None
 
     def _check_id(self, i, what: str) -> int:
         if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
@@ -86,6 +90,32 @@ class Tokenizer:
                 raise TokenizerError(f"{self.source}: asked to add EOS, but this tokenizer has no EOS token")
             ids = [*ids, self.eos_ids[0]]
         return ids
+
+    def fewest_tokens(self, text: str, limit: int) -> int:
+        """A lower bound on len(self.encode(text)) found without tokenizing: what refuses, before
+        any work, a text that cannot fit ``limit`` tokens (one line of 100 MB must not reach the
+        tokenizer, which keeps dozens of bytes per byte of text).
+
+        No token stands for more text than its spelling in the vocabulary has UTF-8 bytes
+        (byte-level spellings use one character per byte, SentencePiece's "▁" three bytes for a
+        space, byte fallback "<0x41>" six for one), so a text whose normalized form has N bytes
+        takes at least N / ``longest_token_bytes`` tokens. Only a prefix is normalized, long
+        enough to show that the bound passes ``limit``; normalizing can shrink text (NFKC, spaces
+        collapsed), so the bound is taken after it, as the tokenizer itself would see the text.
+        """
+        longest = self.longest_token_bytes
+        prefix = text[: (limit + 1) * longest + _NORMALIZE_MARGIN]
+        shown = len(self._backend.normalize(prefix).encode("utf-8", "surrogatepass"))
+        if len(prefix) < len(text):
+            shown -= _NORMALIZE_MARGIN            # the cut may split what the normalizer would join
+        return max(0, -(-shown // longest))
+
+    @property
+    def longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes any token of the vocabulary is spelled with (at least 1)."""
+        if self._longest is None:
+            self._longest = max(1, self._backend.longest_spelling())
+        return self._longest
 
     # ---------------------------------------------------------------- ids -> text
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
@@ -259,6 +289,8 @@ class _Backend:
     def token_to_id(self, token: str) -> int | None: ...
     def id_to_token(self, i: int) -> str: ...
     def to_files(self) -> dict[str, bytes]: ...
+    def normalize(self, text: str) -> str: ...
+    def longest_spelling(self) -> int: ...
 
 
 class _TokenizersBackend(_Backend):
@@ -286,6 +318,13 @@ class _TokenizersBackend(_Backend):
 
     def id_to_token(self, i: int) -> str:
         return self.tok.id_to_token(i)
+
+    def normalize(self, text: str) -> str:
+        return text if self.tok.normalizer is None else self.tok.normalizer.normalize_str(text)
+
+    def longest_spelling(self) -> int:
+        return max((len(t.encode("utf-8", "surrogatepass")) for t in self.tok.get_vocab(with_added_tokens=True)),
+                   default=1)
 
 
 class _SentencePieceBackend(_Backend):
@@ -339,6 +378,13 @@ class _SentencePieceBackend(_Backend):
 
     def id_to_token(self, i: int) -> str:
         return self.sp.IdToPiece(i)
+
+    def normalize(self, text: str) -> str:
+        return self.sp.Normalize(text)
+
+    def longest_spelling(self) -> int:
+        return max((len(self.sp.IdToPiece(i).encode("utf-8", "surrogatepass")) for i in range(self.vocab_size)),
+                   default=1)
 
 
 def _library_failure(e: BaseException) -> bool:

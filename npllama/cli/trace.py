@@ -72,6 +72,7 @@ def check_against(against: str, model_path: str | None, reference_path: str | No
     from ..formats import load
     from ..oracle import check_dump, model_sha256, read_dump
     from ..report import plot_errors
+    from ..weights import DEFAULT_FILE
 
     if reference_path is not None and (model_path is not None or isolate):
         raise click.UsageError("--reference replaces --model; --isolate needs the model (it recomputes each "
@@ -82,7 +83,13 @@ def check_against(against: str, model_path: str | None, reference_path: str | No
     if reference is None:
         model = load(model_path, progress=False, dtype=np.float64)    # the reference computes in float64
         sha = model_sha256(model_path)
-    report = check_dump(theirs, model, reference, isolate=isolate, dtype=dtype, model_sha256=sha)
+    try:
+        report = check_dump(theirs, model, reference, isolate=isolate, dtype=dtype, model_sha256=sha)
+    except InputError as e:
+        if model_path is not None or reference is not None:
+            raise
+        raise InputError(f"{e}. No --model was given, so the reference is the default model "
+                         f"({DEFAULT_FILE}); if {against} comes from another model, name it with --model") from None
     ids = theirs.input_ids if theirs.input_ids is not None else reference.input_ids
     click.echo(f"{ids.shape[1]} tokens" + (f" x {ids.shape[0]} sequences" if ids.shape[0] > 1 else ""))
     click.echo()
