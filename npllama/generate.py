@@ -55,7 +55,7 @@ def check_fits(tokenizer, text: str, window: int, what: str = "the prompt") -> N
     tokenizer makes of it (Tokenizer.fewest_tokens: its normalized bytes over the longest token's)."""
     if tokenizer.fewest_tokens(text, window) > window:
         raise InputError(f"{what} is {len(text):,} characters: more than the context window of {window} tokens can "
-                         f"hold (no token of this vocabulary stands for more than {tokenizer.longest_token_bytes} "
+                         f"hold (no token of this vocabulary stands for more than {tokenizer.bytes_per_token} "
                          f"bytes of text); shorten it")
 
 
