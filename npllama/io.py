@@ -276,9 +276,9 @@ def output_target(path: str | os.PathLike, folder: bool = False) -> Path:
     if not wanted:
         where = "" if target == Path(os.path.abspath(path)) else f" (where the link {path} points: {target})"
         kind = "a symbolic link that loops" if stat.S_ISLNK(mode) else kind_of(mode)
-        wants = "folders over folders" if folder else "files only over regular files"
-        raise OutputError(f"{path}: is {kind}{where}; npllama writes {wants}, never over a device, FIFO, "
-                          f"socket{'' if folder else ' or folder'}; choose another path")
+        wants = ("a folder only over a folder (never over a file, device, FIFO or socket)" if folder else
+                 "a file only over a regular file (never over a device, FIFO, socket or folder)")
+        raise OutputError(f"{path}: is {kind}{where}; npllama writes {wants}; choose another path")
     return target
 
 

@@ -1132,7 +1132,7 @@ def test_trace_out_refuses_what_it_must_not_replace_before_the_load(tmp_path, ki
     result = CliRunner().invoke(main, ["trace", "--model", str(tmp_path / "not-loaded"), "--ids", "1,2",
                                        "--out", str(path)])
     assert result.exit_code == 2, result.output
-    assert "npllama writes files only over regular files" in result.output, result.output
+    assert "npllama writes a file only over a regular file" in result.output, result.output
     assert result.output.count("\n") == 1 and "not-loaded" not in result.output, result.output
     assert snapshot(tmp_path) == before
 
