@@ -10,9 +10,15 @@ The classes (docs/errors.md describes each with its message):
  5. types        wrong types and zeros in configs and metadata, JSON nested thousands deep
  6. overflow     finite weights that overflow float32 are an error at run time, in both backends
  7. not files    FIFOs and devices are refused, never read
- 8. command line --seed, text that is not UTF-8, eval's counts, outputs that cannot be written
+ 8. command line --seed, text that is not UTF-8, eval's counts, outputs that cannot be written,
+                 terminal controls quoted from a file (shown escaped)
  9. tokenizers   convert carries the tokenizer; a model without one, or with a short one, says so at load
 10. leftovers    a later run removes what a killed one left; pruning never leaves a partial step
+11. outputs      writers replace only a regular file (a folder, for folder writers) or nothing, follow
+                 symbolic links, and name what they refuse before the model loads
+12. bounded work prompts files split at newlines only; a prompt that cannot fit is refused before
+                 tokenizing (the bound holds for every normalizer drawn); --prompts in batches
+                 within a memory budget
 
 Hypothesis draws the members (derandomized, a fixed number of examples, no shrinking, as in
 tests/test_fuzz.py), small enough that the whole module runs in well under a minute. The tests
