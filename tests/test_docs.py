@@ -10,11 +10,11 @@ Run (plan(): each line runs or is parsed, and says why):
 - Every `npllama` and `python script.py` line that can run offline runs as a subprocess, in a
   fresh folder that holds links to the repository's configs/, data/ and docs/ and nothing else
   (no runs/: `--out runs/...` must make it). It must exit as the docs say (0; 1 for a port with a
-  planted bug; 2 with the documented message for the broken file of docs/errors.md), without a
+  planted bug; 2 with the message docs/errors.md shows, word for word), without a
   traceback, within RUN_TIMEOUT. The lines of one document that use runs/ run in its order in one
   folder, each on what the earlier ones made, as a reader following the document would. Long
-  ones run with their budgets scaled down (SCALED: -n 4, --max-tokens 64, --minutes 0.15,
-  --steps 2; chat reads one question, then /quit). Lines that need torch skip without it.
+  ones run with their budgets scaled down (SCALED: -n 4, --max-tokens 64, --minutes 0.05,
+  --steps 1; chat reads one question, then /quit). Lines that need torch skip without it.
 - Parsed only, each for the reason plan() gives: `make generate` and `make test` (how this suite
   runs; `make -n` with the same variables finds the target, ARGS are `generate`'s options),
   `pip install` (needs a package index; the extras it names are the package's), `source`,
@@ -141,13 +141,19 @@ ALL = [line for doc in DOCS for line in command_lines(doc)]
 
 # ------------------------------------------------------------------------------------ what each line does here
 RUN_TIMEOUT = 300                       # seconds: a line that takes longer hangs
-SCALED = {"-n": "4", "--max-new-tokens": "4", "--max-tokens": "64", "--minutes": "0.15", "--steps": "2"}
-PARSED_ONLY = {   # lines that could run offline but are parsed only, and why
-    "npllama parity --dtype bfloat16": "no budget to scale: every op of the 30-layer default model in two backends "
-                                       "(15 s); `npllama parity` (docs/parity.md) runs the same command here, and "
-                                       "tests/test_parity_model.py holds bfloat16 to its bar on tiny models",
+SCALED = {"-n": "4", "--max-new-tokens": "4", "--max-tokens": "64", "--minutes": "0.05", "--steps": "1"}
+# Lines that could run offline but are parsed only: their time is the default model's, which no
+# option scales down (measured on the 2-core VM, quiet), and another test runs the same on a tiny model.
+PARSED_ONLY = {
+    "npllama parity": "no budget to scale: every op of the 30-layer default model in both backends (10-15 s); "
+                      "tests/test_report.py runs the same report (parity.report.parity_report) on tiny models",
+    "npllama parity --dtype bfloat16": "no budget to scale: every op of the 30-layer default model in both backends "
+                                       "(15 s); tests/test_parity_model.py holds bfloat16 to its bar on tiny models",
     "npllama parity --weights int4": "no budget to scale: the kernels' report recomputes the default model in float64 "
                                      "(30 s); tests/test_quant_models.py runs `parity --weights gguf` on a tiny GGUF",
+    'npllama generate --prompt "Tell me about llamas" --backend torch --weights int4':
+        "its time is the int4 quantization of the default model at load (10 s), which -n does not scale; "
+        "tests/test_quant_models.py runs `generate --backend torch --weights int4` on a tiny GGUF",
 }
 PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*|YOURS\..*|.*\.\.\.")
 CHAT_INPUT = "What is the capital of France?\n/quit\n"
@@ -256,13 +262,18 @@ def tiny_checkpoint(folder: Path, tokenizer: Path) -> None:
 
 
 def broken_gguf(path: Path) -> None:
-    """docs/errors.md's weights/broken.gguf: the tiny GGUF of tests/test_errors.py, cut at 3000 bytes."""
-    from tiny import gguf_vocab_from_bpe, random_llama, save_gguf, tiny_config, train_bpe
+    """docs/errors.md's weights/broken.gguf: a GGUF file cut at 3000 bytes (the default model's first
+    3000; the page shows the message for tests/test_errors.py's tiny GGUF, cut at the same length)."""
+    from npllama.errors import CheckpointError
+    from npllama.weights import default_model_path
 
-    cfg = tiny_config(vocab_size=300, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, hidden_dim=42, max_seq_len=32)
+    try:
+        model = default_model_path(fetch=False)
+    except CheckpointError:
+        pytest.skip("the default model is not in weights/ (make setup fetches it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_gguf(random_llama(cfg, seed=1), path, vocab=gguf_vocab_from_bpe(train_bpe(300)))
-    path.write_bytes(path.read_bytes()[:3000])
+    with open(model, "rb") as f:
+        path.write_bytes(f.read(3000))
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +308,17 @@ def needs_default_model(argv: list[str]) -> bool:
         and "--model" not in argv and "-m" not in argv[3:] and "--against" not in argv and "--help" not in argv
 
 
+def shown_output(line: Line) -> list[str]:
+    """The output a page shows under a `$ ` line: the lines that follow it in its block, up to a blank line."""
+    lines = (REPO / line.doc).read_text(encoding="utf-8").splitlines()[line.number:]
+    shown = []
+    for text in lines:
+        if not text.strip() or text.strip().startswith("$ "):
+            break
+        shown.append(text.strip())
+    return shown
+
+
 def run_line(line: Line, root: Path) -> None:
     """Run one line in root as planned; fail naming the line when it does not end as the docs say."""
     p = plan(line)
@@ -320,9 +342,9 @@ def run_line(line: Line, root: Path) -> None:
     said = f"{line}\n(ran {' '.join(p.argv[1:])}; {p.why or 'as written'})\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert done.returncode == p.status, said
     assert "Traceback" not in done.stderr, said
-    if p.status == 2:
+    if p.status == 2:                      # the message the page shows under the line, word for word
         assert done.stderr.startswith("npllama: error: ") and done.stderr.count("\n") == 1, said
-        assert "runs past the end of the 3000-byte file" in done.stderr, said
+        assert done.stderr.split() == " ".join(shown_output(line)).split(), said
     if p.status == 1:
         assert "first break" in done.stdout, said
 
