@@ -15,13 +15,17 @@ exactly as it would alone, so a row's tokens never depend on its neighbours.
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .cache import KVCache
+from .config import ModelArgs
 from .errors import InputError
+from .memory import batch_bytes
 from .numerics import bad_logits, check_finite_logits, non_finite_error
+from .rope_scaling import context_window
 from .sampling import SamplingSettings, sample_batch, uniforms
 from .tokenizer import StreamDecoder
 
@@ -48,6 +52,33 @@ def check_budget(prompt_len: int, cached: int, window: int, max_new_tokens: int)
         raise InputError(f"the prompt is {prompt_len} tokens{f' (after {cached} already cached)' if cached else ''}, "
                          f"longer than the context window of {window} tokens; shorten the prompt")
     return min(int(max_new_tokens), window - used + 1)   # the last token is never fed back
+
+
+def check_fits(tokenizer, text: str, window: int, what: str = "the prompt") -> None:
+    """An InputError, before the text is tokenized, when it cannot fit ``window`` tokens whatever the
+    tokenizer makes of it (Tokenizer.fewest_tokens: its normalized bytes over the longest token's)."""
+    if tokenizer.fewest_tokens(text, window) > window:
+        raise InputError(f"{what} is {len(text):,} characters: more than the context window of {window} tokens can "
+                         f"hold (no token of this vocabulary stands for more than {tokenizer.bytes_per_token} "
+                         f"bytes of text); shorten it")
+
+
+def plan_batches(lengths: Sequence[int], max_new_tokens: int, args: ModelArgs, budget_bytes: int,
+                 dtype=np.float32) -> list[range]:
+    """Consecutive prompts grouped into batches whose estimated peak memory (npllama.memory.batch_bytes:
+    KV cache, logits, activations) stays within budget_bytes; a prompt too large for the budget
+    alone runs alone. lengths: each prompt's tokens. Returns ranges of prompt indices, in order."""
+    window = context_window(args)
+    batches, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        grown = max(longest, min(n + max_new_tokens, window))       # the positions each row may come to hold
+        if i > start and batch_bytes(args, i + 1 - start, grown, dtype) > budget_bytes:
+            batches.append(range(start, i))
+            start, grown = i, min(n + max_new_tokens, window)
+        longest = grown
+    if start < len(lengths):
+        batches.append(range(start, len(lengths)))
+    return batches
 
 
 def left_pad(prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -88,6 +119,9 @@ class Generation:
     STOP_TOKEN, MAX_NEW_TOKENS or CONTEXT_FULL (the window had no room for more); ``budgets[r]``
     how many tokens row r could have had; ``window`` the positions a row may hold, and
     ``prompt_lengths[r]`` how many of them row r held before generating (its prompt and cache).
+
+    Timing (time.perf_counter): ``started`` when the Generation was made; ``first_at`` when the
+    first step came back (the prompts' forward pass and the first sample), ``last_at`` the latest.
     """
 
     def __init__(self, steps: Iterator[list[int | None]], budgets: list[int], stops: set[int],
@@ -96,12 +130,18 @@ class Generation:
         self.max_new_tokens, self._batched = max_new_tokens, batched
         self.window, self.prompt_lengths = window, prompt_lengths
         self.tokens: list[list[int]] = [[] for _ in budgets]
+        self.started = time.perf_counter()
+        self.first_at: float | None = None
+        self.last_at: float | None = None
 
     def __iter__(self) -> "Generation":
         return self
 
     def __next__(self):
         step = next(self._steps)
+        self.last_at = time.perf_counter()
+        if self.first_at is None:
+            self.first_at = self.last_at
         for row, token in zip(self.tokens, step):
             if token is not None:
                 row.append(token)
@@ -281,6 +321,9 @@ def generate_text(model, prompt: str | Sequence[str], max_new_tokens: int = 128,
         raise InputError(f"{getattr(model, 'source', None) or 'this model'}: has no tokenizer, so text cannot be "
                          f"turned into tokens; give token ids to generate(), or load a checkpoint with its tokenizer")
     stops = set(tok.eos_ids if stop_ids is None else stop_ids) | set(model.config.eos_token_ids if stop_ids is None else ())
+    window = context_window(model.config)
+    for r, t in enumerate(texts):
+        check_fits(tok, t, window, "the prompt" if len(texts) == 1 else f"prompt {r + 1}")
     ids = [tok.encode(t) for t in texts]
     generation = generate_fn(model, ids if batched else ids[0], max_new_tokens, settings, seed, stops)
     return TextStream(generation, tok, stops, batched)

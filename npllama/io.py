@@ -11,7 +11,16 @@ Writing. Every writer in npllama goes through :func:`atomic_write`: the bytes go
 file in the destination's directory, are flushed and fsync'd, and only then ``os.replace`` puts
 the file in place, which POSIX and Windows both make atomic within one file system. Readers see
 either the old file or the new one, never a torn one; on any error the temporary file is removed.
-:func:`write_folder` does the same for a whole folder of files (a checkpoint).
+:func:`write_folder` does the same for a whole folder of files (a checkpoint), and
+:func:`point_link` for the symbolic link a training run keeps to its newest checkpoint.
+
+What a writer may replace (:func:`output_target`). A rename replaces whatever has the name, so a
+writer first looks at it: a file is written only over a regular file or a missing path, a folder
+only over a folder or a missing path. A device (``/dev/null``: run as root, a rename would put a
+regular file in its place), a FIFO, a socket, or a folder where a file belongs is refused with one
+line (an OutputError), and nothing is written. A symbolic link is followed: the file or folder it
+points to is replaced, atomically, by a new one written beside it, and the link stays a link (as
+``cp`` and a shell's ``>`` write through a link). Missing parent folders are made (``mkdir -p``).
 
 Leftovers. A process killed with SIGKILL runs no cleanup, so its temporary files stay behind.
 Their names carry the writer's process id (``.NAME.tmp-PID-XXXX``, ``.NAME.old-PID``,
@@ -59,16 +68,22 @@ def open_regular(path: str | os.PathLike, error: type | None = None, what: str =
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                    else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
-            raise error(f"{name}: is {kind}, not a regular file; npllama reads only regular files")
+            raise error(f"{name}: is {kind_of(mode)}, not a regular file; npllama reads only regular files")
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+def kind_of(mode: int) -> str:
+    """What a file's st_mode says it is, as a message names it: "a folder", "a device", ..."""
+    return ("a regular file" if stat.S_ISREG(mode) else "a folder" if stat.S_ISDIR(mode)
+            else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a symbolic link" if stat.S_ISLNK(mode)
+            else "not a regular file")
 
 
 def check_regular(path: str | os.PathLike, error: type | None = None, what: str = "") -> int:
@@ -234,9 +249,37 @@ def _output_error(path: Path, e: OSError):
     hint = {errno.EACCES: "choose a folder you can write to", errno.EPERM: "choose a folder you can write to",
             errno.EROFS: "the file system is read-only; choose another folder",
             errno.ENOTDIR: "a part of the path is a file, not a folder",
+            errno.ELOOP: "a symbolic link on the path loops; choose another path",
             errno.ENOSPC: "the disk is full; free some space or choose another disk"}.get(e.errno,
                                                                                             "choose another path")
     return OutputError(f"{path}: cannot write ({reason}){'; ' + hint if hint else ''}")
+
+
+def output_target(path: str | os.PathLike, folder: bool = False) -> Path:
+    """The path a writer of ``path`` replaces: ``path`` itself (absolute), or, where it is a symbolic
+    link or lies under one, the path the links lead to (the link stays; what it points to is
+    replaced). An OutputError when that is something a writer must not replace: for a file,
+    anything but a regular file or nothing (a folder, a device such as /dev/null, a FIFO, a
+    socket); for a folder (``folder=True``), anything but a folder or nothing.
+    """
+    from .errors import OutputError
+
+    path = Path(path)
+    target = Path(os.path.realpath(path))
+    try:
+        mode = os.lstat(target).st_mode
+    except (FileNotFoundError, NotADirectoryError):   # nothing there (or a part of the path is a file:
+        return target                                  # making its folder says so)
+    except OSError as e:                               # no permission to look
+        raise _output_error(path, e) from None
+    wanted = stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)
+    if not wanted:
+        where = "" if target == Path(os.path.abspath(path)) else f" (where the link {path} points: {target})"
+        kind = "a symbolic link that loops" if stat.S_ISLNK(mode) else kind_of(mode)
+        wants = ("a folder only over a folder (never over a file, device, FIFO or socket)" if folder else
+                 "a file only over a regular file (never over a device, FIFO, socket or folder)")
+        raise OutputError(f"{path}: is {kind}{where}; npllama writes {wants}; choose another path")
+    return target
 
 
 @contextlib.contextmanager
@@ -247,16 +290,20 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
             f.write(data)
 
     mode: "wb" (default) or "w" (text; encoding defaults to UTF-8). Raising inside the block
-    deletes the temporary file and leaves any existing ``path`` untouched. An OSError of the file
-    system (no permission, no space, a path under a file) becomes an OutputError naming ``path``.
+    deletes the temporary file and leaves any existing ``path`` untouched. ``path`` must be a
+    regular file or missing (output_target: a device, FIFO, socket or folder is refused before
+    anything is written); a symbolic link is followed, and missing parent folders are made. An
+    OSError of the file system (no permission, no space, a path under a file) becomes an
+    OutputError naming ``path``.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write: mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    remove_leftovers(directory, path.name)
+    target = output_target(path)
+    directory = make_folder(target.parent, what=path)
+    remove_leftovers(directory, target.name)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=directory)
     except OSError as e:
         raise _output_error(path, e) from None
     owned = False   # True once the file object owns (and will close) fd
@@ -274,7 +321,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
             theirs = False
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        output_target(path)                # still a regular file or nothing, after however long the block took
+        os.replace(tmp, target)
     except BaseException as e:
         if not owned:
             with contextlib.suppress(OSError):
@@ -301,35 +349,47 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """An OutputError, before any work is done, when ``path`` (a file or folder to be written) cannot
-    be: a part of it is a file, or no folder can be made in the nearest existing one (tried)."""
+def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
+    """An OutputError, before any work is done, when ``path`` (a file, or a folder with
+    ``folder=True``) cannot be written: it is something a writer must not replace
+    (output_target), a part of it is a file, or no folder can be made in the nearest existing one
+    (tried). Makes nothing; returns the path the writer will replace (links followed)."""
     from .errors import OutputError
 
-    path = Path(path).absolute()
-    ancestor = path if os.path.lexists(path) else path.parent
+    target = output_target(path, folder)
+    ancestor = target if os.path.lexists(target) else target.parent
     while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
         ancestor = ancestor.parent
-    if ancestor != path and not ancestor.is_dir():
-        raise OutputError(f"{path}: cannot write there ({ancestor} is a file, not a folder); choose another path")
-    folder = ancestor if ancestor.is_dir() else ancestor.parent
+    if ancestor != target and not ancestor.is_dir():
+        raise OutputError(f"{Path(path).absolute()}: cannot write there ({ancestor} is a file, not a folder); "
+                          f"choose another path")
+    probe_in = ancestor if ancestor.is_dir() else ancestor.parent
     try:                                       # the real test: make (and remove) a folder there
-        os.rmdir(tempfile.mkdtemp(prefix=".npllama-probe-", dir=folder))
+        os.rmdir(tempfile.mkdtemp(prefix=".npllama-probe-", dir=probe_in))
     except OSError as e:
-        raise _output_error(path, e) from None
+        raise _output_error(Path(path).absolute(), e) from None
+    return target
 
 
-def make_folder(folder: str | os.PathLike) -> Path:
-    """mkdir -p, with an OutputError (not a PermissionError or FileExistsError) when it cannot be made."""
+def make_folder(folder: str | os.PathLike, what: str | os.PathLike | None = None) -> Path:
+    """mkdir -p, with an OutputError (not a PermissionError or FileExistsError) when it cannot be made.
+
+    what: the path to name in the error (default: the folder)."""
     folder = Path(folder)
+    name = folder if what is None else what
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:        # a file of that name: mkdir says "exists"
+    except FileExistsError:        # a file (or FIFO, device ...) of that name: mkdir says "exists"
         from .errors import OutputError
-        raise OutputError(f"{folder}: cannot make this folder (a file of that name exists; choose another "
-                          f"path)") from None
+        this = "this folder" if what is None else f"the folder {folder}"
+        try:
+            kind = kind_of(os.lstat(folder).st_mode)
+        except OSError:
+            kind = "a file"
+        kind = "a file" if kind == "a regular file" else kind
+        raise OutputError(f"{name}: cannot make {this} ({kind} of that name exists; choose another path)") from None
     except OSError as e:
-        raise _output_error(folder, e) from None
+        raise _output_error(Path(name), e) from None
     return folder
 
 
@@ -341,20 +401,24 @@ def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | os.PathL
     refuse the written folder (by raising) before it is put in place. A reader sees either no
     folder or the complete one; a crash leaves at most a hidden ``.name.tmp-PID-*`` sibling, which
     the next write_folder next to it removes (remove_leftovers). With overwrite, an existing
-    folder is moved aside first and deleted after the rename.
+    folder is moved aside first and deleted after the rename. ``folder`` must be a folder or
+    missing (output_target): a file, device, FIFO or socket there is refused, with or without
+    overwrite; a symbolic link is followed (the folder it points to is replaced, the link stays).
+    Returns ``folder`` as given.
     """
     from .errors import CheckpointError
 
-    folder = Path(folder)
-    if folder.exists() and not overwrite and (not folder.is_dir() or any(folder.iterdir())):
-        raise CheckpointError(f"{folder} already exists and is not empty; choose a new output folder "
+    given = Path(folder)
+    folder = output_target(given, folder=True)
+    if folder.exists() and not overwrite and any(folder.iterdir()):
+        raise CheckpointError(f"{given} already exists and is not empty; choose a new output folder "
                               f"(or pass --overwrite)")
-    make_folder(folder.parent)
+    make_folder(folder.parent, what=given)
     remove_leftovers(folder.parent, folder.name)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-", dir=folder.parent))
     except OSError as e:
-        raise _output_error(folder, e) from None
+        raise _output_error(given, e) from None
     try:
         for name, content in files.items():
             _place(tmp / name, content)
@@ -362,20 +426,49 @@ def write_folder(folder: str | os.PathLike, files: Mapping[str, bytes | os.PathL
             check(tmp)
         try:
             os.chmod(tmp, 0o777 & ~_umask())
+            output_target(folder, folder=True)     # still a folder or nothing
             old = None
-            if folder.exists() or folder.is_symlink():
+            if os.path.lexists(folder):
                 old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
                 os.rename(folder, old)
             os.rename(tmp, folder)
         except OSError as e:
-            raise _output_error(folder, e) from None
+            raise _output_error(given, e) from None
         _fsync_directory(folder.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return folder
+    return given
+
+
+def point_link(link: str | os.PathLike, target: str) -> None:
+    """Make ``link`` a symbolic link to ``target`` (a name relative to the link's folder), replaced
+    atomically: readers see the old link or the new one. An OutputError when ``link`` is anything
+    but a symbolic link or missing (a folder or file someone put there is never replaced)."""
+    from .errors import OutputError
+
+    link = Path(link)
+    try:
+        mode = os.lstat(link).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:
+        raise _output_error(link, e) from None
+    if mode is not None and not stat.S_ISLNK(mode):
+        raise OutputError(f"{link}: is {kind_of(mode)}, where npllama keeps a symbolic link; move it away "
+                          f"and run again")
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}-link")
+    try:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise _output_error(link, e) from None
 
 
 def _place(path: Path, content: bytes | os.PathLike) -> None:

@@ -28,6 +28,9 @@ from .checks import is_int
 from .errors import TokenizerError
 
 
+_NORMALIZE_MARGIN = 64   # characters around a cut that a normalizer may join with what follows
+
+
 class Tokenizer:
     """A vocabulary with encode/decode, its special ids and its chat template.
 
@@ -56,6 +59,7 @@ class Tokenizer:
         special = set(backend.special_ids)
         special.update(i for i in (self.bos_id, *self.eos_ids) if i is not None)
         self.special_ids = frozenset(special)
+        self._per_token: tuple[int | None] | None = None
 
     def _check_id(self, i, what: str) -> int:
         if not is_int(i):
@@ -92,6 +96,35 @@ class Tokenizer:
                 raise TokenizerError(f"{self.source}: asked to add EOS, but this tokenizer has no EOS token")
             ids = [*ids, self.eos_ids[0]]
         return ids
+
+    def fewest_tokens(self, text: str, limit: int) -> int:
+        """A lower bound on len(self.encode(text)) found without tokenizing: what refuses, before
+        any work, a text that cannot fit ``limit`` tokens (one line of 100 MB must not reach the
+        tokenizer, which keeps dozens of bytes per byte of text).
+
+        A token of a byte-level BPE or of SentencePiece with byte fallback stands for at most as
+        many bytes of text as its spelling in the vocabulary has (one character per byte, "▁"
+        three bytes for a space, "<0x41>" six for one byte), so a text whose normalized form has
+        N bytes takes at least N / ``bytes_per_token`` tokens; bytes_per_token also counts what
+        the normalizer prepends to each run of text between special tokens (SentencePiece's "▁"),
+        as each such run makes a token of its own. Only a prefix is normalized, long enough to
+        show that the bound passes ``limit``. 0 (no bound) for a tokenizer that may drop text (a
+        pre-tokenizer that removes whitespace) or fold a run of it into one <unk>.
+        """
+        per = self.bytes_per_token
+        if per is None:
+            return 0
+        prefix = text[: (limit + 1) * per + _NORMALIZE_MARGIN]
+        shown = len(self._backend.normalize(prefix).encode("utf-8", "surrogatepass"))
+        shown -= _NORMALIZE_MARGIN                # what a cut may split, and what the normalizer adds once
+        return max(0, -(-shown // per))
+
+    @property
+    def bytes_per_token(self) -> int | None:
+        """The most bytes of (normalized) text one token can stand for; None where nothing bounds it."""
+        if self._per_token is None:
+            self._per_token = (self._backend.bytes_per_token(),)
+        return self._per_token[0]
 
     # ---------------------------------------------------------------- ids -> text
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
@@ -317,6 +350,8 @@ class _Backend:
     def token_to_id(self, token: str) -> int | None: ...
     def id_to_token(self, i: int) -> str: ...
     def to_files(self) -> dict[str, bytes]: ...
+    def normalize(self, text: str) -> str: ...
+    def bytes_per_token(self) -> int | None: ...
 
 
 class _TokenizersBackend(_Backend):
@@ -344,6 +379,22 @@ class _TokenizersBackend(_Backend):
 
     def id_to_token(self, i: int) -> str:
         return self.tok.id_to_token(i)
+
+    def normalize(self, text: str) -> str:
+        return text if self.tok.normalizer is None else self.tok.normalizer.normalize_str(text)
+
+    def bytes_per_token(self) -> int | None:
+        """The longest spelling in the vocabulary (4 at least where <unk> stands for one unknown
+        character); None where the pre-tokenizer may drop text or <unk> may fuse a run of it."""
+        model = self.tok.model
+        if type(model).__name__ != "BPE" or not _keeps_text(self.tok.pre_tokenizer):
+            return None
+        unk = model.unk_token is not None and not model.byte_fallback
+        if unk and model.fuse_unk:
+            return None
+        longest = max((len(t.encode("utf-8", "surrogatepass")) for t in self.tok.get_vocab(with_added_tokens=True)),
+                      default=1)
+        return max(longest, 4 if unk else 1) + _prepended(self.tok.normalizer)
 
 
 class _SentencePieceBackend(_Backend):
@@ -397,6 +448,53 @@ class _SentencePieceBackend(_Backend):
 
     def id_to_token(self, i: int) -> str:
         return self.sp.IdToPiece(i)
+
+    def normalize(self, text: str) -> str:
+        return self.sp.Normalize(text)
+
+    def bytes_per_token(self) -> int | None:
+        """The longest piece, where byte fallback spells every unknown byte ("<0x41>"); None without
+        it (unknown characters then become <unk>, whose text is not bounded)."""
+        if self.sp.PieceToId("<0x41>") == self.sp.unk_id():
+            return None
+        longest = max((len(self.sp.IdToPiece(i).encode("utf-8", "surrogatepass")) for i in range(self.vocab_size)),
+                      default=1)
+        return longest + len("\u2581".encode())     # the dummy prefix, given to each run between special tokens
+
+
+_TEXT_KEEPING = {"ByteLevel", "Metaspace", "Digits", "UnicodeScripts", "Punctuation", "Split"}
+
+
+def _keeps_text(pre_tokenizer) -> bool:
+    """Whether a tokenizers pre-tokenizer keeps every character (splits, marks spaces) rather than
+    dropping some (Whitespace, WhitespaceSplit, CharDelimiterSplit, behavior "Removed")."""
+    import json
+
+    if pre_tokenizer is None:
+        return True
+    stack = [json.loads(pre_tokenizer.__getstate__())]
+    while stack:
+        node = stack.pop()
+        if node.get("type") == "Sequence":
+            stack.extend(node.get("pretokenizers", []))
+        elif node.get("type") not in _TEXT_KEEPING or node.get("behavior") == "Removed":
+            return False
+    return True
+
+
+def _prepended(normalizer) -> int:
+    """The UTF-8 bytes a tokenizers normalizer prepends to a run of text (Prepend steps), 0 if none."""
+    import json
+
+    if normalizer is None:
+        return 0
+    total, stack = 0, [json.loads(normalizer.__getstate__())]
+    while stack:
+        node = stack.pop()
+        stack.extend(node.get("normalizers", []) if node.get("type") == "Sequence" else [])
+        if node.get("type") == "Prepend":
+            total += len(str(node.get("prepend", "")).encode("utf-8", "surrogatepass"))
+    return total
 
 
 # ------------------------------------------------------------------------ Llama 3 (tiktoken)

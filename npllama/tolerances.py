@@ -159,6 +159,13 @@ GGUF_BLOCKS_VS_FLOAT32_RTOL = 1e-5
 QUANT_KERNEL_PARITY_RTOL = {name: (bars[1], bars[2]) for name, bars in PARITY_RTOL.items()
                             if name in ("float32", "bfloat16", "float16")}
 
+# torch's int4 weights formed by torch (parity.quant.Int4Weight.dense: torch.addcmul, (q - 8) * scale
+# + zero) vs npllama.quant.dequantize_int4 (the value rounded once, as one fused multiply-add).
+# Bit for bit where torch fuses the multiply-add (its AVX-512 kernels); elsewhere the product is
+# rounded before the sum, which moves a weight by at most 2**-23 of |zero| + 8 |scale| + |w|
+# (one float32 rounding of each term). Elementwise, per weight, not norm-relative.
+INT4_TWO_ROUNDINGS_RTOL = 2.0 ** -23
+
 # torch's fused SDPA on CUDA in float16 (its flash kernel) vs the NumPy float64 reference on the
 # same float16-rounded inputs. The kernel accumulates in float32 but rounds P to float16 before
 # P @ V and rounds the output to float16: each a half-ulp (4.9e-4) relative error, the second on

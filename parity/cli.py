@@ -20,7 +20,7 @@ from npllama.cli.trace import check_against, parse_ids, reference_option, show, 
 from npllama.io import atomic_write
 
 from .report import DEFAULT_PROMPT, NotComparable, parity_report, plot_errors, reference_of, transformers_report
-from .train import TrainConfig, setup, sample_text, summary, train
+from .train import TrainConfig, interrupted_message, setup, sample_text, summary, train
 
 
 @click.command(name="parity", help="Run a prompt through the NumPy reference and the Torch backend; "
@@ -171,32 +171,37 @@ def train_command(ctx, data, valid, config, init, out, resume, tokenizer, vocab_
     threads = os.environ.get("NPLLAMA_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    hyper = {k: v for k, v in hyper.items() if k in fields}
-    if resume:
-        given = {k: v for k, v in hyper.items()
-                 if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
-        for name in ("data", "valid", "config", "init", "tokenizer", "minutes"):
-            if ctx.params.get(name):
-                raise click.UsageError(f"--{name} cannot change on --resume: the run continues on what it began with")
-        run = setup(out, resume=True, overrides=given, device=device, log=click.echo)
-    else:
-        cfg = TrainConfig(**hyper)
-        run = setup(out, data, valid, config, init, tokenizer, vocab_size, cfg=cfg, device=device,
-                    log=click.echo)
-    s = run.state
-    click.echo(f"{s['parameters']:,} parameters; {len(run.train_tokens):,} training tokens, "
-               f"{len(run.valid_tokens):,} held out; unigram baseline {s['unigram_loss']:.3f} nats/token; "
-               f"{run.cfg.batch_size * run.cfg.grad_accum * run.cfg.seq_len:,} tokens per step on {run.device}")
-    train(run, time_limit=None if time_limit is None else time_limit * 60, minutes=minutes, started=started,
-          progress=not quiet, log=click.echo)
-    click.echo(summary(run))
-    if sample_tokens > 0:
-        until = None if minutes is None else started + minutes * 60 - EXIT_SECONDS
-        text = sample_text(run, sample_prompt.replace("\\n", "\n"), sample_tokens, until=until)
-        with atomic_write(run.out / "samples.txt", "w") as f:
-            f.write(text + "\n")
-        click.echo("---- sample (temperature 0.8, top-p 0.95) ----")
-        click.echo(text)
-        click.echo("----")
-    click.echo(f"checkpoint: {run.out / 'latest'}   loss curve: {run.out / 'loss.png'}")
+    run = None
+    try:
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        hyper = {k: v for k, v in hyper.items() if k in fields}
+        if resume:
+            given = {k: v for k, v in hyper.items()
+                     if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+            for name in ("data", "valid", "config", "init", "tokenizer", "minutes"):
+                if ctx.params.get(name):
+                    raise click.UsageError(f"--{name} cannot change on --resume: the run continues on what it began with")
+            run = setup(out, resume=True, overrides=given, device=device, log=click.echo)
+        else:
+            cfg = TrainConfig(**hyper)
+            run = setup(out, data, valid, config, init, tokenizer, vocab_size, cfg=cfg, device=device,
+                        log=click.echo)
+        s = run.state
+        click.echo(f"{s['parameters']:,} parameters; {len(run.train_tokens):,} training tokens, "
+                   f"{len(run.valid_tokens):,} held out; unigram baseline {s['unigram_loss']:.3f} nats/token; "
+                   f"{run.cfg.batch_size * run.cfg.grad_accum * run.cfg.seq_len:,} tokens per step on {run.device}")
+        train(run, time_limit=None if time_limit is None else time_limit * 60, minutes=minutes, started=started,
+              progress=not quiet, log=click.echo)
+        click.echo(summary(run))
+        if sample_tokens > 0:
+            until = None if minutes is None else started + minutes * 60 - EXIT_SECONDS
+            text = sample_text(run, sample_prompt.replace("\\n", "\n"), sample_tokens, until=until)
+            with atomic_write(run.out / "samples.txt", "w") as f:
+                f.write(text + "\n")
+            click.echo("---- sample (temperature 0.8, top-p 0.95) ----")
+            click.echo(text)
+            click.echo("----")
+        click.echo(f"checkpoint: {run.out / 'latest'}   loss curve: {run.out / 'loss.png'}")
+    except KeyboardInterrupt:                       # Ctrl-C: say what was kept and how to go on
+        click.echo(f"\n{interrupted_message(out, None if run is None else run.step)}", err=True)
+        sys.exit(130)

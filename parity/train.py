@@ -49,7 +49,7 @@ from npllama.formats.fields import build_args
 from npllama.formats.hf import args_from_config, read_safetensors_header, safetensors_bytes, save_checkpoint
 from npllama.checks import is_int, is_number
 from npllama.errors import CheckpointError, ConfigError, InputError, TokenizerError
-from npllama.io import (atomic_write, check_regular, make_folder, read_json, read_regular, remove_folder,
+from npllama.io import (atomic_write, check_regular, make_folder, point_link, read_json, read_regular, remove_folder,
                         remove_leftovers)
 from npllama.params import init_params
 
@@ -343,13 +343,9 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
 
 
 def point_latest(out: Path, target: Path) -> None:
-    """Make OUT/latest a symbolic link to target, replaced atomically (readers see old or new)."""
-    link = out / "latest"
-    tmp = out / f".latest.tmp-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(target.name, tmp)
-    os.replace(tmp, link)
+    """Make OUT/latest a symbolic link to target, replaced atomically (readers see old or new); a
+    folder or file someone put at OUT/latest is refused, never replaced (npllama.io.point_link)."""
+    point_link(out / "latest", target.name)
 
 
 def remove_stale(out: Path) -> None:
@@ -663,8 +659,15 @@ def train(run: Run, stop_after: int | None = None, time_limit: float | None = No
     probe = None if minutes is None else run.step + max(1, min(20, cfg.warmup))
     limit = time_limit
     end = cfg.steps if stop_after is None else min(cfg.steps, stop_after)
-    bar = tqdm(total=end, initial=run.step, disable=not progress, unit="step", dynamic_ncols=True,
-               file=sys.stderr, desc=run.out.name)
+    # Under --minutes the bar shows the budget's seconds (the step count is not known until it is
+    # fitted, and is only a plan after); otherwise the steps.
+    bar = (tqdm(total=round(budget), initial=min(round(time.perf_counter() - started), round(budget)),
+                disable=not progress, dynamic_ncols=True, file=sys.stderr, desc=run.out.name,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of --minutes "
+                           f"{minutes:g} [{{remaining}} left{{postfix}}]")
+           if budget is not None else
+           tqdm(total=end, initial=run.step, disable=not progress, unit="step", dynamic_ncols=True,
+                file=sys.stderr, desc=run.out.name))
     last_eval = run.state["evals"][-1]["loss"] if run.state["evals"] else float("nan")
     evaluated = saved = run.step   # the steps of the last evaluation and checkpoint (none needed before a step)
     timed_out = False
@@ -679,7 +682,6 @@ def train(run: Run, stop_after: int | None = None, time_limit: float | None = No
                 f = run.state["fitted"]
                 finish_by = budget - f["eval_s"] - f["save_s"] - f["reserve_s"]
                 limit = finish_by if limit is None else min(limit, finish_by)
-                bar.total = end
                 log(f"\n--minutes {minutes:g}: {f['seconds_per_step']:.2f} s per step -> --steps {cfg.steps}")
                 last_eval = run.state["evals"][-1]["loss"]
                 elapsed = time.perf_counter() - started
@@ -691,9 +693,13 @@ def train(run: Run, stop_after: int | None = None, time_limit: float | None = No
             if (cfg.eval_every and step % cfg.eval_every == 0) or step >= end:
                 last_eval = run.evaluate()
                 evaluated = step
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", eval=f"{last_eval:.3f}", lr=f"{rec['lr']:.1e}",
+            shown = {"step": f"{step}/{end if probe is None else '?'}"} if budget is not None else {}
+            bar.set_postfix(**shown, loss=f"{rec['loss']:.3f}", eval=f"{last_eval:.3f}", lr=f"{rec['lr']:.1e}",
                             tok_s=f"{rec['tokens_per_s']:,.0f}", refresh=False)
-            bar.update(1)
+            if budget is not None:
+                bar.update(min(round(time.perf_counter() - started), bar.total) - bar.n)   # seconds of the budget
+            else:
+                bar.update(1)
             if (cfg.save_every and step % cfg.save_every == 0) or step >= end:
                 run.save()
                 saved = step
@@ -706,6 +712,20 @@ def train(run: Run, stop_after: int | None = None, time_limit: float | None = No
     if timed_out:
         log(f"time limit reached at step {run.step} of {cfg.steps}; `--resume` continues the run")
     return run
+
+
+def interrupted_message(out: str | os.PathLike, step: int | None = None) -> str:
+    """What Ctrl-C during ``npllama train`` leaves: the newest complete checkpoint (a checkpoint is
+    written whole or not at all, and a step interrupted halfway is not saved: its weights may be
+    half-updated), and the command that continues from it."""
+    kept = latest_checkpoint(out)
+    at = "" if step is None else f" at step {step}"
+    if kept is None:
+        return f"interrupted{at}: no checkpoint was written yet, so nothing was kept; start the run again"
+    saved = int(kept.name[len(STEP_PREFIX):])
+    lost = "" if step is None or step <= saved else f"; the {step - saved} step{'s' * (step - saved != 1)} after it are redone"
+    return (f"interrupted{at}: kept {kept} (step {saved}), the newest complete checkpoint; "
+            f"`npllama train --resume --out {out}` continues from it{lost}")
 
 
 def sample_text(run: Run, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_p: float = 0.95,

@@ -989,6 +989,57 @@ def _(e):
     return convert.main(["--model", str(e.hf), "--kv-heads", "1", "--out", "/proc/self/out"], standalone_mode=False)
 
 
+@case(CLI, "trace --out naming a FIFO (a rename would put a regular file in its place)", OutputError,
+      r"trace-out.fifo: is a FIFO \(named pipe\); npllama writes a file only over a regular file \(never over "
+      r"a device, FIFO, socket or folder\); choose another path")
+def _(e):
+    from npllama.cli.trace import trace_command
+
+    fifo = e.root / "trace-out.fifo"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    return trace_command.main(["--model", str(e.hf), "--ids", "1,2", "--out", str(fifo)], standalone_mode=False)
+
+
+@case(CLI, "trace --out naming a folder", OutputError, r"a-folder: is a folder; npllama writes a file only over "
+      r"a regular file")
+def _(e):
+    from npllama.cli.trace import trace_command
+
+    (e.root / "a-folder").mkdir(exist_ok=True)
+    return trace_command.main(["--model", str(e.hf), "--ids", "1,2", "--out", str(e.root / "a-folder")],
+                              standalone_mode=False)
+
+
+@case(CLI, "convert --out naming a FIFO, with --overwrite", OutputError,
+      r"convert-out.fifo: is a FIFO \(named pipe\); npllama writes a folder only over a folder \(never over a "
+      r"file, device, FIFO or socket\); choose another path")
+def _(e):
+    from npllama.cli.convert import convert
+
+    fifo = e.root / "convert-out.fifo"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    return convert.main(["--model", str(e.hf), "--kv-heads", "1", "--out", str(fifo), "--overwrite"],
+                        standalone_mode=False)
+
+
+@case(CLI, "A prompt longer than the context window could hold, refused before tokenizing", InputError,
+      r"the prompt is 200,000 characters: more than the context window of 32 tokens can hold \(no token of this "
+      r"vocabulary stands for more than \d+ bytes of text\); shorten it")
+def _(e):
+    from npllama.cli.generate import generate as generate_command
+
+    return generate_command.main(["--model", str(e.hf), "--prompt", "x" * 200_000, "-q"], standalone_mode=False)
+
+
+@case(CLI, "generate --batch-memory 0", InputError, r"--batch-memory must be at least 1, got 0")
+def _(e):
+    from npllama.cli.generate import generate as generate_command
+
+    return generate_command.main(["--model", str(e.hf), "--prompt", "hi", "--batch-memory", "0"], standalone_mode=False)
+
+
 # --- 9. models that load but cannot run
 @case(LOADTOK, "A folder without a tokenizer, for a command that reads text", CheckpointError,
       r"no-tokenizer: has no tokenizer \(tokenizer.json, tokenizer.model, or a vocabulary in the GGUF metadata\)")

@@ -10,9 +10,15 @@ The classes (docs/errors.md describes each with its message):
  5. types        wrong types and zeros in configs and metadata, JSON nested thousands deep
  6. overflow     finite weights that overflow float32 are an error at run time, in both backends
  7. not files    FIFOs and devices are refused, never read
- 8. command line --seed, text that is not UTF-8, eval's counts, outputs that cannot be written
+ 8. command line --seed, text that is not UTF-8, eval's counts, outputs that cannot be written,
+                 terminal controls quoted from a file (shown escaped)
  9. tokenizers   convert carries the tokenizer; a model without one, or with a short one, says so at load
 10. leftovers    a later run removes what a killed one left; pruning never leaves a partial step
+11. outputs      writers replace only a regular file (a folder, for folder writers) or nothing, follow
+                 symbolic links, and name what they refuse before the model loads
+12. bounded work prompts files split at newlines only; a prompt that cannot fit is refused before
+                 tokenizing (the bound holds for every normalizer drawn); --prompts in batches
+                 within a memory budget
 
 Hypothesis draws the members (derandomized, a fixed number of examples, no shrinking, as in
 tests/test_fuzz.py), small enough that the whole module runs in well under a minute. The tests
@@ -41,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, assume, given, settings, strategies as st
 
 import npllama
 from npllama.cli import main
@@ -1018,3 +1024,293 @@ def test_training_prunes_whole_checkpoints_and_a_resumed_run_cleans_up(tmp_path)
     assert checkpoint_steps(out) == [4]
     remove_stale(out)
     assert sorted(p.name for p in out.iterdir()) == ["step-000004"]
+
+
+# ==================================================================================== 11. outputs
+TARGETS = ["missing", "regular", "empty folder", "folder", "fifo", "char device", "socket", "link to regular",
+           "dangling link", "link to fifo", "link to folder", "link to char device", "looping link", "under a file"]
+
+
+def make_target(root: Path, kind: str) -> Path:
+    """A path of the drawn kind in root (a char device is a /dev/null twin made with mknod: root only)."""
+    import socket
+    import stat as st_
+
+    path = root / "out"
+    if kind == "regular":
+        path.write_bytes(b"old")
+    elif kind == "empty folder":
+        path.mkdir()
+    elif kind == "folder":
+        path.mkdir()
+        (path / "kept.txt").write_bytes(b"old")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "char device":
+        try:
+            os.mknod(path, st_.S_IFCHR | 0o666, os.makedev(1, 3))   # the numbers of /dev/null
+        except PermissionError:
+            pytest.skip("making a device node needs root")
+    elif kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+        server.close()
+    elif kind.startswith("link to "):
+        (root / "elsewhere").mkdir()
+        make_target(root / "elsewhere", kind[len("link to "):])
+        path.symlink_to(root / "elsewhere" / "out")
+    elif kind == "dangling link":
+        path.symlink_to(root / "nowhere.bin")
+    elif kind == "looping link":
+        path.symlink_to(root / "out")
+    elif kind == "under a file":
+        (root / "a-file").write_bytes(b"old")
+        return root / "a-file" / "out"
+    return path
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, bytes | None]]:
+    """Every entry under root, links not followed: relative path -> (mode, inode, bytes of a regular file)."""
+    import stat as st_
+
+    out = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        s = path.lstat()
+        out[str(path.relative_to(root))] = (s.st_mode, s.st_ino, path.read_bytes() if st_.S_ISREG(s.st_mode) else None)
+    return out
+
+
+def write_with(writer: str, path: Path) -> None:
+    from npllama.io import atomic_write, point_link, write_folder
+
+    if writer == "atomic_write":
+        with atomic_write(path) as f:
+            f.write(b"new")
+    elif writer == "atomic_write text":
+        with atomic_write(path, "w") as f:
+            f.write("new")
+    elif writer == "write_folder":
+        write_folder(path, {"new.txt": b"new"}, overwrite=True)
+    else:
+        point_link(path, "step-000001")
+
+
+WRITERS = {"atomic_write": "file", "atomic_write text": "file", "write_folder": "folder", "point_link": "link"}
+# What each kind of writer may replace; everything else is refused and left as it was.
+REPLACEABLE = {"file": {"missing", "regular", "link to regular", "dangling link"},
+           "folder": {"missing", "empty folder", "folder", "link to folder", "dangling link"},
+           "link": {"missing", "link to regular", "dangling link", "link to fifo", "link to folder",
+                    "link to char device", "looping link"}}
+
+
+@examples(60)
+@given(writer=st.sampled_from(sorted(WRITERS)), kind=st.sampled_from(TARGETS))
+def test_writers_replace_only_what_they_may_and_follow_links(tmp_path_factory, writer, kind):
+    from npllama.errors import OutputError
+
+    root = tmp_path_factory.mktemp("target")
+    path = make_target(root, kind)
+    before = snapshot(root)
+    if kind in REPLACEABLE[WRITERS[writer]]:
+        write_with(writer, path)
+        if WRITERS[writer] == "link":
+            assert path.is_symlink() and os.readlink(path) == "step-000001"
+            return
+        if kind.startswith("link") or kind == "dangling link":
+            assert path.is_symlink()                       # the link stays a link; what it points to is new
+        real = Path(os.path.realpath(path))
+        if WRITERS[writer] == "file":
+            assert real.read_bytes() == b"new" and real.is_file()
+        else:
+            assert sorted(p.name for p in real.iterdir()) == ["new.txt"]
+        left = [p.name for p in real.parent.iterdir() if p.name.startswith(".")]
+        assert left == [], left                            # no temporary file or folder stays behind
+        return
+    with pytest.raises(OutputError) as info:
+        write_with(writer, path)
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message, message
+    assert snapshot(root) == before                         # nothing replaced, nothing left behind
+
+
+@pytest.mark.parametrize("kind", ["fifo", "char device", "empty folder", "link to fifo"])
+def test_trace_out_refuses_what_it_must_not_replace_before_the_load(tmp_path, kind):
+    path = make_target(tmp_path, kind)
+    before = snapshot(tmp_path)
+    result = CliRunner().invoke(main, ["trace", "--model", str(tmp_path / "not-loaded"), "--ids", "1,2",
+                                       "--out", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "npllama writes a file only over a regular file" in result.output, result.output
+    assert result.output.count("\n") == 1 and "not-loaded" not in result.output, result.output
+    assert snapshot(tmp_path) == before
+
+
+def test_trace_out_makes_its_folders_and_names_one_it_cannot_make_before_the_load(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)                                 # a fresh clone: no runs/ yet
+    result = CliRunner().invoke(main, ["trace", "--model", str(tiny["hf"]), "--ids", "1,2,3",
+                                       "--out", "runs/reference.safetensors"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs" / "reference.safetensors").is_file()
+    (tmp_path / "a-file").write_bytes(b"x")
+    result = CliRunner().invoke(main, ["trace", "--model", "not-loaded", "--ids", "1,2,3",
+                                       "--out", "a-file/runs/reference.safetensors"])
+    assert result.exit_code == 2 and "a-file is a file, not a folder" in result.output, result.output
+    assert "not-loaded" not in result.output and result.output.count("\n") == 1, result.output
+
+
+# ==================================================================================== 12. bounded work
+LINE_TEXT = st.text(st.sampled_from(list("ab é") + ["\u2028", "\u2029", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85",
+                                                     "\r", "\t", "\ufeff"]), max_size=8)
+
+
+@examples(60)
+@given(lines=st.lists(LINE_TEXT, min_size=1, max_size=6), ends=st.data(), bom=st.booleans(), last=st.booleans())
+def test_a_prompts_file_is_split_at_newlines_only(tmp_path_factory, lines, ends, bom, last):
+    """\\n and \\r\\n end a line; U+2028, \\v, \\x1c ... (which str.splitlines takes as line ends) and a
+    lone \\r stay in the prompt; a UTF-8 BOM at the start of the file is not part of the first prompt."""
+    from npllama.cli.generate import read_prompts
+
+    assume(not any(line.endswith("\r") for line in lines))          # "x\r" + "\n" is the line "x" and a \r\n
+    joints = [ends.draw(st.sampled_from(["\n", "\r\n"])) for _ in lines]
+    text = "".join(line + joint for line, joint in zip(lines, joints))
+    if not last:
+        text = text[: -len(joints[-1])]
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode("utf-8"))
+    if not bom and lines[0].startswith("\ufeff"):    # then the file starts with a BOM of its own
+        lines = [lines[0][1:], *lines[1:]]
+    expected = [line for line in lines if line.strip()]
+    if not expected:
+        with pytest.raises(Exception, match="give a prompt"):
+            read_prompts((), str(path))
+        return
+    assert read_prompts((), str(path)) == expected
+
+
+def tokenizer_kinds():
+    """npllama Tokenizers with normalizers that shrink text in different ways (none, NFKC, strip +
+    lowercase, SentencePiece's ▁ for spaces), a pre-tokenizer that drops whitespace (no bound
+    then), an <unk> for unknown characters, and a SentencePiece model with byte fallback."""
+    from tokenizers import Tokenizer as HF, models, normalizers, pre_tokenizers, trainers
+
+    from npllama.tokenizer import Tokenizer
+    from tiny import sample_text, train_bpe, train_sentencepiece
+
+    kinds = {"byte-level": Tokenizer.from_tokenizers(train_bpe(300))}
+    for name, norm in [("nfkc", normalizers.NFKC()),
+                       ("strip-lowercase", normalizers.Sequence([normalizers.Strip(), normalizers.Lowercase()])),
+                       ("metaspace", normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                                           normalizers.Replace(" ", "\u2581")]))]:
+        tok = HF(models.BPE(unk_token="<unk>", byte_fallback=name == "metaspace"))
+        tok.normalizer = norm
+        tok.pre_tokenizer = pre_tokenizers.Whitespace() if name != "metaspace" else None
+        tok.train_from_iterator(sample_text(200), trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<|im_start|>"],
+                                                                      show_progress=False))
+        kinds[name] = Tokenizer.from_tokenizers(tok)
+    import tempfile
+    kinds["sentencepiece"] = Tokenizer.from_sentencepiece(train_sentencepiece(Path(tempfile.mkdtemp())))
+    return kinds
+
+
+TEXT_PARTS = st.sampled_from(["a", "the ", "  ", "\t", "Ａ", "𝐀", "e\u0301", "\u1100\u1161\u11a8", "ﬃ", "K", "İ",
+                              "<|im_start|>", "\u3000", "x" * 40, " " * 30, "\u0301" * 5, "é", "日本", "\n"])
+
+
+@pytest.fixture(scope="module")
+def tokenizers_by_kind():
+    return tokenizer_kinds()
+
+
+@examples(80)
+@given(kind=st.sampled_from(["byte-level", "nfkc", "strip-lowercase", "metaspace", "sentencepiece"]),
+       parts=st.lists(TEXT_PARTS, min_size=1, max_size=60), limit=st.integers(0, 12))
+def test_fewest_tokens_is_a_lower_bound_for_every_normalizer(tokenizers_by_kind, kind, parts, limit):
+    """What refuses a prompt before tokenizing never refuses one that would fit: the bound it
+    computes is at most the tokens the tokenizer really makes, whatever its normalizer shrinks."""
+    tok = tokenizers_by_kind[kind]
+    text = "".join(parts)
+    assert tok.fewest_tokens(text, limit) <= len(tok.encode(text, add_bos=False))
+    if kind in ("byte-level", "sentencepiece", "metaspace"):      # the families npllama loads: bounded
+        assert tok.bytes_per_token is not None
+        if len(text.encode()) > (limit + 2) * tok.bytes_per_token + 200:
+            assert tok.fewest_tokens(text, limit) > limit               # long enough: refused untokenized
+
+
+def test_a_prompt_that_cannot_fit_never_reaches_the_tokenizer(tiny, tmp_path, monkeypatch):
+    """One line of 4 MB for a model with a 32-token window: one line, before the tokenizer or the
+    chat template sees it (the tokenizers library keeps dozens of bytes per byte of text)."""
+    from npllama.tokenizer import Tokenizer
+
+    seen = []
+    real = Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, *a, **k: seen.append(len(text)) or real(self, text, *a, **k))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a short one\n" + "the capital of France " * 200_000 + "\nanother\n")
+    for args in (["--prompts", str(prompts)], ["--prompt", "word " * 800_000, "--raw"]):
+        result = CliRunner().invoke(main, ["generate", "--model", str(tiny["hf"]), *args, "-q"])
+        assert result.exit_code == 2, result.output
+        assert "more than the context window of 32 tokens can hold" in result.output, result.output
+        assert result.output.count("\n") == 1 and result.output.startswith("npllama: error: "), result.output[:300]
+    assert max(seen, default=0) < 100_000, max(seen)
+
+
+@examples(60)
+@given(lengths=st.lists(st.integers(1, 200), min_size=1, max_size=40), new=st.integers(0, 100),
+       budget_kib=st.integers(1, 1 << 14))
+def test_batches_are_consecutive_and_fit_the_memory_budget(lengths, new, budget_kib):
+    from npllama.generate import plan_batches
+    from npllama.memory import batch_bytes
+    from tiny import tiny_config
+
+    from npllama.formats.hf import args_from_config
+    args = args_from_config(tiny_config(vocab_size=300, dim=64, n_layers=2, max_seq_len=256).to_dict(), "tiny")
+    batches = plan_batches(lengths, new, args, budget_kib << 10)
+    assert [i for b in batches for i in b] == list(range(len(lengths)))       # every prompt once, in order
+    for b in batches:
+        need = batch_bytes(args, len(b), min(256, max(lengths[i] for i in b) + new))
+        assert len(b) == 1 or need <= budget_kib << 10, (b, need)             # alone, or within the budget
+        if b.stop < len(lengths):                                             # as full as the budget allows
+            more = min(256, max(lengths[i] for i in range(b.start, b.stop + 1)) + new)
+            assert batch_bytes(args, len(b) + 1, more) > budget_kib << 10
+
+
+def test_many_prompts_run_in_batches_and_every_answer_is_printed_in_order(tiny, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    lines = [f"prompt number {i}" for i in range(200)]
+    prompts.write_text("\n".join(lines) + "\n")
+    from npllama.generate import plan_batches
+    model = load(tiny["hf"])
+    lengths = [len(model.tokenizer.encode(line)) for line in lines]
+    assert len(plan_batches(lengths, 3, model.config, 1 << 20)) > 1          # 1 MiB: several batches
+    result = CliRunner().invoke(main, ["generate", "--model", str(tiny["hf"]), "--prompts", str(prompts), "--raw",
+                                       "-n", "3", "--batch-memory", "1"])
+    assert result.exit_code == 0, result.output
+    shown = [line[4:] for line in result.stdout.splitlines() if line.startswith(">>> ")]
+    assert shown == lines
+    assert re.fullmatch(r"\[load \S+ s \| prompt \d+ tokens in \S+ s, \S+ tok/s \| generated \d+ tokens in \S+ s"
+                        r"(, \S+ tok/s)?\]\n", result.stderr.split("\r")[-1]), result.stderr    # after the progress bar
+
+
+# ==================================================================================== 8. (continued) the terminal
+ACTING = st.sampled_from(["\x1b[2J", "\x1b]0;pwned\x07", "\x1b[31m", "\r", "\x08", "\x00", "\x9b", "\u202e",
+                          "\u2066", "\u2028", "\x7f", "\t"])
+
+
+@examples(20)
+@given(parts=st.lists(st.one_of(ACTING, st.sampled_from(["os", "evil", ".", "é"])), min_size=1, max_size=6))
+def test_what_a_file_says_reaches_the_terminal_escaped(tiny, parts):
+    """A pickle naming a global whose module name holds terminal controls: the one-line error quotes
+    it, and what would act on the terminal (escape sequences, bidi overrides) is shown escaped."""
+    from npllama.errors import printable
+
+    module = "x" + "".join(parts)
+    folder = fresh(tiny, "meta", "controls")
+    pth = folder / "consolidated.00.pth"
+    member, _ = data_pkl(pth)
+    replace_member(pth, member, b"c" + module.encode("utf-8") + b"\nsystem\n.")
+    result = CliRunner().invoke(main, ["generate", "--model", str(folder), "-p", "hi", "-q"])
+    assert result.exit_code == 2, result.output
+    line = result.output
+    assert line.endswith("\n") and line.count("\n") == 1, repr(line)
+    assert printable(line[:-1]) == line[:-1], repr(line)            # nothing left that acts on a terminal
+    assert printable(module) in line, repr(line)

@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 
 import click
 
-from ..errors import NpllamaError
+from ..errors import NpllamaError, printable
 
 PLUGIN_GROUP = "npllama.commands"
 STARTED = "npllama.started"   # ctx.meta key: time.perf_counter() when the command line began
@@ -37,6 +37,14 @@ COMMANDS = {
 def plugins() -> dict:
     """The commands other installed packages declare under the entry-point group npllama.commands."""
     return {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name not in COMMANDS}
+
+
+def plugin_summary(ep) -> str:
+    """One line on a plug-in command from its entry point, without importing it: the package that
+    provides it and the extras it needs (``name = "module:attr [extras]"``)."""
+    dist = getattr(getattr(ep, "dist", None), "name", None) or ep.value.split(":")[0].split(".")[0]
+    needs = f", needs {dist}[{','.join(ep.extras)}]" if ep.extras else ""
+    return f"A plug-in command (from {dist}{needs}); `npllama {ep.name} --help` explains it."
 
 
 def _unavailable(name: str, error: ImportError) -> click.Command:
@@ -89,10 +97,10 @@ class LazyGroup(click.Group):
             return _unavailable(name, e)
 
     def format_commands(self, ctx, formatter):
+        """The command list: npllama's own with their help, the plug-ins from their entry points'
+        metadata alone, so that `npllama --help` imports none of them (nor what they need: torch)."""
         rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
-        for name in sorted(plugins()):
-            command = self.get_command(ctx, name)
-            rows.append((name, command.get_short_help_str(limit=80) if command else ""))
+        rows += [(name, plugin_summary(ep)) for name, ep in sorted(plugins().items())]
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
@@ -103,8 +111,8 @@ class LazyGroup(click.Group):
             # Overflow in the maths is reported as one error (npllama.numerics), not as NumPy's warnings.
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 return super().invoke(ctx)
-        except NpllamaError as e:
-            click.echo(f"npllama: error: {e}", err=True)
+        except NpllamaError as e:             # one line; what it quotes from a file cannot act on the terminal
+            click.echo(f"npllama: error: {printable(str(e))}", err=True)
             sys.exit(2)
 
 

@@ -6,16 +6,19 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import click
 
 from ..chat import ChatSession
 from ..chat_templates import BUILTIN_TEMPLATES, MAX_TEMPLATE_CHARS, ChatTemplate
-from ..errors import InputError
+from ..errors import InputError, printable
 from ..formats import require_tokenizer
+from ..generate import check_fits
 from ..io import read_regular
 from .options import (backend_factory, backend_options, check_sampling, check_text, load_model, model_option,
                       sampling_options)
+from .timing import Timing
 
 PROMPT = ">>> "
 COMMANDS_HELP = ("/reset: start a new conversation   /system TEXT: set the system prompt (empty: remove it)\n"
@@ -38,7 +41,8 @@ def read_template(path: str) -> ChatTemplate:
 
 
 @click.command(name="chat", help=(
-    "Chat with a model in the terminal, streaming answers and keeping the KV cache.\n\n"
+    "Chat with a model in the terminal, streaming answers and keeping the KV cache. Ends with one timing "
+    "line on stderr: load, prompt tokens/s, generated tokens/s.\n\n"
     "\b\nIn the chat:\n" + COMMANDS_HELP))
 @model_option
 @backend_options
@@ -49,7 +53,7 @@ def read_template(path: str) -> ChatTemplate:
               help="Use at most this many positions (default: the model's context window).")
 @sampling_options
 @click.option("--stats", is_flag=True, help="After each answer, show the tokens reused, read and generated.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no banner.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no banner, no timing line at the end.")
 def chat(model_path, backend, device, weights, system, template, context, max_new_tokens, temperature,
          top_k, top_p, seed, stats, quiet):
     """Read a line, stream the answer, repeat; commands start with a slash."""
@@ -58,13 +62,22 @@ def chat(model_path, backend, device, weights, system, template, context, max_ne
     if template is not None and template not in BUILTIN_TEMPLATES:
         template = read_template(template)
     attach = backend_factory(backend, device, weights=weights)
+    timing = Timing()
+    began = time.perf_counter()
     run = attach(require_tokenizer(load_model(model_path, backend, weights, progress=not quiet)))
+    timing.load_s = time.perf_counter() - began
+    turns = []                     # (Generation, prompt tokens it read) of every turn, for the timing line
+
+    def timed_generate(model, prompt_ids, *args, **kwargs):
+        generation = run.generate(model, prompt_ids, *args, **kwargs)
+        turns.append((generation, len(prompt_ids)))
+        return generation
 
     def on_drop(n: int) -> None:
         click.secho(f"[the context window is full: dropped the oldest {n} turn{'s' * (n != 1)}]",
                     err=True, fg="yellow")
 
-    session = ChatSession(run.model, system, settings, seed, max_new_tokens, generate_fn=run.generate,
+    session = ChatSession(run.model, system, settings, seed, max_new_tokens, generate_fn=timed_generate,
                           template=template, max_seq_len=context, on_drop=on_drop)
     if not quiet:
         click.echo(f"npllama chat ({backend}, {session.window}-token window, {session.template_source} "
@@ -89,7 +102,8 @@ def chat(model_path, backend, device, weights, system, template, context, max_ne
             click.echo("\n(/quit or Ctrl-D to leave)", err=True)
             continue
         except (UnicodeDecodeError, InputError) as e:   # bytes that are not UTF-8 on the terminal
-            reason = e if isinstance(e, InputError) else f"the line holds bytes that are not UTF-8 text ({e.reason})"
+            reason = printable(str(e)) if isinstance(e, InputError) else \
+                f"the line holds bytes that are not UTF-8 text ({e.reason})"
             click.echo(f"[{reason}; type it again]", err=True)
             continue
         line = line.strip()
@@ -108,14 +122,20 @@ def chat(model_path, backend, device, weights, system, template, context, max_ne
             else:
                 click.echo(f"unknown command {command!r}\n{COMMANDS_HELP}", err=True)
             continue
-        pieces = session.send(line)
+        pieces = None
         try:
+            check_fits(run.model.tokenizer, line, session.window, "the message")   # before the template sees it
+            pieces = session.send(line)
             for piece in pieces:
                 click.echo(piece, nl=False)
                 sys.stdout.flush()
         except KeyboardInterrupt:
-            pieces.close()
+            if pieces is not None:
+                pieces.close()
             click.echo(" [stopped]", nl=False)
+        except InputError as e:                 # a message too long for the window: the chat goes on
+            click.echo(f"[{printable(str(e))}]", err=True)
+            continue
         click.echo()
         if session.last_turn.stopped == "context window full":
             click.secho(f"[the answer stopped after {session.last_turn.generated} of {max_new_tokens} tokens: "
@@ -125,3 +145,7 @@ def chat(model_path, backend, device, weights, system, template, context, max_ne
             s = session.last_turn
             click.echo(f"[{s.reused} tokens reused from the cache, {s.prefilled} read, {s.generated} generated "
                        f"in {s.seconds:.1f}s; {s.stopped}]", err=True)
+    if not quiet:
+        for generation, fed in turns:
+            timing.add(generation, fed)
+        click.echo(timing.line(), err=True)

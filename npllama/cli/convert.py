@@ -28,7 +28,7 @@ def convert(model_path, kv_heads, out, overwrite):
     if Path(out).exists() and not overwrite and (not Path(out).is_dir() or any(Path(out).iterdir())):
         raise CheckpointError(f"{out} already exists and is not empty; choose a new output folder "
                               f"(or pass --overwrite)")
-    check_writable(out)                       # before the slow load
+    check_writable(out, folder=True)          # before the slow load
     model = load(model_path)
     args = model.config
     new_args, params = convert_kv_heads(args, model.state_dict(), kv_heads)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -117,10 +118,27 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
     return SamplingSettings(temperature, top_k, top_p)
 
 
+def run_checkpoint(path: str | None) -> str | None:
+    """--model PATH, where a training run's folder (``npllama train --out``: step-* checkpoints and a
+    ``latest`` link, no checkpoint of its own) stands for its newest checkpoint, PATH/latest."""
+    if path is None:
+        return None
+    folder = Path(path)
+    try:
+        is_run = (folder.is_dir() and (folder / "latest").is_dir()
+                  and not any((folder / name).exists() for name in ("config.json", "params.json"))
+                  and not any(folder.glob("*.gguf")))
+    except OSError:
+        return path
+    return str(folder / "latest") if is_run else path
+
+
 def model_option(f):
     return click.option("--model", "-m", "model_path", default=None, metavar="PATH",
+                        callback=lambda ctx, param, value: run_checkpoint(value),
                         help="A Hugging Face folder, a Meta folder, a .gguf file, or a Hugging Face Hub id "
-                             "org/name[@revision] (default: SmolLM2-135M-Instruct in weights/).")(f)
+                             "org/name[@revision]; a training run's folder means its newest checkpoint, "
+                             "FOLDER/latest (default: SmolLM2-135M-Instruct in weights/).")(f)
 
 
 def backend_options(f):

@@ -72,6 +72,7 @@ def check_against(against: str, model_path: str | None, reference_path: str | No
     from ..formats import load
     from ..oracle import check_dump, model_sha256, read_dump
     from ..report import plot_errors
+    from ..weights import DEFAULT_FILE
 
     if reference_path is not None and (model_path is not None or isolate):
         raise click.UsageError("--reference replaces --model; --isolate needs the model (it recomputes each "
@@ -82,7 +83,13 @@ def check_against(against: str, model_path: str | None, reference_path: str | No
     if reference is None:
         model = load(model_path, progress=False, dtype=np.float64)    # the reference computes in float64
         sha = model_sha256(model_path)
-    report = check_dump(theirs, model, reference, isolate=isolate, dtype=dtype, model_sha256=sha)
+    try:
+        report = check_dump(theirs, model, reference, isolate=isolate, dtype=dtype, model_sha256=sha)
+    except InputError as e:
+        if model_path is not None or reference is not None:
+            raise
+        raise InputError(f"{e}. No --model was given, so the reference is the default model "
+                         f"({DEFAULT_FILE}); if {against} comes from another model, name it with --model") from None
     ids = theirs.input_ids if theirs.input_ids is not None else reference.input_ids
     click.echo(f"{ids.shape[1]} tokens" + (f" x {ids.shape[0]} sequences" if ids.shape[0] > 1 else ""))
     click.echo()
@@ -102,8 +109,9 @@ def check_against(against: str, model_path: str | None, reference_path: str | No
 @click.option("--prompt", "-p", default=None, help="The text to run (default: \"The capital of France is\").")
 @click.option("--ids", default=None, metavar="IDS.json|1,2,3",
               help="Token ids instead of a prompt: a JSON list (or list of lists, a batch), or comma-separated.")
-@click.option("--out", "-o", "out", default=None, type=click.Path(dir_okay=False), metavar="REF.safetensors",
-              help="Write the reference's activations here.")
+@click.option("--out", "-o", "out", default=None, metavar="REF.safetensors",
+              help="Write the reference's activations here (missing folders are made; a symbolic link is "
+                   "followed; a device, FIFO or folder is refused).")
 @click.option("--dtype", type=click.Choice(["float64", "float32", "bfloat16", "float16"]), default=None,
               help="With --out: the reference's dtype, float64 (default) or float32. With --against: the "
                    "dtype whose tolerances judge THEIRS (default: the dtype it declares, else its tensors').")
@@ -116,12 +124,16 @@ def check_against(against: str, model_path: str | None, reference_path: str | No
 @view_option
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="With --against: draw the error of each op by layer.")
 def trace_command(model_path, prompt, ids, out, dtype, against, reference_path, isolate, show_all, plot_path):
+    from ..io import check_writable
+
     if (out is None) == (against is None):
         raise click.UsageError("give --out REF.safetensors (write the reference's activations) or "
                                "--against THEIRS.safetensors (check them), one of the two")
     if against is not None:
         if prompt is not None or ids is not None:
             raise click.UsageError("--against runs on the file's own input_ids; --prompt and --ids are for --out")
+        if plot_path:
+            check_writable(plot_path)                  # before the comparison, not after it
         if not check_against(against, model_path, reference_path, dtype, isolate, show_all, plot_path):
             sys.exit(1)
         return
@@ -136,6 +148,7 @@ def trace_command(model_path, prompt, ids, out, dtype, against, reference_path, 
 def write_reference(model_path, prompt, ids, out, dtype: str) -> None:
     from .. import __version__
     from ..formats import load
+    from ..io import check_writable
     from ..oracle import DEFAULT_PROMPT, describe, dump_metadata, model_sha256, trace, write_dump
     from ..weights import DEFAULT_FILE
 
@@ -144,6 +157,7 @@ def write_reference(model_path, prompt, ids, out, dtype: str) -> None:
     if prompt == "":
         raise click.UsageError("--prompt is empty: give some text to run")
     ids = parse_ids(ids) if ids is not None else None
+    check_writable(out)                                # before the slow load: the folders --out needs are made
     model = load(model_path, progress=False, dtype=np.dtype(dtype))
     if ids is None:
         prompt = DEFAULT_PROMPT if prompt is None else prompt
