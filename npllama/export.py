@@ -290,7 +290,8 @@ def encode(x: np.ndarray, dtype: str, name: str) -> bytes:
     if dtype == "float32":
         return x32.astype("<f4", copy=False).tobytes()
     if dtype == "float16":
-        half = x32.astype("<f2")
+        with np.errstate(over="ignore"):
+            half = x32.astype("<f2")
         if not np.isfinite(half).all():
             raise InputError(f"{name}: values beyond float16's range (largest |w| {float(np.abs(x32).max()):.3g} > "
                              f"65504); export in float32 or bfloat16")

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -211,12 +212,21 @@ def _ported(name: str) -> str:
 
 
 def nearest(pattern: str, modules, n: int = 3) -> list[str]:
-    """The n submodule names most like pattern (difflib), layer indices shown as {i} when pattern has one."""
+    """The n submodule names most like pattern, layer indices shown as {i} when pattern has one.
+
+    Alike by difflib's ratio plus the share of pattern that a name starts with, so that
+    "model.layers.{i}.post_norm" finds "model.layers.{i}.post_attention_layernorm" before the
+    shorter "model.layers.{i}.input_layernorm".
+    """
     names = [m for m in modules if m]
     if "{i}" in pattern:
         names = list(dict.fromkeys(re.sub(r"(^|\.)\d+(?=\.|$)", r"\1{i}", m) for m in names))
-    found = difflib.get_close_matches(pattern, names, n=n, cutoff=0.0)
-    return [repr(f) for f in found] or ["(it has no submodules)"]
+
+    def likeness(name: str) -> float:
+        prefix = len(os.path.commonprefix([pattern, name]))
+        return difflib.SequenceMatcher(None, pattern, name).ratio() + prefix / max(1, len(pattern))
+
+    return [repr(f) for f in sorted(names, key=likeness, reverse=True)[:n]] or ["(it has no submodules)"]
 
 
 # ---------------------------------------------------------------------------- capturing

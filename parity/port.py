@@ -11,13 +11,14 @@ and returns its logits (batch, seq, vocab):
 
     meta          model(tokens, start_pos)                     the cache lives in each Attention
     gpt-fast      model(idx, input_pos)                        after model.setup_caches(batch, length)
-    transformers  model(input_ids=ids, past_key_values=cache, use_cache=True)
+    transformers  model(input_ids=ids, cache=cache, use_cache=True)   (past_key_values= before 5.0)
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Callable
@@ -48,9 +49,11 @@ def gpt_fast_step(model: nn.Module, ids: torch.Tensor, start: int, state: dict) 
 
 
 def transformers_step(model: nn.Module, ids: torch.Tensor, start: int, state: dict) -> torch.Tensor:
-    """transformers: forward(input_ids=, past_key_values=, use_cache=True); the cache comes back."""
-    out = model(input_ids=ids, past_key_values=state.get("cache"), use_cache=True)
-    state["cache"] = out.past_key_values
+    """transformers: forward(input_ids=, cache=, use_cache=True) (``past_key_values=`` before
+    transformers 5); the cache comes back in the output."""
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=ids, use_cache=True, **{key: state.get("cache")})
+    state["cache"] = out.get(key)
     return out.logits
 
 
