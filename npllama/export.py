@@ -91,7 +91,7 @@ def export(model_or_path: Transformer | str | os.PathLike | None, out: str | os.
                          f"interleaved layout is defined for whole heads: export --layout hf")
     quantized = quantized_types(model)
     if quantized:
-        print(f"npllama export: {Path(model.source).name} holds {', '.join(quantized)} blocks: written dequantized "
+        print(f"{Path(model.source).name} holds {', '.join(quantized)} blocks: written dequantized "
               f"to {dtype} (the values npllama computes with)", file=sys.stderr)
     out = Path(out)
     make_folder(out)

@@ -173,7 +173,7 @@ def test_a_quantized_model_is_written_dequantized_and_says_so(tmp_path, capsys):
     quantized = Transformer(args, params)
     assert quantized_types(quantized) == ["Q8_0"]
     export(quantized, tmp_path / "out", layout="meta", dtype="float16")
-    assert "holds Q8_0 blocks: written dequantized to float16" in capsys.readouterr().err
+    assert "checkpoint holds Q8_0 blocks: written dequantized to float16" in capsys.readouterr().err
     written = load_file(tmp_path / "out" / "model.safetensors")["layers.0.feed_forward.w1.weight"]
     assert np.array_equal(written, blocks.dequantize().astype(np.float16))
     assert "Dequantized from the Q8_0 blocks" in (tmp_path / "out" / "README.md").read_text()
@@ -208,7 +208,6 @@ def test_the_verdict_covers_every_step_of_metas_decode(model, meta_weights, meta
 def test_a_position_fed_one_too_far_at_decode_step_3_is_named_at_that_step(model, meta_weights, meta_port, tmp_path):
     dump = read_dump(meta_dump(meta_port.build(str(meta_weights)), tmp_path / "pos.safetensors", position_bug_at=3))
     assert first_break_by_step(model, dump) == (3, "layers.0.attention.q")
-    assert check_dump(dump, model).ok          # the prefill (step 0) is sound: a one-step verdict cannot see it
 
 
 @STEPWISE
