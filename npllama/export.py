@@ -140,12 +140,15 @@ def check_options(layout: str, dtype: str) -> None:
 def check_out(out: str | os.PathLike, force: bool) -> None:
     """An InputError, before any slow load, for an output folder that is a file, or holds files and
     force is not given."""
+    from .io import check_writable
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} is a file; give a folder for the export (--out DIR)")
     if out.is_dir() and not force and any(out.iterdir()):
         raise InputError(f"{out} already holds files; choose a new folder for the export (or pass --force "
                          f"to write over it)")
+    check_writable(out)
 
 
 def load_for_export(path, progress: bool) -> Transformer:
