@@ -21,9 +21,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .cache import KVCache
-from .config import ModelArgs
 from .errors import InputError
-from .memory import batch_bytes
+from .inputs import check_budget, check_fits
 from .numerics import bad_logits, check_finite_logits, non_finite_error
 from .rope_scaling import context_window
 from .sampling import SamplingSettings, sample_batch, uniforms
@@ -36,49 +35,6 @@ PAD_ID = 0   # the id padding columns carry: any valid id does, since padding is
 # reader that stopped iterating (chat only: a generator cannot see its own close).
 STOP_TOKEN, MAX_NEW_TOKENS, CONTEXT_FULL, INTERRUPTED = "stop token", "max_new_tokens", "context window full", \
     "interrupted"
-
-
-def check_budget(prompt_len: int, cached: int, window: int, max_new_tokens: int) -> int:
-    """How many tokens may be generated; an InputError when the prompt itself does not fit.
-
-    cached: positions the cache already holds for this row; window: the positions it may hold.
-    """
-    if isinstance(max_new_tokens, bool) or max_new_tokens < 0 or int(max_new_tokens) != max_new_tokens:
-        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if prompt_len == 0:
-        raise InputError("the prompt is empty: give at least one token to continue from")
-    used = cached + prompt_len
-    if used > window:
-        raise InputError(f"the prompt is {prompt_len} tokens{f' (after {cached} already cached)' if cached else ''}, "
-                         f"longer than the context window of {window} tokens; shorten the prompt")
-    return min(int(max_new_tokens), window - used + 1)   # the last token is never fed back
-
-
-def check_fits(tokenizer, text: str, window: int, what: str = "the prompt") -> None:
-    """An InputError, before the text is tokenized, when it cannot fit ``window`` tokens whatever the
-    tokenizer makes of it (Tokenizer.fewest_tokens: its normalized bytes over the longest token's)."""
-    if tokenizer.fewest_tokens(text, window) > window:
-        raise InputError(f"{what} is {len(text):,} characters: more than the context window of {window} tokens can "
-                         f"hold (no token of this vocabulary stands for more than {tokenizer.bytes_per_token} "
-                         f"bytes of text); shorten it")
-
-
-def plan_batches(lengths: Sequence[int], max_new_tokens: int, args: ModelArgs, budget_bytes: int,
-                 dtype=np.float32) -> list[range]:
-    """Consecutive prompts grouped into batches whose estimated peak memory (npllama.memory.batch_bytes:
-    KV cache, logits, activations) stays within budget_bytes; a prompt too large for the budget
-    alone runs alone. lengths: each prompt's tokens. Returns ranges of prompt indices, in order."""
-    window = context_window(args)
-    batches, start, longest = [], 0, 0
-    for i, n in enumerate(lengths):
-        grown = max(longest, min(n + max_new_tokens, window))       # the positions each row may come to hold
-        if i > start and batch_bytes(args, i + 1 - start, grown, dtype) > budget_bytes:
-            batches.append(range(start, i))
-            start, grown = i, min(n + max_new_tokens, window)
-        longest = grown
-    if start < len(lengths):
-        batches.append(range(start, len(lengths)))
-    return batches
 
 
 def left_pad(prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

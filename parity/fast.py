@@ -43,12 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from npllama.config import ModelArgs
 from npllama.checks import is_int
+from npllama.config import ModelArgs
 from npllama.errors import CheckpointError, InputError
-from npllama.generate import check_budget, row_seeds
+from npllama.generate import row_seeds
+from npllama.inputs import check_budget, check_token_ids
 from npllama.layout import fuse_params
-from npllama.inputs import check_token_ids
 
 from .mlp import linear, silu
 from .rope import rope_cos_sin, rope_init
@@ -453,7 +453,7 @@ class FastDecoder(nn.Module):
         """Generate for every prompt at once; yield each row's new tokens every sync_every steps.
 
         prompts: up to batch_size lists of token ids, of any lengths. Each row stops after its own
-        stop token (yielded too) or its budget (npllama.generate.check_budget, capped by the slots
+        stop token (yielded too) or its budget (npllama.inputs.check_budget, capped by the slots
         left after the longest prompt). seed: one int or one per row: row r draws
         uniforms(seed_r, steps, 1), as it would alone (npllama.generate's convention).
         The host reads the device only when it yields: after the first token (time to first

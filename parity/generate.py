@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from npllama.errors import InputError
-from npllama.generate import DecodeRows, Generation, check_budget, is_batch, left_pad, row_seeds
+from npllama.generate import DecodeRows, Generation, is_batch, left_pad, row_seeds
+from npllama.inputs import check_budget
 from npllama.generate import generate_text as generate_text_with
 from npllama.rope_scaling import context_window
 

@@ -1,13 +1,12 @@
 """Capture any PyTorch model's activations under npllama's trace names, and write them as a dump.
 
     import parity
-    from parity.hooks import transformers_llama
 
-    with parity.capture(hf_model, transformers_llama(hf_model.config)) as captured:
+    with parity.capture(hf_model, "transformers") as captured, torch.no_grad():
         hf_model(input_ids=ids)
-    captured.save("mine.safetensors", ids)       # then: npllama parity --against mine.safetensors
+    captured.save("mine.safetensors")            # then: npllama parity --against mine.safetensors
 
-A *name map* says where each trace name (npllama/oracle.py lists them) is read in the model:
+A *name map* says where each trace name (npllama/dump.py lists them) is read in the model:
 ``{"layers.{i}.ffn_norm": "model.layers.{i}.post_attention_layernorm", ...}``. A value is the
 dotted name of a submodule, whose output is taken, or a ``Tap`` for anything else: a module's
 input, one element of a tuple, a reshape into the schema's layout, or the result of a plain
@@ -15,15 +14,26 @@ function the model calls (rotary embeddings are usually one, so q and k after ro
 wrapping that function for the duration of the capture). ``{i}`` stands for the layer index, in
 the names and in the module paths alike. Names the map leaves out are simply not in the dump.
 
-Two ready-made maps: ``transformers_llama(config)`` for transformers' LlamaForCausalLM (what
-``npllama parity --transformers`` compares), and ``gpt_fast(...)`` for a hand-written port with
-gpt-fast's module names (docs/porting.md builds one).
+Ready-made maps, picked by name (``capture(model, "meta")``; ``npllama capture --map meta``) and
+sized from the model itself (ready_map): "transformers" for transformers' LlamaForCausalLM (what
+``npllama parity --transformers`` compares), "gpt-fast" for gpt-fast's model.py and ports with its
+module names (docs/my_port.py), "meta" for Meta's llama / llama3 / llama-models model.py. The
+functions behind them (transformers_llama, gpt_fast, meta_llama) build a map from sizes alone.
+
+Steps. Each call of the captured module inside one ``with`` block is one *step*: the first is the
+prefill, each later one a decode step through the model's own KV cache. ``save`` writes them all
+as one dump (schema 2: step 0's names bare, step s's under ``step.{s}.``), each with the token ids
+of its call, read from the call's first argument or its ``input_ids=`` / ``tokens=`` / ``idx=``.
+A name recorded twice within one call is refused.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -32,10 +42,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from npllama.dump import IDS, LAYOUT, dump_metadata, step_name
 from npllama.errors import InputError
 from npllama.io import atomic_write
-from npllama.oracle import IDS, dump_metadata
-from npllama.report import in_forward_order
+from npllama.report import in_forward_order, split_name
 from npllama.tolerances import dtype_name
 
 
@@ -104,20 +114,11 @@ def transformers_llama(config) -> dict[str, str | Tap]:
     }
 
 
-def gpt_fast(n_heads: int, n_kv_heads: int, head_dim: int, rope: str | None = None) -> dict[str, str | Tap]:
-    """The name map of a port with gpt-fast's module names: tok_embeddings, layers.{i}.attention_norm,
-    .attention.wqkv (q|k|v fused), .attention.wo, .ffn_norm, .feed_forward, norm, output.
-
-    rope: "package.module.function" of the port's rotary function, called on q and then on k as
-    (batch, seq, heads, head_dim); without it q and k are not captured. gpt-fast rotates the
-    interleaved layout: save the dump with rotary_layout="interleaved".
-    """
-    v_from = (n_heads + n_kv_heads) * head_dim     # wqkv's output is q | k | v
-    taps: dict[str, str | Tap] = {
+def _meta_names(n_heads: int) -> dict[str, str | Tap]:
+    """The names Meta's model.py and gpt-fast share: every module but the q/k/v projections."""
+    return {
         "tok_embeddings": "tok_embeddings",
         "layers.{i}.attention_norm": "layers.{i}.attention_norm",
-        "layers.{i}.attention.v": Tap("layers.{i}.attention.wqkv",
-                                      transform=lambda x: split_heads(n_kv_heads)(x[..., v_from:])),
         "layers.{i}.attention.scores_v": Tap("layers.{i}.attention.wo", port="input", transform=split_heads(n_heads)),
         "layers.{i}.attention": "layers.{i}.attention.wo",
         "layers.{i}.attention_residual": Tap("layers.{i}.ffn_norm", port="input"),
@@ -127,29 +128,142 @@ def gpt_fast(n_heads: int, n_kv_heads: int, head_dim: int, rope: str | None = No
         "norm": "norm",
         "logits": "output",
     }
+
+
+def gpt_fast(n_heads: int, n_kv_heads: int, head_dim: int, rope: str | None = None) -> dict[str, str | Tap]:
+    """The name map of a port with gpt-fast's module names: tok_embeddings, layers.{i}.attention_norm,
+    .attention.wqkv (q|k|v fused), .attention.wo, .ffn_norm, .feed_forward, norm, output.
+
+    rope: "package.module.function" of the port's rotary function, called on q and then on k as
+    (batch, seq, heads, head_dim); without it q and k are not captured. gpt-fast rotates the
+    interleaved layout: save the dump with rotary_layout="interleaved" (the ready-made "gpt-fast"
+    map does).
+    """
+    v_from = (n_heads + n_kv_heads) * head_dim     # wqkv's output is q | k | v
+    taps = _meta_names(n_heads)
+    taps["layers.{i}.attention.v"] = Tap("layers.{i}.attention.wqkv",
+                                         transform=lambda x: split_heads(n_kv_heads)(x[..., v_from:]))
     if rope is not None:
         taps["layers.{i}.attention.q"] = Tap(function=rope, call=0, transform=seq_to_heads)
         taps["layers.{i}.attention.k"] = Tap(function=rope, call=1, transform=seq_to_heads)
     return taps
 
 
+def meta_llama(n_heads: int, n_kv_heads: int, rope: str | None = None) -> dict[str, str | Tap]:
+    """The name map of Meta's llama / llama3 / llama-models model.py: tok_embeddings,
+    layers.{i}.attention_norm, .attention.wq / wk / wv / wo (separate), .ffn_norm,
+    .feed_forward (w1, w2, w3), norm, output.
+
+    n_heads, n_kv_heads: the heads this process computes (Meta's n_local_heads and
+    n_local_kv_heads: all of them at model-parallel size 1). rope: "package.module.apply_rotary_emb"
+    of the model's module, which Meta calls once per layer as (xq, xk) -> (xq, xk), each
+    (batch, seq, heads, head_dim); without it q and k are not captured. Meta rotates the
+    interleaved layout: save with rotary_layout="interleaved" (the ready-made "meta" map does).
+    """
+    taps = _meta_names(n_heads)
+    taps["layers.{i}.attention.v"] = Tap("layers.{i}.attention.wv", transform=split_heads(n_kv_heads))
+    if rope is not None:
+        taps["layers.{i}.attention.q"] = Tap(function=rope, index=0, transform=seq_to_heads)
+        taps["layers.{i}.attention.k"] = Tap(function=rope, index=1, transform=seq_to_heads)
+    return taps
+
+
+# name -> the rotary layout its models compute in (what ``save`` declares by default)
+READY_MAPS = {"transformers": "half", "gpt-fast": "interleaved", "meta": "interleaved"}
+
+
+def ready_map(name: str, model: nn.Module) -> dict[str, str | Tap]:
+    """The ready-made map called name ("transformers", "gpt-fast", "meta"), sized from the model:
+    transformers' from model.config; gpt-fast's and Meta's from layer 0's attention module (gpt-fast:
+    n_head, n_local_heads, head_dim; Meta: n_local_heads, n_local_kv_heads), with the
+    apply_rotary_emb of the module that defines that attention class."""
+    if name not in READY_MAPS:
+        near = difflib.get_close_matches(str(name), READY_MAPS, n=1, cutoff=0.3)
+        raise InputError(f"no ready-made map {name!r}{f' (did you mean {near[0]!r}?)' if near else ''}; choose one of "
+                         f"{', '.join(READY_MAPS)}, or give a dict of trace name -> submodule")
+    if name == "transformers":
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(config, "num_key_value_heads"):
+            raise InputError(f"ready-made map 'transformers': {type(model).__name__} has no LlamaConfig as .config; "
+                             f"it is for transformers' LlamaForCausalLM")
+        return transformers_llama(config)
+    modules = dict(model.named_modules())
+    attention = modules.get("layers.0.attention")
+    if attention is None:
+        raise InputError(f"ready-made map {name!r} reads {_ported(name)} module names, and {type(model).__name__} has no "
+                         f"'layers.0.attention'; nearest: {', '.join(nearest('layers.{i}.attention', modules))}")
+    sizes = ("n_head", "n_local_heads", "head_dim") if name == "gpt-fast" else ("n_local_heads", "n_local_kv_heads")
+    missing = [a for a in sizes if not isinstance(getattr(attention, a, None), int)]
+    if missing:
+        builder = "gpt_fast(n_heads, n_kv_heads, head_dim, rope=...)" if name == "gpt-fast" else \
+            "meta_llama(n_heads, n_kv_heads, rope=...)"
+        raise InputError(f"ready-made map {name!r}: layers.0.attention ({type(attention).__name__}) has no "
+                         f"{', '.join(missing)} ({_ported(name)} names for its sizes); build the map with "
+                         f"parity.hooks.{builder}")
+    owner = type(attention).__module__
+    rope = f"{owner}.apply_rotary_emb" if callable(getattr(sys.modules.get(owner), "apply_rotary_emb", None)) else None
+    if name == "gpt-fast":
+        return gpt_fast(attention.n_head, attention.n_local_heads, attention.head_dim, rope=rope)
+    return meta_llama(attention.n_local_heads, attention.n_local_kv_heads, rope=rope)
+
+
+def _ported(name: str) -> str:
+    return {"gpt-fast": "gpt-fast's", "meta": "Meta's model.py", "transformers": "transformers'"}[name]
+
+
+def nearest(pattern: str, modules, n: int = 3) -> list[str]:
+    """The n submodule names most like pattern, layer indices shown as {i} when pattern has one.
+
+    Alike by difflib's ratio plus the share of pattern that a name starts with, so that
+    "model.layers.{i}.post_norm" finds "model.layers.{i}.post_attention_layernorm" before the
+    shorter "model.layers.{i}.input_layernorm".
+    """
+    names = [m for m in modules if m]
+    if "{i}" in pattern:
+        names = list(dict.fromkeys(re.sub(r"(^|\.)\d+(?=\.|$)", r"\1{i}", m) for m in names))
+
+    def likeness(name: str) -> float:
+        prefix = len(os.path.commonprefix([pattern, name]))
+        return difflib.SequenceMatcher(None, pattern, name).ratio() + prefix / max(1, len(pattern))
+
+    return [repr(f) for f in sorted(names, key=likeness, reverse=True)[:n]] or ["(it has no submodules)"]
+
+
 # ---------------------------------------------------------------------------- capturing
+ID_KEYWORDS = ("input_ids", "tokens", "idx", "ids")     # transformers', Meta's, gpt-fast's, others'
+
+
 class Capture:
     """Hooks on a model that record the activations a name map names, while the ``with`` block runs.
 
-    After the block, ``tensors`` holds them (detached copies on the CPU, in the model's dtype),
-    ``numpy()`` gives them as float64 arrays, and ``save`` writes them as a dump.
+    After the block, ``steps`` holds one dict per call of the module (detached copies on the CPU,
+    in the model's dtype) and ``step_ids`` each call's token ids (None where none was found);
+    ``tensors`` is step 0's, ``numpy(step)`` gives a step's as float64 arrays, and ``save`` writes
+    every step as one dump.
     """
 
-    def __init__(self, module: nn.Module, name_map: Mapping[str, str | Tap], layers: str | None = None):
+    def __init__(self, module: nn.Module, name_map: Mapping[str, str | Tap] | str, layers: str | None = None):
         self.module = module
+        self.rotary_layout = "half"
+        if isinstance(name_map, str):
+            self.rotary_layout = READY_MAPS.get(name_map, "half")
+            self.map_name = name_map
+            name_map = ready_map(name_map, module)
+        else:
+            self.map_name = None
         self.taps = {name: tap if isinstance(tap, Tap) else Tap(tap) for name, tap in name_map.items()}
         self.layers = layers if layers is not None else self._layer_pattern()
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.steps: list[dict[str, torch.Tensor]] = []
+        self.step_ids: list[torch.Tensor | None] = []
         self._handles: list = []
         self._patched: list[tuple[object, str, Callable]] = []
         self._layer: int | None = None
         self._calls: dict[str, int] = {}
+
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Step 0's activations (the only step of a one-pass capture)."""
+        return self.steps[0] if self.steps else {}
 
     # -------------------------------------------------------------- the hooks
     def __enter__(self) -> "Capture":
@@ -165,14 +279,14 @@ class Capture:
 
     def _install(self) -> None:
         modules = dict(self.module.named_modules())
+        self._handles.append(self.module.register_forward_pre_hook(self._begin_step, with_kwargs=True, prepend=True))
         for name, tap in self.taps.items():
             if tap.module is None:
                 continue
             found = matches(tap.module, modules)
             if not found:
-                example = next((n for n in modules if n), "")
                 raise InputError(f"name map: {name!r} -> {tap.module!r} matches no submodule of "
-                                 f"{type(self.module).__name__} (its submodules are named like {example!r})")
+                                 f"{type(self.module).__name__}; nearest: {', '.join(nearest(tap.module, modules))}")
             for i, mod in found:
                 self._hook(mod, name.replace("{i}", str(i)) if i is not None else name, tap)
         functions = {tap.function for tap in self.taps.values() if tap.function is not None}
@@ -185,6 +299,11 @@ class Capture:
                 self._handles.append(mod.register_forward_hook(lambda m, a, o: self._enter_layer(None)))
             for function in functions:
                 self._wrap(function)
+
+    def _begin_step(self, module, args, kwargs) -> None:
+        """A call of the captured module: a new step, with the token ids it was called on."""
+        self.steps.append({})
+        self.step_ids.append(root_ids(args, kwargs))
 
     def _hook(self, mod: nn.Module, name: str, tap: Tap) -> None:
         if tap.port == "input":
@@ -249,9 +368,15 @@ class Capture:
             raise InputError(f"{name}: the tap read a {type(value).__name__}, not a tensor; set Tap.index")
         if tap.transform is not None:
             value = tap.transform(value)
-        if name in self.tensors:
-            raise InputError(f"{name} was recorded twice: capture one forward call per `with` block")
-        self.tensors[name] = value.detach().to("cpu", copy=True)
+        if not self.steps:                       # a submodule called without the captured module
+            self.steps.append({})
+            self.step_ids.append(None)
+        step = self.steps[-1]
+        if name in step:
+            raise InputError(f"{name} was recorded twice within one call of {type(self.module).__name__} (step "
+                             f"{len(self.steps) - 1}): each call is one step and reads each name once; check the "
+                             f"map for two names on one tap, or Tap.call for a function called more than once")
+        step[name] = value.detach().to("cpu", copy=True)
 
     # -------------------------------------------------------------- results
     def _layer_pattern(self) -> str | None:
@@ -260,42 +385,105 @@ class Capture:
                  if t.module is not None and "{i}" in t.module}
         return found.pop() if len(found) == 1 else None
 
-    def numpy(self) -> dict[str, np.ndarray]:
-        """The recorded activations as float64 arrays, in forward order."""
-        return in_forward_order({k: v.to(torch.float64).numpy() for k, v in self.tensors.items()})
+    def numpy(self, step: int = 0) -> dict[str, np.ndarray]:
+        """One step's activations as float64 arrays, in forward order."""
+        return in_forward_order({k: v.to(torch.float64).numpy() for k, v in self.steps[step].items()})
 
-    def save(self, path, input_ids, *, rotary_layout: str = "half", dtype=None, producer: str | None = None,
-             **metadata: str | None) -> Path:
-        """Write the recorded activations and input_ids ((batch, seq) token ids) as a dump, atomically.
+    def save(self, path, input_ids=None, *, rotary_layout: str | None = None, dtype=None, producer: str | None = None,
+             rank: int = 0, world_size: int = 1, splits: Mapping[str, str] | None = None,
+             logits_positions: str = "all", **metadata: str | None) -> Path:
+        """Write every step's activations and token ids as one dump (schema 2), atomically.
 
-        rotary_layout: "interleaved" when the model rotates pairs (2i, 2i+1) (Meta, gpt-fast);
-        dtype: the dtype the model computed in (default: its parameters'); metadata: more strings
-        (prompt, model, model_sha256, ...). Bfloat16 tensors are stored as BF16.
+        input_ids: the ids each step ran on, when the calls' own were not found or are not the
+        ones to record: a list of (batch, seq) arrays, one per step, or one (batch, seq) array
+        holding all the steps' ids side by side (split by each step's length).
+        rotary_layout: "interleaved" when the model rotates pairs (2i, 2i+1) (Meta, gpt-fast; the
+        ready-made maps say it themselves), else "half". dtype: the dtype the model computed in
+        (default: its parameters'). rank, world_size, splits: which rank of a tensor-parallel run
+        wrote this file, and how each name's tensor relates to the whole (npllama/dump.py).
+        logits_positions: "last" when the model computes the last position's logits only.
+        metadata: more strings (prompt, model, model_sha256, ...). Bfloat16 tensors are stored as BF16.
         """
         from safetensors.torch import save
 
-        if not self.tensors:
+        if not any(self.steps):
             raise InputError("nothing was recorded: run the model inside the `with` block")
-        ids = torch.as_tensor(np.asarray(input_ids.cpu() if isinstance(input_ids, torch.Tensor) else input_ids))
-        if ids.ndim == 1:
-            ids = ids[None]
+        ids = self._ids(input_ids)
         if dtype is None:
             first = next(self.module.parameters(), None)
-            dtype = first.dtype if first is not None else next(iter(self.tensors.values())).dtype
-        meta = dump_metadata(dtype_name(dtype), producer or f"parity.capture of {type(self.module).__name__}",
-                             rotary_layout, **metadata)
-        tensors = {IDS: ids.to(torch.int64).contiguous(), **{k: v.contiguous() for k, v in self.tensors.items()}}
+            dtype = first.dtype if first is not None else next(iter(self.steps[0].values())).dtype
+        name = self.map_name and f", {self.map_name} map"
+        meta = dump_metadata(dtype_name(dtype), producer or f"parity.capture of {type(self.module).__name__}{name or ''}",
+                             rotary_layout or self.rotary_layout, steps=len(self.steps), rank=rank,
+                             world_size=world_size, splits=splits, logits_positions=logits_positions, **metadata)
+        tensors = {}
+        for s, (step, step_ids) in enumerate(zip(self.steps, ids)):
+            tensors[step_name(s, IDS)] = step_ids.to(torch.int64).contiguous()
+            tensors.update({step_name(s, k): v.contiguous() for k, v in step.items()})
         data = save(tensors, metadata=meta)
         with atomic_write(path) as f:
             f.write(data)
         return Path(path)
 
+    def _ids(self, given) -> list[torch.Tensor]:
+        """Each step's (batch, seq) token ids: given's, or the ones each call was made with."""
+        n = len(self.steps)
+        if given is None:
+            missing = [s for s, ids in enumerate(self.step_ids) if ids is None]
+            if missing:
+                raise InputError(f"step {missing[0]}: the call's token ids were not found (its first argument, or "
+                                 f"{'= / '.join(ID_KEYWORDS)}=); pass input_ids= to save")
+            return [as_ids(ids) for ids in self.step_ids]
+        if isinstance(given, (list, tuple)) and given and all(isinstance(g, (torch.Tensor, np.ndarray)) for g in given):
+            if len(given) != n:
+                raise InputError(f"input_ids: {len(given)} arrays for {n} recorded step(s); give one per call")
+            return [as_ids(g) for g in given]
+        whole = as_ids(given)
+        if n == 1:
+            return [whole]
+        lengths = [self._step_len(s) for s in range(n)]
+        if sum(lengths) != whole.shape[1]:
+            raise InputError(f"input_ids has {whole.shape[1]} positions; the {n} steps ran {'+'.join(map(str, lengths))}"
+                             f" = {sum(lengths)}: give every step's ids, in order")
+        return list(torch.split(whole, lengths, dim=1))
 
-def capture(module: nn.Module, name_map: Mapping[str, str | Tap], layers: str | None = None) -> Capture:
+    def _step_len(self, s: int) -> int:
+        """How many positions step s ran: its ids', or the seq axis of one of its activations."""
+        if self.step_ids[s] is not None:
+            return as_ids(self.step_ids[s]).shape[1]
+        for name, x in self.steps[s].items():
+            op = split_name(name)[1]
+            if op in LAYOUT and op != "logits":
+                return x.shape[LAYOUT[op].split().index("seq")]
+        raise InputError(f"step {s}: no activation says how many positions it ran; pass input_ids= one array per step")
+
+
+def root_ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The token ids a model was called on: a keyword in ID_KEYWORDS, or the first positional
+    argument, when it is an integer tensor; else None."""
+    for key in ID_KEYWORDS:
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor):
+            break
+    else:
+        value = args[0] if args else None
+    if isinstance(value, torch.Tensor) and not value.is_floating_point() and not value.is_complex() and value.ndim in (1, 2):
+        return value.detach().to("cpu", copy=True)
+    return None
+
+
+def as_ids(ids) -> torch.Tensor:
+    """(batch, seq) int64 token ids on the CPU from a tensor, an array or a list (a (seq,) row gains batch 1)."""
+    ids = torch.as_tensor(np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids))
+    return (ids[None] if ids.ndim == 1 else ids).to(torch.int64)
+
+
+def capture(module: nn.Module, name_map: Mapping[str, str | Tap] | str, layers: str | None = None) -> Capture:
     """Record module's activations under npllama's names while a ``with`` block runs it.
 
-    name_map: trace name -> submodule name or Tap (see the module docstring); layers: the dotted
-    name of layer {i}, needed by function taps (default: read off the module taps).
+    name_map: trace name -> submodule name or Tap (see the module docstring), or the name of a
+    ready-made map ("transformers", "gpt-fast", "meta"); layers: the dotted name of layer {i},
+    needed by function taps (default: read off the module taps).
     """
     return Capture(module, name_map, layers)
 

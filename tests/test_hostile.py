@@ -1258,7 +1258,7 @@ def test_a_prompt_that_cannot_fit_never_reaches_the_tokenizer(tiny, tmp_path, mo
 @given(lengths=st.lists(st.integers(1, 200), min_size=1, max_size=40), new=st.integers(0, 100),
        budget_kib=st.integers(1, 1 << 14))
 def test_batches_are_consecutive_and_fit_the_memory_budget(lengths, new, budget_kib):
-    from npllama.generate import plan_batches
+    from npllama.inputs import plan_batches
     from npllama.memory import batch_bytes
     from tiny import tiny_config
 
@@ -1278,7 +1278,7 @@ def test_many_prompts_run_in_batches_and_every_answer_is_printed_in_order(tiny, 
     prompts = tmp_path / "prompts.txt"
     lines = [f"prompt number {i}" for i in range(200)]
     prompts.write_text("\n".join(lines) + "\n")
-    from npllama.generate import plan_batches
+    from npllama.inputs import plan_batches
     model = load(tiny["hf"])
     lengths = [len(model.tokenizer.encode(line)) for line in lines]
     assert len(plan_batches(lengths, 3, model.config, 1 << 20)) > 1          # 1 MiB: several batches

@@ -28,6 +28,8 @@ COMMANDS = {
     "chat": ("npllama.cli.chat:chat", "Chat with a model in the terminal, streaming answers and keeping the KV cache."),
     "eval": ("npllama.cli.eval:eval_command", "Report the perplexity of a model on a text file."),
     "convert": ("npllama.cli.convert:convert", "Convert a checkpoint to grouped-query (or multi-query) attention."),
+    "export": ("npllama.cli.export:export_command", "Write a model's weights in the layout a port loads (Meta's or "
+               "Hugging Face's)."),
     "trace": ("npllama.cli.trace:trace_command", "Write the reference's every activation to a file, or check "
               "someone's against it."),
     "fetch": ("npllama.cli:fetch", "Download and verify the default model into weights/ (done on first use anyway)."),

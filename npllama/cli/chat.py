@@ -14,7 +14,7 @@ from ..chat import ChatSession
 from ..chat_templates import BUILTIN_TEMPLATES, MAX_TEMPLATE_CHARS, ChatTemplate
 from ..errors import InputError, printable
 from ..formats import require_tokenizer
-from ..generate import check_fits
+from ..inputs import check_fits
 from ..io import read_regular
 from .options import (backend_factory, backend_options, check_sampling, check_text, load_model, model_option,
                       sampling_options)

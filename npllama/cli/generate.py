@@ -71,7 +71,7 @@ def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens,
              seed, backend, device, weights, batch_memory, quiet):
     from ..chat import render_prompt
     from ..formats import require_tokenizer
-    from ..generate import check_fits
+    from ..inputs import check_fits
     from ..rope_scaling import context_window
 
     # every option is checked before the slow load
@@ -133,9 +133,10 @@ def stream_one(run, text: str, max_new_tokens, settings, seed, stops, timing: Ti
 
 def stream_batches(run, texts, inputs, max_new_tokens, settings, seed, stops, budget_bytes: int,
                    timing: Timing) -> None:
-    """Several prompts: in batches within budget_bytes (npllama.generate.plan_batches), each
+    """Several prompts: in batches within budget_bytes (npllama.inputs.plan_batches), each
     batch's answers printed under their prompts as soon as the batch finishes."""
-    from ..generate import CONTEXT_FULL, generate_text, plan_batches
+    from ..generate import CONTEXT_FULL, generate_text
+    from ..inputs import plan_batches
 
     model = run.model
     lengths = [len(model.tokenizer.encode(text)) for text in inputs]
