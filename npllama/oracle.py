@@ -32,7 +32,7 @@ from .dump import (IDS, LAYOUT, RESIDUAL_STREAM, ROTARY_LAYOUTS, Dump, Step, che
                    dump_metadata, read_dump, step_name, write_dump, write_steps)
 from .errors import InputError
 from .model import LAYER_TRACE_NAMES, Transformer, trace_names
-from .report import Bar, Coverage, Report, compare, errors, split_name, step_label
+from .report import Bar, Coverage, Report, compare, errors, split_name
 from .tolerances import PARITY_RTOL, dtype_name, parity_rtol
 
 DEFAULT_PROMPT = "The capital of France is"      # `npllama parity`'s prompt (parity/report.py)
@@ -464,8 +464,11 @@ def check_reference(ref: Dump) -> tuple[int, dict[str, int], int]:
 
 
 def is_trace_name(name: str) -> bool:
+    """A name of the schema, spelled as npllama spells it ('layers.3.ffn_norm', not 'layers.03.ffn_norm')."""
     layer, op = split_name(name)
-    return op in LAYER_TRACE_NAMES if layer is not None else op in TOP_NAMES
+    if layer is None:
+        return op in TOP_NAMES
+    return op in LAYER_TRACE_NAMES and name == f"layers.{layer}.{op}"
 
 
 # ---------------------------------------------------------------------------- checking a dump
@@ -510,6 +513,9 @@ def check_dump(theirs: Dump, model: Transformer | None = None, reference: Dump |
         sizes = {"dim": a.dim, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads, "head_dim": a.head_dim,
                  "vocab_size": a.vocab_size}
     ids = their_ids(theirs, reference)
+    if model is not None:      # before any work: a window's worth of positions at most
+        check_window(model, sum(i.shape[1] for i in ids), f"its {IDS}" + (f" over {n_steps} steps" if n_steps > 1 else ""),
+                     f"{theirs.path}: ")
     judged = judge_bar(theirs, dtype)
     notes += judged.notes
     last = last_only or theirs.logits_positions == "last"
@@ -531,8 +537,6 @@ def check_dump(theirs: Dump, model: Transformer | None = None, reference: Dump |
     ref_model = None
     if model is not None:
         ref_model = reference_model(model, judged.dtype)
-        check_window(ref_model, sum(i.shape[1] for i in ids), f"its {IDS}" + (f" over {n_steps} steps" if n_steps > 1 else ""),
-                     f"{theirs.path}: ")
         for s, step_ids in enumerate(ids):
             try:
                 ref_model.check_ids(step_ids)
@@ -649,8 +653,8 @@ def their_activations(theirs: Dump, s: int, names: set[str], sizes: Mapping[str,
         x = theirs.steps[s].tensors[name]
         op = split_name(name)[1]
         want = tuple(sizes[a] for a in LAYOUT[op].split())
-        if last and op in ("logits", "norm") and x.ndim == 3 and want[1] > 1:
-            want = (want[0], 1, want[2])
+        if last and op in ("logits", "norm") and x.ndim == 3 and x.shape[1] == 1:
+            want = (want[0], 1, want[2])          # the last position only; every position is fine too
         if tuple(x.shape) != want:
             raise InputError(f"{theirs.path}: tensor {step_name(s, name)!r} has shape {tuple(x.shape)}, the "
                              f"reference's is {want} ({LAYOUT[op]}){shape_hint(x.shape, want, op, last)}"

@@ -224,8 +224,7 @@ def worst_per_layer(rows: list[Row]) -> list[Row]:
         key = r.name if r.layer is None else r.layer
         if key not in worst or r.severity > worst[key].severity:
             worst[key] = r
-    keep = set(map(id, worst.values()))
-    return [r for r in rows if id(r) in keep]
+    return sorted(worst.values(), key=lambda r: forward_position(r.name))
 
 
 def step_label(step: int) -> str:
@@ -257,9 +256,9 @@ def verdict(report: Report) -> str:
     if cov is None:
         return f"all {len(report.rows)} ops within tolerance{closest}"
     if not cov.complete:
-        return (f"not enough compared: {len(report.rows)} ops within tolerance, but {len(cov.missing)} of the "
-                f"{cov.required} that {cov.what} needs are not in the dump ({summarize_missing(cov.missing)}): "
-                f"write them, or name what to check with --only{tail}")
+        return (f"not enough compared: {len(report.rows)} ops within tolerance, but a pass needs {cov.what}, and "
+                f"{len(cov.missing)} of those {cov.required} tensors are not in the dump "
+                f"({summarize_missing(cov.missing)}): write them, or name what to judge with --only{tail}")
     scope = f"covers {cov.what}" if cov.only is None else f"covers only {cov.what} (--only {cov.only})"
     return f"all {len(report.rows)} ops within tolerance{closest}; {scope}{tail}"
 

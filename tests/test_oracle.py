@@ -6,8 +6,6 @@ any PyTorch module. Bugs planted in transformers' Llama and in a hand-written gp
 import hashlib
 import importlib.util
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -264,36 +262,6 @@ def test_the_gpt_fast_style_port_passes_and_its_planted_bug_is_found(my_port, fo
     lines = result.output.splitlines()
     assert lines[3].startswith("first break: layer 0 op attention.scores_v"), result.output   # the verdict first
     assert "worst op of each layer:" in lines and lines[-1].endswith("--all prints every one)")
-
-
-C_MAIN = r"""
-int main(void) {
-    int64_t ids[3] = {1, 17, 42};
-    float x[6] = {1.0f, -2.5f, 3.14159f, 1e-3f, 65504.f, -0.0f};
-    uint16_t xb[6];
-    for (int i = 0; i < 6; i++) xb[i] = to_bf16(x[i]);
-    Tensor t[] = {{"input_ids", "I64", 2, {1, 3}, ids, sizeof ids},
-                  {"norm", "F32", 3, {1, 3, 2}, x, sizeof x},
-                  {"tok_embeddings", "BF16", 3, {1, 3, 2}, xb, sizeof xb}};
-    return write_dump("c.safetensors", t, 3, "{\"format\":\"npllama-trace\",\"dtype\":\"bfloat16\"}");
-}
-"""
-
-
-@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
-def test_the_c_writer_of_the_walk_through_writes_a_dump(tmp_path):
-    text = (ROOT / "docs" / "porting.md").read_text(encoding="utf-8")
-    code = text.split("```c\n", 1)[1].split("```", 1)[0]
-    (tmp_path / "dump.c").write_text(code + C_MAIN)
-    subprocess.run(["cc", "-O1", "-Wall", "-Werror", "-o", "dump", "dump.c"], cwd=tmp_path, check=True)
-    subprocess.run(["./dump"], cwd=tmp_path, check=True)
-    dump = read_dump(tmp_path / "c.safetensors")
-    x = np.array([1.0, -2.5, 3.14159, 1e-3, 65504.0, -0.0], dtype=np.float32)
-    assert dump.input_ids.tolist() == [[1, 17, 42]] and dump.metadata["dtype"] == "bfloat16"
-    assert dump.dtypes == {"norm": "float32", "tok_embeddings": "bfloat16"}
-    assert np.array_equal(dump.tensors["norm"].ravel(), x.astype(np.float64))
-    assert np.array_equal(dump.tensors["tok_embeddings"].ravel(), round_to(x, "bfloat16"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "dump", "dump.c"]
 
 
 # ------------------------------------------------------------------------------ bad input
