@@ -187,15 +187,17 @@ def round_to(x: np.ndarray, dtype) -> np.ndarray:
     """x rounded to dtype (round to nearest even) and back to float64: what a model in that dtype holds.
 
     bfloat16 is the top half of a float32, so it is rounded on the float32's bits (x holds
-    float32 values, as checkpoints do; finite ones).
+    float32 values, as checkpoints do; finite ones). The result keeps x's memory order (a weight
+    laid out (in, out) for speed stays so, and a model built from it copies nothing).
     """
     name = dtype_name(dtype)
+    x = np.asarray(x)
     if name == "float64":
-        return np.asarray(x, dtype=np.float64)
+        return x.astype(np.float64, copy=False)
     if name in ("float32", "float16"):
-        return np.asarray(x).astype(name).astype(np.float64)
+        return x.astype(name).astype(np.float64)
     if name == "bfloat16":
-        bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        bits = x.astype(np.float32).view(np.uint32)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000   # nearest, ties to even
         return bits.astype(np.uint32).view(np.float32).astype(np.float64)
     raise InputError(f"cannot round to {name!r}; known: {', '.join(PARITY_RTOL)}")
@@ -203,8 +205,11 @@ def round_to(x: np.ndarray, dtype) -> np.ndarray:
 
 def representable(x: np.ndarray, dtype) -> bool:
     """Whether every value of x is a number of dtype (NaN never is): x rounded to it is x."""
+    name = dtype_name(dtype)
     with np.errstate(over="ignore", invalid="ignore"):
-        return bool(np.array_equal(round_to(x, dtype), x))
+        if name in ("float32", "float16"):        # one narrowing; the comparison widens it back
+            return bool(np.array_equal(np.asarray(x).astype(name), x))
+        return bool(np.array_equal(round_to(x, name), x))
 
 
 def coarseness(dtype) -> float:
@@ -216,13 +221,38 @@ def coarser(a: str, b: str) -> str:
     return a if coarseness(a) >= coarseness(b) else b
 
 
+# A GGUF model checked over at most this many forward calls keeps its blocks (load_reference).
+BLOCKS_MAX_CALLS = 2
+
+
+def load_reference(path: str | os.PathLike | None, calls: int) -> Transformer:
+    """The model the reference computes with, in float64, for a run of ``calls`` forward calls.
+
+    A GGUF file checked over a call or two keeps its quantized blocks, each product dequantizing
+    a piece of rows at a time (npllama.quant.matrix): the same float32 weights widened exactly, in
+    a tenth of the memory, and no float64 copy of the model to allocate, which is most of a
+    check's time. Over more calls (decode steps) that dequantizing would cost more than the copy,
+    so every weight is expanded once.
+    """
+    from .formats import detect_format, load
+    from .weights import default_model_path
+
+    where = Path(path) if path is not None else default_model_path()
+    blocks = detect_format(where)[0] == "gguf" and calls <= BLOCKS_MAX_CALLS
+    return load(where, progress=False, dtype=np.float64, weights="gguf" if blocks else "float32")
+
+
 def reference_model(model: Transformer, dtype="float64") -> Transformer:
     """npllama in float64 holding the model's weights rounded to dtype: the weights a port running
     in that dtype holds. The model itself when it is float64 and rounding changes nothing: float32
-    and float64 runs of a checkpoint stored in float32 or narrower (every weight is checked)."""
+    and float64 runs of a checkpoint stored in float32 or narrower (every weight is checked; a
+    GGUF's blocks dequantize to float32 numbers by construction)."""
+    from .quant.matrix import QuantizedMatrix
+
     params = model.state_dict()
     name = dtype_name(dtype)
-    if model.dtype == np.float64 and (name == "float64" or all(representable(v, name) for v in params.values())):
+    if model.dtype == np.float64 and (name == "float64" or all(
+            (isinstance(v, QuantizedMatrix) and name == "float32") or representable(v, name) for v in params.values())):
         return model
     return Transformer(model.config, {k: round_to(v, name) for k, v in params.items()}, model.tokenizer,
                        dtype=np.float64)
@@ -831,8 +861,6 @@ def partial_sum_pieces(theirs: Dump, first, refs, model: Transformer | None, wor
     if model is None or first.layer is None:
         return None
     layer = model.layers[first.layer]
-    if not isinstance(layer.wo, np.ndarray) or not isinstance(layer.w2, np.ndarray):
-        return None
     step = refs[first.step]
     if first.op == "attention" and layer.bo is None:
         sv_name = f"layers.{first.layer}.attention.scores_v"
@@ -844,19 +872,20 @@ def partial_sum_pieces(theirs: Dump, first, refs, model: Transformer | None, wor
         counts = ([p.shape[1] for p in cut] if cut and split is not None and split.kind == "shard" and split.axis == 1
                   else [len(h) for h in np.array_split(np.arange(sv.shape[1]), world)])
         edges = np.cumsum([0, *counts])
-        hd = sv.shape[-1]
-        return [linear(merge_heads(sv[:, edges[r]:edges[r + 1]]), layer.wo[:, edges[r] * hd:edges[r + 1] * hd])
+        hd, wo = sv.shape[-1], np.asarray(layer.wo)          # a GGUF's blocks: this one matrix dequantized
+        return [linear(merge_heads(sv[:, edges[r]:edges[r + 1]]), wo[:, edges[r] * hd:edges[r + 1] * hd])
                 for r in range(world)]
     if first.op == "feed_forward" and layer.b2 is None:
         y = step.get(f"layers.{first.layer}.ffn_norm")
         if y is None:
             return None
         out = []
-        for part in np.array_split(np.arange(layer.w1.shape[0]), world):
+        w1, w2, w3 = (np.asarray(w) for w in (layer.w1, layer.w2, layer.w3))
+        for part in np.array_split(np.arange(w1.shape[0]), world):
             lo, hi = part[0], part[-1] + 1
             b1 = None if layer.b1 is None else layer.b1[lo:hi]
             b3 = None if layer.b3 is None else layer.b3[lo:hi]
-            out.append(feed_forward(y, layer.w1[lo:hi], layer.w2[:, lo:hi], layer.w3[lo:hi], b1, None, b3))
+            out.append(feed_forward(y, w1[lo:hi], w2[:, lo:hi], w3[lo:hi], b1, None, b3))
         return out
     return None
 

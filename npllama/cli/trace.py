@@ -87,8 +87,7 @@ def check_against(against: str, model_path: str | None, reference_path: str | No
     """Read a dump (or every rank's, for a glob), compare it with the reference (recomputed, or a
     --reference dump), print the table or the JSON; returns the verdict's exit status."""
     from ..dump import read_dump, read_dumps
-    from ..formats import load
-    from ..oracle import check_dump, model_sha256
+    from ..oracle import check_dump, load_reference, model_sha256
     from ..report import plot_errors, report_data
 
     if reference_path is not None and (model_path is not None or isolate):
@@ -98,7 +97,7 @@ def check_against(against: str, model_path: str | None, reference_path: str | No
     reference = read_dump(reference_path) if reference_path is not None else None
     model = sha = None
     if reference is None:
-        model = load(model_path, progress=False, dtype=np.float64)    # the reference computes in float64
+        model = load_reference(model_path, calls=len(theirs.steps))    # the reference computes in float64
         sha = model_sha256(model_path)
     report = check_dump(theirs, model, reference, isolate=isolate, dtype=dtype, model_sha256=sha, only=only,
                         last_only=last_only, default_model=model_path is None and reference is None)
@@ -171,24 +170,28 @@ def trace_command(model_path, prompt, ids, out, decode, dtype, against, referenc
 
 def write_reference(model_path, prompt, ids, out, dtype: str, decode: int = 0) -> None:
     from .. import __version__
-    from ..formats import load
-    from ..oracle import TRACE_PROMPT, check_window, describe, dump_metadata, model_sha256, trace_steps, write_steps
-    from ..weights import DEFAULT_FILE
+    from ..formats import detect_format, load
+    from ..oracle import (BLOCKS_MAX_CALLS, TRACE_PROMPT, check_window, describe, dump_metadata, model_sha256,
+                          trace_steps, write_steps)
+    from ..weights import DEFAULT_FILE, default_model_path
 
     if ids is not None and prompt is not None:
         raise click.UsageError("give --prompt or --ids, not both")
     if prompt == "":
         raise click.UsageError("--prompt is empty: give some text to run")
     ids = parse_ids(ids) if ids is not None else None
-    model = load(model_path, progress=False, dtype=np.dtype(dtype))
-    where = "--ids" if ids is not None else "the prompt"
+    # computed as `--against` recomputes it (oracle.load_reference), so a dump checked against itself is exact
+    where = Path(model_path) if model_path is not None else default_model_path()
+    blocks = detect_format(where)[0] == "gguf" and decode + 1 <= BLOCKS_MAX_CALLS
+    model = load(where, progress=False, dtype=np.dtype(dtype), weights="gguf" if blocks else "float32")
+    what = "--ids" if ids is not None else "the prompt"
     if ids is None:
         prompt = TRACE_PROMPT if prompt is None else prompt
         if model.tokenizer is None:
             raise InputError("this checkpoint has no tokenizer: pass --ids")
         ids = model.tokenizer.encode(prompt)
     ids = model.check_ids(ids)
-    check_window(model, ids.shape[1] + decode, f"{where}{f' and --decode {decode}' if decode else ''}")
+    check_window(model, ids.shape[1] + decode, f"{what}{f' and --decode {decode}' if decode else ''}")
     steps = trace_steps(model, ids, decode)
     meta = dump_metadata(dtype, f"npllama {__version__}, the NumPy reference", prompt=prompt,
                          model=Path(model_path).name if model_path else DEFAULT_FILE,
