@@ -1,10 +1,11 @@
-"""A NumPy port reports into npllama.oracle's Recorder, step by step through its own KV cache, and
-the oracle names the step, layer and op of a planted decode bug, an eps bug that only float64 can
-see, and weights in the other rotary permutation; a C port writes the same dump with the ~30
-lines of docs/porting.md, compiled with the system's cc."""
+"""A NumPy port (docs/numpy_port.py) reports into npllama.oracle's Recorder, step by step through
+its own KV cache, and the oracle names the step, layer and op of a planted decode bug, an eps bug
+that only float64 can see, and weights in the other rotary permutation; a C port writes the same
+dump with the writer of docs/porting.md, compiled with the system's cc."""
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,7 +20,6 @@ from npllama.dump import read_dump
 from npllama.errors import InputError
 from npllama.formats import load
 from npllama.formats.hf import save_checkpoint
-from npllama.formats.permute import permute_to_interleaved
 from npllama.oracle import Recorder, check_dump, record, reference_steps
 from npllama.params import init_params
 from npllama.report import format_table
@@ -42,99 +42,27 @@ def model(folder):
 
 
 # ------------------------------------------------------------------------------ a NumPy port
-class Port:
-    """A Llama in plain NumPy, written as llama3.np and Meta's model.py write it: Meta's names and
-    interleaved wq / wk rows, rotary pairs (2i, 2i+1) as complex numbers, its own KV cache written
-    at start_pos, one forward call per step. It shares no code with npllama's maths. bugs: "position"
-    (a decode step rotated at start_pos + 1), "mask" (a decode query does not see its own key),
-    "eps" (the last layer's ffn_norm with eps 1e-6), "half-weights" (wq / wk rows left rotate-half),
-    "k-heads" (wk permuted with n_heads), "last-only" (the last position's logits only)."""
-
-    def __init__(self, model, dtype=np.float32, bugs=(), max_seq=64):
-        a, self.a, self.dtype, self.bugs = model.config, model.config, np.dtype(dtype), set(bugs)
-        self.w = {k: np.asarray(v, dtype=self.dtype) for k, v in model.state_dict().items()}
-        for i in range(a.n_layers):
-            if "half-weights" not in self.bugs:
-                q, k = f"layers.{i}.attention.wq.weight", f"layers.{i}.attention.wk.weight"
-                self.w[q] = permute_to_interleaved(self.w[q], a.n_heads)
-                self.w[k] = permute_to_interleaved(self.w[k], a.n_heads if "k-heads" in self.bugs else a.n_kv_heads)
-        hd = a.head_dim
-        self.freqs = 1.0 / a.rope_theta ** (np.arange(0, hd, 2) / hd)                     # (hd/2,)
-        self.cache_k = np.zeros((a.n_layers, 1, max_seq, a.n_kv_heads, hd), self.dtype)
-        self.cache_v = np.zeros_like(self.cache_k)
-
-    def rms_norm(self, x, w, eps):
-        return (x * (1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))).astype(self.dtype) * w
-
-    def rotate(self, x, cis):                                 # x: (b, seq, heads, hd), interleaved pairs
-        xc = x.reshape(*x.shape[:-1], -1, 2)
-        z = (xc[..., 0] + 1j * xc[..., 1]) * cis[None, :, None, :]
-        return np.stack([z.real, z.imag], axis=-1).reshape(x.shape).astype(self.dtype)
-
-    def forward(self, ids, start_pos):
-        a, w, hd = self.a, self.w, self.a.head_dim
-        b, seq = ids.shape
-        record("input_ids", ids)
-        h = record_("tok_embeddings", w["tok_embeddings.weight"][ids])
-        pos = start_pos + np.arange(seq) + (1 if "position" in self.bugs and start_pos > 0 else 0)
-        cis = np.exp(1j * np.outer(pos, self.freqs))                                       # (seq, hd/2)
-        keys = np.arange(start_pos + seq)
-        visible = keys[None, :] <= (start_pos + np.arange(seq))[:, None]
-        if "mask" in self.bugs and start_pos > 0:
-            visible = keys[None, :] < (start_pos + np.arange(seq))[:, None]
-        mask = np.where(visible, 0.0, -np.inf).astype(self.dtype)
-        for i in range(a.n_layers):
-            p, L = f"layers.{i}.", lambda n: w[f"layers.{i}.{n}"]  # noqa: E731
-            x = record_(p + "attention_norm", self.rms_norm(h, L("attention_norm.weight"), a.norm_eps))
-            xq = (x @ L("attention.wq.weight").T).reshape(b, seq, a.n_heads, hd)
-            xk = (x @ L("attention.wk.weight").T).reshape(b, seq, a.n_kv_heads, hd)
-            xv = (x @ L("attention.wv.weight").T).reshape(b, seq, a.n_kv_heads, hd)
-            xq, xk = self.rotate(xq, cis), self.rotate(xk, cis)
-            for name, t in (("q", xq), ("k", xk), ("v", xv)):
-                record(p + "attention." + name, t.transpose(0, 2, 1, 3))
-            self.cache_k[i, :, start_pos:start_pos + seq], self.cache_v[i, :, start_pos:start_pos + seq] = xk, xv
-            k = np.repeat(self.cache_k[i, :, :start_pos + seq], a.n_heads // a.n_kv_heads, axis=2).transpose(0, 2, 1, 3)
-            v = np.repeat(self.cache_v[i, :, :start_pos + seq], a.n_heads // a.n_kv_heads, axis=2).transpose(0, 2, 1, 3)
-            scores = xq.transpose(0, 2, 1, 3) @ k.transpose(0, 1, 3, 2) / np.sqrt(hd).astype(self.dtype) + mask
-            e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-            out = record_(p + "attention.scores_v", (e / e.sum(axis=-1, keepdims=True)) @ v)    # (b, heads, seq, hd)
-            attn = record_(p + "attention", out.transpose(0, 2, 1, 3).reshape(b, seq, -1) @ L("attention.wo.weight").T)
-            h = record_(p + "attention_residual", h + attn)
-            eps = 1e-6 if "eps" in self.bugs and i == a.n_layers - 1 else a.norm_eps
-            y = record_(p + "ffn_norm", self.rms_norm(h, L("ffn_norm.weight"), eps))
-            g = y @ L("feed_forward.w1.weight").T
-            f = record_(p + "feed_forward", (g / (1 + np.exp(-g)) * (y @ L("feed_forward.w3.weight").T))
-                        @ L("feed_forward.w2.weight").T)
-            h = record_(p + "ffn_residual", h + f)
-        h = record_("norm", self.rms_norm(h, w["norm.weight"], a.norm_eps))
-        if "last-only" in self.bugs:
-            h = h[:, -1:]
-        return record_("logits", (h @ w.get("output.weight", w["tok_embeddings.weight"]).T).astype(np.float32))
+@pytest.fixture(scope="module")
+def numpy_port():
+    """docs/numpy_port.py: a llama3.np-style port reporting into npllama.oracle's Recorder."""
+    spec = importlib.util.spec_from_file_location("numpy_port", ROOT / "docs" / "numpy_port.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def record_(name, x):
-    record(name, x)
-    return x
-
-
-def run_port(port, path, decode=8, **save):
-    """The prefill and `decode` greedy steps, each one step of the dump."""
-    with Recorder() as rec:
-        logits = port.forward(PROMPT, 0)
-        pos = PROMPT.shape[1]
-        for _ in range(decode):
-            rec.step()
-            token = np.argmax(logits[:, -1], axis=-1)[:, None]
-            logits = port.forward(token, pos)
-            pos += 1
+def run_port(numpy_port, model, path, dtype=np.float32, bugs=(), decode=8, last_only=False, **save):
+    """The port's prefill and `decode` greedy steps, written as one dump."""
+    port = numpy_port.Llama(model.state_dict(), model.config, dtype, bugs)
+    rec = numpy_port.generate(port, PROMPT, decode, last_only)
     save.setdefault("rotary_layout", "interleaved")
-    rec.save(path, dtype=port.dtype.name, producer="a NumPy port", **save)
+    rec.save(path, dtype=np.dtype(dtype).name, producer="a NumPy port", **save)
     return read_dump(path)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_a_numpy_port_passes_the_prefill_and_8_decode_steps(model, folder, tmp_path, dtype):
-    dump = run_port(Port(model, dtype), tmp_path / "mine.safetensors")
+def test_a_numpy_port_passes_the_prefill_and_8_decode_steps(numpy_port, model, folder, tmp_path, dtype):
+    dump = run_port(numpy_port, model, tmp_path / "mine.safetensors", dtype)
     assert len(dump.steps) == 9 and dump.steps[3].input_ids.shape == (1, 1)
     report = check_dump(dump, model)
     assert report.exit_code == 0 and report.steps == 9 and report.bar.dtype == np.dtype(dtype).name, format_table(report)
@@ -145,17 +73,17 @@ def test_a_numpy_port_passes_the_prefill_and_8_decode_steps(model, folder, tmp_p
 
 
 @pytest.mark.parametrize("bug, where", [("position", (1, 0, "attention.q")), ("mask", (1, 0, "attention.scores_v"))])
-def test_a_decode_bug_is_named_at_its_step_layer_and_op(model, tmp_path, bug, where):
-    report = check_dump(run_port(Port(model, bugs=[bug]), tmp_path / "bug.safetensors"), model)
+def test_a_decode_bug_is_named_at_its_step_layer_and_op(numpy_port, model, tmp_path, bug, where):
+    report = check_dump(run_port(numpy_port, model, tmp_path / "bug.safetensors", bugs=[bug]), model)
     b = report.first_break
     assert (b.step, b.layer, b.op) == where, format_table(report)
     assert format_table(report).splitlines()[-1].startswith(f"first break: step 1 (decode step 1), layer 0 op {where[2]}")
 
 
-def test_an_eps_bug_at_a_deep_layer_passes_in_float32_and_is_named_in_float64(model, tmp_path):
-    report = check_dump(run_port(Port(model, np.float32, ["eps"]), tmp_path / "f32.safetensors", decode=2), model)
+def test_an_eps_bug_at_a_deep_layer_passes_in_float32_and_is_named_in_float64(numpy_port, model, tmp_path):
+    report = check_dump(run_port(numpy_port, model, tmp_path / "f32.safetensors", np.float32, ["eps"], 2), model)
     assert report.exit_code == 0 and any("run the port in float64" in n for n in report.notes), format_table(report)
-    report = check_dump(run_port(Port(model, np.float64, ["eps"]), tmp_path / "f64.safetensors", decode=2), model)
+    report = check_dump(run_port(numpy_port, model, tmp_path / "f64.safetensors", np.float64, ["eps"], 2), model)
     b = report.first_break
     assert (b.step, b.layer, b.op) == (0, ARGS.n_layers - 1, "ffn_norm"), format_table(report)
 
@@ -165,23 +93,23 @@ def test_an_eps_bug_at_a_deep_layer_passes_in_float32_and_is_named_in_float64(mo
                                     "port that rotates interleaved pairs"),
     ("k-heads", "attention.k", "wk's rows permuted with n_heads (4) instead of n_kv_heads (2)"),
 ])
-def test_weights_in_the_other_permutation_are_named(model, tmp_path, bug, op, words):
-    report = check_dump(run_port(Port(model, bugs=[bug]), tmp_path / "p.safetensors", decode=1), model)
+def test_weights_in_the_other_permutation_are_named(numpy_port, model, tmp_path, bug, op, words):
+    report = check_dump(run_port(numpy_port, model, tmp_path / "p.safetensors", bugs=[bug], decode=1), model)
     assert (report.first_break.layer, report.first_break.op) == (0, op), format_table(report)
     assert any(words in n for n in report.notes), report.notes
 
 
-def test_a_wrongly_declared_rotary_layout_is_named(model, tmp_path):
-    report = check_dump(run_port(Port(model), tmp_path / "h.safetensors", decode=1, rotary_layout="half"), model)
+def test_a_wrongly_declared_rotary_layout_is_named(numpy_port, model, tmp_path):
+    report = check_dump(run_port(numpy_port, model, tmp_path / "h.safetensors", decode=1, rotary_layout="half"), model)
     assert report.first_break.op == "attention.q"
     assert any("declare rotary_layout='interleaved'" in n for n in report.notes), report.notes
 
 
-def test_a_port_that_keeps_the_last_logits_only(model, tmp_path):
-    port = Port(model, bugs=["last-only"])
-    assert check_dump(run_port(port, tmp_path / "l.safetensors", decode=2, logits_positions="last"), model).exit_code == 0
+def test_a_port_that_keeps_the_last_logits_only(numpy_port, model, tmp_path):
+    dump = run_port(numpy_port, model, tmp_path / "l.safetensors", decode=2, last_only=True, logits_positions="last")
+    assert dump.tensors["logits"].shape == (1, 1, ARGS.vocab_size) and check_dump(dump, model).exit_code == 0
     with pytest.raises(InputError, match="--last-only"):
-        check_dump(run_port(Port(model, bugs=["last-only"]), tmp_path / "l.safetensors", decode=2), model)
+        check_dump(run_port(numpy_port, model, tmp_path / "l.safetensors", decode=2, last_only=True), model)
 
 
 def test_the_recorder_keeps_copies_step_by_step_and_refuses_what_it_cannot_write(tmp_path):
