@@ -149,7 +149,8 @@ def main() -> None:
     rec = generate(model, read_ids(a.ids), a.decode, a.last_only)
     rec.save(a.out, dtype=a.dtype, rotary_layout="interleaved", producer="numpy_port.py, llama3.np style",
              logits_positions="last" if a.last_only else "all")
-    print(f"wrote {a.out}: {len(rec.steps)} steps")
+    n = len(rec.steps)
+    print(f"wrote {a.out}: {n} step{'' if n == 1 else 's'}")
 
 
 if __name__ == "__main__":

@@ -253,14 +253,16 @@ def verdict(report: Report) -> str:
     closest = f"; closest: {worst.name} at {worst.rel:.2e} of {worst.rtol:.0e}" if worst else ""
     if report.steps > 1 and worst is not None:
         closest += f" ({step_label(worst.step)})"
+    n = len(report.rows)
+    within = f"all {n} ops within tolerance" if n != 1 else "1 op within tolerance"
     if cov is None:
-        return f"all {len(report.rows)} ops within tolerance{closest}"
+        return f"{within}{closest}"
     if not cov.complete:
-        return (f"not enough compared: {len(report.rows)} ops within tolerance, but a pass needs {cov.what}, and "
+        return (f"not enough compared: {within.removeprefix('all ')}, but a pass needs {cov.what}, and "
                 f"{len(cov.missing)} of those {cov.required} tensors are not in the dump "
                 f"({summarize_missing(cov.missing)}): write them, or name what to judge with --only{tail}")
     scope = f"covers {cov.what}" if cov.only is None else f"covers only {cov.what} (--only {cov.only})"
-    return f"all {len(report.rows)} ops within tolerance{closest}; {scope}{tail}"
+    return f"{within}{closest}; {scope}{tail}"
 
 
 def summarize_missing(missing: Sequence[tuple[int, str]], most: int = 4) -> str:
@@ -303,7 +305,7 @@ def report_data(report: Report) -> dict:
         "title": report.title,
         "dtype": report.dtype,
         "steps": report.steps,
-        "bar": None if bar is None else {"dtype": bar.dtype, "kind": bar.kind, "rtol": bar.rtol, "source": bar.source},
+        "bar": None if bar is None else {"dtype": bar.dtype, "kind": bar.kind, "rtol": bar.rtol, "origin": bar.source},
         "coverage": None if cov is None else {
             "what": cov.what, "only": cov.only, "required": cov.required, "complete": cov.complete,
             "missing": [{"step": s, "name": n} for s, n in cov.missing]},
