@@ -32,7 +32,7 @@ from .dump import (IDS, LAYOUT, RESIDUAL_STREAM, ROTARY_LAYOUTS, Dump, Step, che
                    dump_metadata, read_dump, step_name, write_dump, write_steps)
 from .errors import InputError
 from .model import LAYER_TRACE_NAMES, Transformer, trace_names
-from .report import Bar, Coverage, Report, compare, errors, split_name
+from .report import Bar, Coverage, Report, compare, errors, forward_position, split_name
 from .tolerances import PARITY_RTOL, dtype_name, parity_rtol
 
 DEFAULT_PROMPT = "The capital of France is"      # `npllama parity`'s prompt (parity/report.py)
@@ -544,15 +544,15 @@ def check_dump(theirs: Dump, model: Transformer | None = None, reference: Dump |
                  "vocab_size": a.vocab_size}
     ids = their_ids(theirs, reference)
     if model is not None:      # before any work: a window's worth of positions at most
-        check_window(model, sum(i.shape[1] for i in ids), f"its {IDS}" + (f" over {n_steps} steps" if n_steps > 1 else ""),
-                     f"{theirs.path}: ")
+        over = f" over {n_steps} steps" if n_steps > 1 else ""
+        check_window(model, sum(i.shape[1] for i in ids), f"its {IDS}{over}", f"{theirs.path}: ")
     judged = judge_bar(theirs, dtype)
     notes += judged.notes
     last = last_only or theirs.logits_positions == "last"
     select = parse_only(only, n_layers) if only is not None else None
-    traced = [their_activations(theirs, s, {n for n in st.tensors if is_trace_name(n) and (split_name(n)[0] or 0) < n_layers},
-                                {**sizes, "batch": ids[s].shape[0], "seq": ids[s].shape[1]}, rotary_dim, last,
-                                default_model) for s, st in enumerate(theirs.steps)]
+    ours = [{n for n in st.tensors if is_trace_name(n) and (split_name(n)[0] or 0) < n_layers} for st in theirs.steps]
+    traced = [their_activations(theirs, s, ours[s], {**sizes, "batch": ids[s].shape[0], "seq": ids[s].shape[1]},
+                                rotary_dim, last, default_model) for s in range(n_steps)]
     candidate = [{n: x for n, x in t.items() if select is None or select(n)} for t in traced]
     wanted = [set(c) for c in candidate]
     ignored = sorted({step_name(s, n) for s, st in enumerate(theirs.steps) for n in st.tensors
@@ -679,16 +679,16 @@ def their_activations(theirs: Dump, s: int, names: set[str], sizes: Mapping[str,
     With last, logits and norm may hold the last position only."""
     interleaved = theirs.metadata.get("rotary_layout", "half") == "interleaved"
     out = {}
-    for name in sorted(names, key=lambda n: (split_name(n)[0] or 0, n)):
+    for name in sorted(names, key=forward_position):
         x = theirs.steps[s].tensors[name]
         op = split_name(name)[1]
         want = tuple(sizes[a] for a in LAYOUT[op].split())
         if last and op in ("logits", "norm") and x.ndim == 3 and x.shape[1] == 1:
             want = (want[0], 1, want[2])          # the last position only; every position is fine too
         if tuple(x.shape) != want:
+            default = "; no --model was given, so this is the default model: name yours" if default_model else ""
             raise InputError(f"{theirs.path}: tensor {step_name(s, name)!r} has shape {tuple(x.shape)}, the "
-                             f"reference's is {want} ({LAYOUT[op]}){shape_hint(x.shape, want, op, last)}"
-                             f"{'; no --model was given, so this is the default model: name yours' if default_model else ''}")
+                             f"reference's is {want} ({LAYOUT[op]}){shape_hint(x.shape, want, op, last)}{default}")
         if interleaved and op in ("attention.q", "attention.k"):
             x = interleaved_to_half(x, rotary_dim)
         out[name] = x
@@ -812,14 +812,16 @@ def worst_of_replicas(theirs: Dump, s: int, rows: list, ref: Mapping[str, np.nda
 def their_piece(theirs: Dump, name: str, x: np.ndarray, rotary_dim: int, want_shape) -> np.ndarray:
     """One rank's piece in the reference's rotary layout (a per-head permutation: pieces of heads
     permute alone); the last position only where the whole is."""
-    if theirs.metadata.get("rotary_layout", "half") == "interleaved" and split_name(name)[1] in ("attention.q", "attention.k"):
+    interleaved = theirs.metadata.get("rotary_layout", "half") == "interleaved"
+    if interleaved and split_name(name)[1] in ("attention.q", "attention.k"):
         x = interleaved_to_half(x, rotary_dim)
     if x.ndim == 3 and x.shape[1] > 1 and want_shape[1] == 1:
         x = x[:, -1:]
     return x
 
 
-def break_ranks(theirs: Dump, first, refs, model: Transformer | None, rotary_dim: int) -> tuple[list[int] | None, str | None]:
+def break_ranks(theirs: Dump, first, refs, model: Transformer | None,
+                rotary_dim: int) -> tuple[list[int] | None, str | None]:
     """Which ranks' pieces carry the first break: the reference cut as the dump's split cuts the
     name (a shard along its axis; a partial sum recomputed from the rank's heads or hidden units
     and its slice of wo or w2), each piece compared with its own. -> (ranks, a note)."""

@@ -297,6 +297,7 @@ def test_bad_dumps_and_options_get_one_clear_error(folder, tmp_path):
     assert "junk.safetensors" in error("trace", "--against", tmp_path / "junk.safetensors", "--model", folder)
     assert "--reference replaces --model" in error("trace", "--against", ref, "--reference", ref, "--model", folder)
     assert "--device belong to the Torch comparison" in error("parity", "--against", ref, "--device", "cpu")
+    assert "--json goes with --against" in error("parity", "--model", folder, "--json")
     assert "one of the two" in error("trace", "--model", folder)
     assert "float64 or float32" in error("trace", "--model", folder, "--ids", "1,2", "--out", ref, "--dtype", "bfloat16")
 

@@ -67,7 +67,8 @@ def test_a_numpy_port_passes_the_prefill_and_8_decode_steps(numpy_port, model, f
     report = check_dump(dump, model)
     assert report.exit_code == 0 and report.steps == 9 and report.bar.dtype == np.dtype(dtype).name, format_table(report)
     if dtype == np.float32:
-        result = CliRunner().invoke(main, ["trace", "--against", str(tmp_path / "mine.safetensors"), "--model", str(folder)])
+        result = CliRunner().invoke(main, ["trace", "--against", str(tmp_path / "mine.safetensors"),
+                                           "--model", str(folder)])
         assert result.exit_code == 0, result.output
         assert "covers the residual stream of every layer and the logits, at each of the 9 steps" in result.output
 
@@ -149,7 +150,9 @@ def c_writer() -> str:
 
 
 def c_array(name: str, ctype: str, values) -> str:
-    return f"static const {ctype} {name}[] = {{{', '.join(repr(float(v)) + ('f' if ctype == 'float' else '') if ctype != 'int64_t' else str(int(v)) for v in values)}}};\n"
+    """A C array initialised with values: exact float literals (repr of a float32 widened, with f)."""
+    items = [str(int(v)) if ctype == "int64_t" else repr(float(v)) + "f" for v in values]
+    return f"static const {ctype} {name}[] = {{{', '.join(items)}}};\n"
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")

@@ -15,14 +15,14 @@ from safetensors.numpy import save_file
 import npllama.model
 from npllama.cli import main
 from npllama.config import ModelArgs
-from npllama.dump import IDS, PARTIAL_SUM, REPLICATED, Dump, dump_metadata, read_dump, shard, write_steps
+from npllama.dump import IDS, PARTIAL_SUM, REPLICATED, Dump, Step, dump_metadata, read_dump, shard, write_steps
 from npllama.errors import InputError
 from npllama.formats import load
 from npllama.formats.hf import save_checkpoint
 from npllama.layout import FLASH_MIN_LEN
 from npllama.mlp import feed_forward, linear
 from npllama.model import Transformer, merge_heads
-from npllama.oracle import check_dump, round_to, trace_steps
+from npllama.oracle import check_dump, judge_bar, round_to, trace_steps
 from npllama.params import init_params
 from npllama.report import EXIT_NOT_COVERED, format_table
 
@@ -158,6 +158,32 @@ def test_a_declared_dtype_cannot_loosen_the_bar(model, ref_steps, tmp_path):
     assert {r.rtol for r in report.rows} == {0.3} and report.bar.source == "from --dtype"
 
 
+dtypes = st.sampled_from(["float64", "float32", "float16", "bfloat16"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(stored=dtypes, declared=st.one_of(st.none(), dtypes), rounded=st.booleans(), override=st.one_of(st.none(), dtypes),
+       seed=st.integers(0, 2**16))
+def test_no_tensor_is_held_to_a_bar_looser_than_its_values_bear_out(stored, declared, rounded, override, seed):
+    """A tensor's bar is never finer than its storage; it is coarser than its storage only when
+    the person running the check says so (--dtype) or when its values are all numbers of the
+    declared dtype."""
+    from npllama.oracle import coarseness, representable
+
+    x = np.random.default_rng(seed).standard_normal((1, 3, 8)) * 3
+    if rounded and declared is not None:
+        x = round_to(x, declared)
+    x = round_to(x, stored)                                 # what the file can hold
+    meta = {} if declared is None else {"dtype": declared}
+    dump = Dump("d", [Step({"norm": x}, {"norm": stored}, np.array([[1, 2, 3]]))], meta)
+    bar = judge_bar(dump, override).tensor[(0, "norm")]
+    assert coarseness(bar) >= coarseness(stored)
+    if coarseness(bar) > coarseness(stored) and override is None:
+        assert bar == declared and representable(x, declared)
+    if override is not None:
+        assert coarseness(bar) >= coarseness(override)
+
+
 def test_a_float32_pass_says_what_it_cannot_see(model, ref_steps, tmp_path):
     report = check_dump(write(tmp_path / "f.safetensors", ref_steps), model)
     assert any("cannot exclude a bug that moves an op by less than 1e-04" in n and "float64" in n
@@ -193,6 +219,28 @@ def test_last_only(model, ref_steps, tmp_path):
     assert check_dump(wrong, model, last_only=True).first_break.name == "logits"
 
 
+def test_trace_decode_writes_the_steps_and_a_dump_checked_against_itself_is_exact(folder, model, tmp_path):
+    ref = tmp_path / "ref.safetensors"
+    result = cli("trace", "--model", folder, "--ids", "3,17,42,9,5", "--decode", "3", "--out", ref)
+    assert result.exit_code == 0 and "then 3 decode steps" in result.output, result.output
+    dump = read_dump(ref)
+    assert dump.metadata["steps"] == "4" and [s.input_ids.shape for s in dump.steps] == [(1, 5), (1, 1), (1, 1), (1, 1)]
+    for s in range(3):       # greedy: each step feeds the previous step's most likely token
+        assert dump.steps[s + 1].input_ids[0, 0] == np.argmax(dump.steps[s].tensors["logits"][0, -1])
+    for args in (["--model", folder], ["--reference", ref]):
+        result = cli("trace", "--against", ref, *args, "--json")
+        data = json.loads(result.output)
+        assert result.exit_code == 0 and data["closest"]["max_abs"] == 0.0 and data["steps"] == 4
+    # a shape from another model suggests --model when none was named
+    with pytest.raises(InputError, match="no --model was given"):
+        check_dump(write(tmp_path / "m.safetensors", [({"norm": np.ones((1, 5, 7))}, np.array([[1, 2, 3, 4, 5]]))]),
+                   model, default_model=True)
+    for flag in ("--only", "--last-only", "--json"):
+        value = ["logits"] if flag == "--only" else []
+        result = cli("trace", "--model", folder, "--ids", "1,2", "--out", ref, flag, *value)
+        assert result.exit_code == 2 and f"{flag} goes with --against" in result.output
+
+
 def test_ids_beyond_the_window_are_refused_in_one_line(model, folder, tmp_path):
     path = tmp_path / "long.safetensors"
     save_file({IDS: np.zeros((1, 30000), np.int64), "logits": np.zeros((1, 1, 64), np.float32)}, str(path))
@@ -214,7 +262,8 @@ def test_the_reference_runs_long_sequences_blockwise(monkeypatch):
     model = Transformer(args, init_params(args, seed=1, std=0.3), dtype=np.float64)
     seen = []
     naive = npllama.model.naive_attention
-    monkeypatch.setattr(npllama.model, "naive_attention", lambda q, k, v, **kw: seen.append(k.shape[2]) or naive(q, k, v, **kw))
+    monkeypatch.setattr(npllama.model, "naive_attention",
+                        lambda q, k, v, **kw: seen.append(k.shape[2]) or naive(q, k, v, **kw))
     trace_steps(model, np.arange(FLASH_MIN_LEN + 40)[None] % 32, decode=2)
     assert seen == [FLASH_MIN_LEN + 41, FLASH_MIN_LEN + 42]     # only the one-query decode steps ran naive
 
@@ -268,7 +317,8 @@ def test_a_shared_extra_name_with_two_shapes_is_ignored_in_the_port_and_refused_
 
 names = st.one_of(st.text(min_size=1, max_size=12),
                   st.builds(lambda i, op: f"layers.{i}.{op}",
-                            st.one_of(st.integers(0, 10**12).map(str), st.text("0123456789²³١٣", min_size=1, max_size=12)),
+                            st.one_of(st.integers(0, 10**12).map(str),
+                                      st.text("0123456789²³١٣", min_size=1, max_size=12)),
                             st.sampled_from(["ffn_norm", "norm", "attention.q", "x", ""])))
 
 
