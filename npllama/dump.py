@@ -166,6 +166,7 @@ class Dump:
     world_size: int = 1
     splits: dict[str, Split] = field(default_factory=dict)          # op or full name -> Split
     pieces: dict[tuple[int, str], list[np.ndarray]] = field(default_factory=dict)  # gathered: each rank's
+    piece_splits: dict[str, Split] = field(default_factory=dict)   # gathered: how each name's pieces were cut
 
     @property
     def name(self) -> str:
@@ -356,7 +357,7 @@ def gather_ranks(dumps: Sequence[Dump]) -> Dump:
         if len(d.steps) != len(first.steps):
             raise InputError(f"{d.name} holds {len(d.steps)} steps, {first.name} {len(first.steps)}: "
                              f"the ranks of one run record the same steps")
-    steps, pieces = [], {}
+    steps, pieces, piece_splits = [], {}, {}
     for s, step0 in enumerate(first.steps):
         out = Step(input_ids=step0.input_ids)
         for d in dumps[1:]:
@@ -374,10 +375,41 @@ def gather_ranks(dumps: Sequence[Dump]) -> Dump:
             out.tensors[name] = _join(parts, split, name, first)
             out.dtypes[name] = step0.dtypes[name]
             pieces[(s, name)] = parts
+            piece_splits[name] = split
         steps.append(out)
     meta = {**first.metadata, "rank": "0", "world_size": "1", "gathered_from": str(world)}
     meta.pop("splits", None)
-    return Dump(first.path, steps, meta, 0, 1, {}, pieces)
+    return Dump(first.path, steps, meta, 0, 1, {}, pieces, piece_splits)
+
+
+def read_dumps(pattern: str | os.PathLike) -> Dump:
+    """One dump, or every rank's dump of a tensor-parallel run gathered (gather_ranks): a path, or
+    a glob such as 'dump.rank*.safetensors' (quoted on the command line). The gathered dump is
+    named by the pattern."""
+    import dataclasses
+    import glob
+
+    text = str(pattern)
+    if Path(text).is_file() or not any(c in text for c in "*?["):
+        dump = read_dump(text)
+        if dump.world_size > 1:
+            raise InputError(f"{dump.path} is rank {dump.rank} of {dump.world_size}: pass every rank's dump, "
+                             f"e.g. --against '{_rank_glob(dump.path)}' (quoted)")
+        return dump
+    paths = sorted(glob.glob(text))
+    if not paths:
+        raise InputError(f"{text}: matches no file")
+    if len(paths) > MAX_WORLD_SIZE:
+        raise InputError(f"{text}: matches {len(paths)} files, more than any world size ({MAX_WORLD_SIZE})")
+    dumps = [read_dump(p) for p in paths]
+    if len(dumps) == 1:
+        return read_dumps(paths[0])
+    return dataclasses.replace(gather_ranks(dumps), path=text)
+
+
+def _rank_glob(path: str) -> str:
+    name = Path(path).name
+    return re.sub(r"rank[0-9]+", "rank*", name) if re.search(r"rank[0-9]+", name) else "*.safetensors"
 
 
 def _join(parts: list[np.ndarray], split: Split, name: str, first: Dump) -> np.ndarray:

@@ -16,7 +16,7 @@ import click
 import torch
 
 from npllama.cli import STARTED
-from npllama.cli.trace import check_against, parse_ids, reference_option, show, view_option
+from npllama.cli.trace import check_against, parse_ids, reference_option, show, verdict_options, view_option
 from npllama.io import atomic_write
 
 from .report import DEFAULT_PROMPT, NotComparable, parity_report, plot_errors, reference_of, transformers_report
@@ -32,7 +32,8 @@ from .train import TrainConfig, interrupted_message, setup, sample_text, summary
 @click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, cuda:1 ...")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]), default="float32",
               show_default=True, help="The Torch backend's dtype (the reference is npllama in float64). With "
-                                      "--against: the dtype whose tolerances judge THEIRS (default: its own).")
+                                      "--against: the dtype THEIRS computed in, whose bars judge it (default: "
+                                      "the one it declares where its values bear it out, else its stored one).")
 @click.option("--prompt", "-p", default=DEFAULT_PROMPT, show_default=True, help="The text to run.")
 @click.option("--ids", default=None, metavar="IDS.json|1,2,3",
               help="Token ids instead of a prompt: comma-separated, or a JSON file (a list, or a list of lists).")
@@ -45,9 +46,13 @@ from .train import TrainConfig, interrupted_message, setup, sample_text, summary
 @click.option("--transformers", "with_hf", is_flag=True,
               help="Also compare transformers' LlamaForCausalLM (same weights, dtype and device).")
 @click.option("--against", default=None, type=click.Path(dir_okay=False), metavar="THEIRS.safetensors",
-              help="Compare this file of activations (npllama's trace names, any subset, plus input_ids) with "
-                   "the reference recomputed on its input_ids. `npllama trace --against` does the same without torch.")
+              help="Compare this file of activations (npllama's trace names, any subset, plus input_ids; its "
+                   "decode steps, if any) with the reference recomputed on its input_ids; a quoted glob "
+                   "('dump.rank*.safetensors') reads every rank of a tensor-parallel run. Exits 0 on a pass that "
+                   "covers the residual stream and the logits, 1 on a break, 2 on bad input, 3 when too little "
+                   "was compared (docs/parity.md). `npllama trace --against` does the same without torch.")
 @reference_option
+@verdict_options
 @view_option
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png", help="Draw the error of each op by layer.")
 @click.option("--weights", type=click.Choice(["float32", "int8", "int4", "gguf"]), default="float32",
@@ -55,23 +60,15 @@ from .train import TrainConfig, interrupted_message, setup, sample_text, summary
                                       "quantization costs against the float checkpoint (docs/quantization.md).")
 @click.pass_context
 def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isolate, with_hf, against, reference_path,
-                   show_all, plot_path, weights):
+                   only, last_only, as_json, show_all, plot_path, weights):
     import npllama
     import parity
 
     given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if against is not None:
-        clash = sorted(given & {"device", "prompt", "ids", "attention", "with_hf", "weights"})
-        if clash:
-            flags = ", ".join("--transformers" if n == "with_hf" else f"--{n}" for n in clash)
-            raise click.UsageError(f"--against compares a file of activations on its own input_ids: {flags} "
-                                   f"belong to the Torch comparison")
-        if not check_against(against, model_path, reference_path, dtype if "dtype" in given else None,
-                             isolate, show_all, plot_path):
-            sys.exit(1)
-        return
-    if reference_path is not None:
-        raise click.UsageError("--reference goes with --against")
+        sys.exit(against_verdict(given, against, model_path, reference_path, dtype, isolate, only, last_only,
+                                 as_json, show_all, plot_path))
+    refuse_against_options(reference_path, only, last_only, as_json)
     torch_dtype, torch_device = parity.resolve_dtype(dtype), parity.resolve_device(device)
     if plot_path:
         check_plot_path(plot_path)
@@ -108,6 +105,27 @@ def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isola
         click.echo(f"plot: {plot_path}")
     if not all(r.ok for r in reports):
         sys.exit(1)
+
+
+def against_verdict(given: set[str], against: str, model_path, reference_path, dtype, isolate, only, last_only,
+                    as_json, show_all, plot_path) -> int:
+    """``--against``: anyone's dump judged by the oracle (npllama.cli.trace.check_against); the
+    verdict's exit status (0 pass, 1 break, 3 too little compared; bad input exits 2 on its own)."""
+    clash = sorted(given & {"device", "prompt", "ids", "attention", "with_hf", "weights"})
+    if clash:
+        flags = ", ".join("--transformers" if n == "with_hf" else f"--{n}" for n in clash)
+        raise click.UsageError(f"--against compares a file of activations on its own input_ids: {flags} "
+                               f"belong to the Torch comparison")
+    return check_against(against, model_path, reference_path, dtype if "dtype" in given else None, isolate,
+                         show_all, plot_path, only, last_only, as_json)
+
+
+def refuse_against_options(reference_path, only, last_only, as_json) -> None:
+    """The options of a dump's check, given without --against: refused."""
+    for flag, value in (("--reference", reference_path), ("--only", only), ("--last-only", last_only),
+                        ("--json", as_json)):
+        if value:
+            raise click.UsageError(f"{flag} goes with --against")
 
 
 def check_plot_path(path: str) -> None:
