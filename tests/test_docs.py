@@ -146,7 +146,7 @@ SCALED = {"-n": "4", "--max-new-tokens": "4", "--max-tokens": "64", "--minutes":
 # option scales down (measured on the 2-core VM, quiet), and another test runs the same on a tiny model.
 PARSED_ONLY = {
     "npllama parity": "no budget to scale: every op of the 30-layer default model in both backends (10-15 s); "
-                      "tests/test_report.py runs the same report (parity.report.parity_report) on tiny models",
+                      "tests/test_report.py::test_cli_on_the_default_model_passes_in_float32 runs this very command",
     "npllama parity --dtype bfloat16": "no budget to scale: every op of the 30-layer default model in both backends "
                                        "(15 s); tests/test_parity_model.py holds bfloat16 to its bar on tiny models",
     "npllama parity --weights int4": "no budget to scale: the kernels' report recomputes the default model in float64 "

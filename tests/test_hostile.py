@@ -115,6 +115,7 @@ def fresh(tiny, what: str, name: str) -> Path:
 def test_the_gguf_writer_of_these_tests_writes_what_npllama_reads(tiny):
     path = tiny["root"] / "rewritten.gguf"
     path.write_bytes(gguf_bytes(*tiny["spec"]))
+    # Bit for bit on any host: the same weights through the same code and shapes in one process
     np.testing.assert_array_equal(load(path)([[1, 2, 3, 4]]), load(tiny["gguf"])([[1, 2, 3, 4]]))
 
 
@@ -170,6 +171,7 @@ def test_a_refused_pickle_leaves_no_trace_in_the_process(tiny, target, state, th
     replace_member(pth, member, b"\x80\x02" + build_opcodes(target, state) + rest)
     with pytest.raises(NpllamaError):
         load(folder)
+    # Bit for bit on any host: the same file, the same code and shapes, in the same process as tiny["logits"]
     np.testing.assert_array_equal(load(tiny["meta"])([[1, 2, 3, 4]]), tiny["logits"])
 
 
@@ -294,6 +296,7 @@ def test_pth_views_of_one_storage_hold_at_most_twice_its_elements(tmp_path_facto
     else:
         got = read_torch_zip(path)
         for name, t in sd.items():
+            # the bytes of the file, read back: no arithmetic
             np.testing.assert_array_equal(got[name], t.numpy())
         assert got["same"] is got["same2"]
 
@@ -317,6 +320,7 @@ def test_metadata_npllama_does_not_read_is_skipped_not_built(tiny, n):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+    # Bit for bit on any host: the same weights (unused metadata aside) through the same code and shapes
     np.testing.assert_array_equal(model([[1, 2, 3, 4]]), load(tiny["gguf"])([[1, 2, 3, 4]]))
     assert peak < 24 << 20, f"{peak >> 20} MiB for {n} unused strings"
 
@@ -343,6 +347,7 @@ def test_a_pickle_of_no_op_opcodes_is_scanned_in_constant_memory(tiny, n, op):
     replace_member(pth, member, payload)
     tracemalloc.start()
     try:
+        # Bit for bit on any host: the same file, the same code and shapes, in the same process
         np.testing.assert_array_equal(load(folder)([[1, 2, 3, 4]]), tiny["logits"])
         peak = tracemalloc.get_traced_memory()[1]
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import time
 from importlib.metadata import entry_points
@@ -42,11 +43,17 @@ def plugins() -> dict:
 
 
 def plugin_summary(ep) -> str:
-    """One line on a plug-in command from its entry point, without importing it: the package that
-    provides it and the extras it needs (``name = "module:attr [extras]"``)."""
-    dist = getattr(getattr(ep, "dist", None), "name", None) or ep.value.split(":")[0].split(".")[0]
-    needs = f", needs {dist}[{','.join(ep.extras)}]" if ep.extras else ""
-    return f"A plug-in command (from {dist}{needs}); `npllama {ep.name} --help` explains it."
+    """One line on a plug-in command from its entry point's metadata, without importing it: the
+    package that provides it and what its extras (``name = "module:attr [extras]"``) require."""
+    dist = getattr(ep, "dist", None)
+    name = getattr(dist, "name", None) or ep.value.split(":")[0].split(".")[0]
+    needs = []
+    for requirement in (getattr(dist, "requires", None) or []) if ep.extras else []:
+        found = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)[^;]*;.*extra\s*==\s*[\"']([^\"']+)[\"'].*", requirement)
+        if found and found.group(2) in ep.extras:
+            needs.append(found.group(1))
+    install = f"; needs {', '.join(needs)}: pip install '{name}[{','.join(ep.extras)}]'" if needs else ""
+    return f"A plug-in command (from {name}{install}); `npllama {ep.name} --help` explains it."
 
 
 def _unavailable(name: str, error: ImportError) -> click.Command:

@@ -147,6 +147,10 @@ def stream_batches(run, texts, inputs, max_new_tokens, settings, seed, stops, bu
         try:
             for pieces in stream:
                 answers = [a + p for a, p in zip(answers, pieces)]
+        except KeyboardInterrupt:                    # what the batch had made so far, then stop
+            for i, r in enumerate(batch):
+                click.echo(f"{'' if r == 0 else chr(10)}>>> {texts[r]}\n{answers[i]}")
+            raise
         finally:
             stream.close()
             timing.add(stream.generation)
