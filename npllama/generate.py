@@ -33,8 +33,10 @@ PAD_ID = 0   # the id padding columns carry: any valid id does, since padding is
 # Why a row stopped, in the words of both generate (Generation.stopped) and the chat session
 # (TurnStats.stopped): its stop token, its max_new_tokens, the end of the context window, or a
 # reader that stopped iterating (chat only: a generator cannot see its own close).
-STOP_TOKEN, MAX_NEW_TOKENS, CONTEXT_FULL, INTERRUPTED = "stop token", "max_new_tokens", "context window full", \
-    "interrupted"
+STOP_TOKEN = "stop token"
+MAX_NEW_TOKENS = "max_new_tokens"
+CONTEXT_FULL = "context window full"
+INTERRUPTED = "interrupted"
 
 
 def left_pad(prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +164,8 @@ class DecodeRows:
 
     def record(self, rows: Sequence[int], tokens: Sequence[int]) -> list[int | None]:
         """The step's tokens, ``tokens[i]`` made by row ``rows[i]``, as the step yields them (None
-        for a row that made none). A row stops on a stop token or at its budget."""
+        for a row that made none). A row stops on a stop token or at its budget (the budget counts
+        the last token, which is never fed back)."""
         step: list[int | None] = [None] * len(self.produced)
         for r, token in zip(rows, tokens):
             self.produced[r] += 1
