@@ -49,9 +49,12 @@ def context_note(generation, row: int = 0) -> str:
 @click.option("--system", default=None, help="System message, with --chat.")
 @sampling_options
 @backend_options
+@click.option("--tp", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Tensor parallelism (--backend torch): split the model over N processes, started here or by "
+                   "torchrun; rank 0 prints (docs/tensor_parallel.md).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no speed report.")
 def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens, temperature, top_k, top_p,
-             seed, backend, device, weights, quiet):
+             seed, backend, device, weights, tp, quiet):
     from ..chat import render_prompt
     from ..formats import require_tokenizer
     from ..generate import CONTEXT_FULL, generate_text
@@ -64,8 +67,12 @@ def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens,
     check_text(system, "--system")
     if system is not None and as_chat is False:
         raise click.UsageError("--system goes with --chat (the system message is part of the chat template)")
-    attach = backend_factory(backend, device, weights=weights)
-    run = attach(require_tokenizer(load_model(model_path, backend, weights, progress=not quiet)))
+    attach = backend_factory(backend, device, weights=weights, tp=tp)
+    if tp is None:
+        run = attach(require_tokenizer(load_model(model_path, backend, weights, progress=not quiet)))
+    else:   # each of the tp processes reads its own slices of the checkpoint
+        run = attach(model_path, progress=not quiet)
+        require_tokenizer(run.model)
     stops = None
     if as_chat is None:
         as_chat = bool(getattr(run.model.tokenizer, "chat_template", None))
