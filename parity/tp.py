@@ -629,7 +629,8 @@ def _worker(rank: int, n: int, port: int, backend: str, threads: int | None, con
             conn.send(("ok", fn(*args)))
         except BaseException:
             conn.send(("error", traceback.format_exc()))
-    dist.destroy_process_group()
+    conn.close()
+    os._exit(0)          # no destroy_process_group: it waits on the peers, which are leaving too
 
 
 # ---------------------------------------------------------------------------- activations across ranks
@@ -711,10 +712,12 @@ def describe_break(name: str, ranks: list[int], world_size: int, split: Split) -
     where = f"layer {layer} op {op}" if layer is not None else f"op {op}"
     if not ranks:
         return f"{where}: the sum over the ranks' partial sums departs (a partial sum names no rank)"
-    which = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+    def named(rs: list[int]) -> str:
+        return f"rank {rs[0]}" if len(rs) == 1 else f"ranks {', '.join(map(str, rs))}"
     part = "its copy" if split.kind == "replicated" else f"its shard (axis {split.axis})"
-    alone = "" if len(ranks) == world_size else f"; the other rank{'s' * (world_size - len(ranks) > 1)} agree"
-    return f"{where} parts on {which} of {world_size}: {part} departs from the reference{alone}"
+    others = [r for r in range(world_size) if r not in ranks]
+    agree = f"; {named(others)} agree{'s' * (len(others) == 1)}" if others else ""
+    return f"{where} parts on {named(ranks)} of {world_size}: {part} departs from the reference{agree}"
 
 
 def parity_report(model, ids, attention: str = "auto", base=None, isolate: bool = False) -> Report | None:
