@@ -181,13 +181,21 @@ def build(args: ModelArgs, params: Mapping[str, Any], tokenizer=None, *, rank: i
     local = rank_config(args, world_size)
     model = Transformer(local, params, tokenizer, dtype=dtype, device=device, source=source)
     if world_size > 1:
-        for layer in model.layers:
-            for projection in (layer.attention.wo, layer.feed_forward.w2):
-                w = projection.weight.detach()
-                del projection.weight
-                projection.weight = RowParallel(w, group)
+        row_parallel(model, group)
     model.parallel = Parallel(rank, world_size, group, args)
     model.weights = "float32"
+    return model
+
+
+def row_parallel(model: Transformer, group=None) -> Transformer:
+    """Make every layer's wo and w2 weight (this rank's columns) RowParallel: its product ends in
+    the all-reduce over group. build does it for more than one rank (alone, the sum is the
+    product itself; bench/bench_gpu.py wraps them anyway, to time NCCL at world size 1)."""
+    for layer in model.layers:
+        for projection in (layer.attention.wo, layer.feed_forward.w2):
+            w = projection.weight.detach()
+            del projection.weight
+            projection.weight = RowParallel(w, group)
     return model
 
 
