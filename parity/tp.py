@@ -162,6 +162,27 @@ class RowParallel(nn.Module):
         return y if bias is None else y + bias
 
 
+def fast_weights(model: Transformer, layout: str = "auto"):
+    """One rank's weights for the fast path (parity.fast.FastDecoder): wq|wk|wv and w1|w3 fused
+    after the split, per rank, as gpt-fast's tp.py does (a column split of a fused wqkv would give
+    rank 0 all of q); wo and w2 stay RowParallel, so the fast step's products end in the same
+    all-reduces. model: a rank's model (build / load)."""
+    from types import SimpleNamespace
+
+    from .fast import FastWeights
+    sd = {name.replace(".weight.shard", ".weight"): t for name, t in model.state_dict().items()}
+    view = SimpleNamespace(config=model.config, tokenizer=model.tokenizer, source=model.source,
+                           weights="float32", state_dict=lambda: sd)
+    weights = FastWeights(view, layout)
+    for block, layer in zip(weights.layers, model.layers):
+        for attr, projection in (("wo", layer.attention.wo), ("w2", layer.feed_forward.w2)):
+            if isinstance(projection.weight, RowParallel):
+                delattr(block, attr)
+                setattr(block, attr, projection.weight)
+    weights.parallel = model.parallel
+    return weights
+
+
 @dataclass(frozen=True)
 class Parallel:
     """Where a rank's model sits: its rank and the group's size, the group, the whole model's config."""

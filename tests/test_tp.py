@@ -1,5 +1,6 @@
 """Tensor parallelism (parity.tp): the model split over the ranks of a gloo process group on the
-CPU computes the single-process model's function, through prefill and decode; a bug in one rank's
+CPU computes the single-process model's function, through prefill and decode (the fast path's
+too, fused per rank after the split); a bug in one rank's
 part is named with its rank, in the split Torch model and in anyone's per-rank dumps.
 
 One process group per test session: the ``ranks`` fixture starts 3 worker processes once and
@@ -32,6 +33,7 @@ from npllama.model import Transformer as NumpyTransformer
 from npllama.oracle import check_dump, reference_model, trace
 from npllama.tolerances import TENSOR_PARALLEL_RTOL, parity_rtol
 from parity import tp
+from parity.fast import FastDecoder
 from parity.generate import generate as torch_generate
 from parity.model import Transformer
 from test_parity_model import random_params
@@ -141,7 +143,8 @@ def split_steps(args, params, prompt, tokens, batch, mask, k, n_generate):
     with torch.no_grad():
         batch_logits = model(batch, attention_mask=mask).numpy()
     own = list(torch_generate(model, prompt, n_generate, stop_ids=()))
-    return run_steps(model, prompt, tokens), batch_logits, own
+    fast = FastDecoder(tp.fast_weights(model), 1, len(prompt) + n_generate + 1)
+    return run_steps(model, prompt, tokens), batch_logits, own, fast.generate([prompt], n_generate, stop_ids=())[0]
 
 
 def assert_same_function(single, split, tokens):
@@ -190,12 +193,13 @@ def test_two_ranks_compute_the_single_process_function(ranks, args, seed, prompt
     mask[1, :2] = False                                             # row 1 left padded
     with torch.no_grad():
         batch_logits = single(batch, attention_mask=mask).numpy()
-    (split, split_batch, own), _ = ranks.run(split_steps, args, params, prompt, tokens, batch, mask, 2, n_new,
-                                             ranks=2)
+    (split, split_batch, own, fast), _ = ranks.run(split_steps, args, params, prompt, tokens, batch, mask, 2, n_new,
+                                                   ranks=2)
     assert_same_function(logits, split, tokens)
     assert np.abs(split_batch - batch_logits)[mask].max() <= RTOL * np.abs(batch_logits).max()
     agree = first_near_tie(logits, tokens)
     assert own[:agree] == tokens[:agree]
+    assert fast[:agree] == tokens[:agree]          # the fast path, fused per rank after the split
 
 
 # ------------------------------------------------------------------------------ 3 ranks, the default model
