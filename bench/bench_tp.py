@@ -155,7 +155,7 @@ def run(label: str, folder: str, n: int, threads: int, a) -> dict:
     log(f"{label}: {n} process{'es' * (n > 1)}, {threads} thread{'s' * (threads > 1)} each")
     with LocalRanks(n, threads=threads, timeout=1800) as ranks:
         results = ranks.run(measure, folder, a.prompt_len, a.new_tokens, a.repeats)
-        gguf = ranks.run(load_gguf, n) if a.gguf and n > 1 else None
+        gguf = ranks.run(load_gguf, n) if a.gguf and n > 1 and label.startswith("default") else None
     r = results[0]
     r["label"], r["n"], r["threads"] = label, n, threads
     r["load_gguf_s"] = max(gguf) if gguf else None
@@ -200,34 +200,30 @@ def main():
             tp.check_tp(odd, 2, "the default model")
         except npllama.InputError as e:
             print(f"tp=2: refused: {e}")
-        rows.append(run("default, tp=1", default, 1, cores, a))
-        rows.append(run("default, tp=1, 1 core", default, 1, 1, a))
-        rows.append(run("default, tp=3", default, 3, 1, a))
-        rows.append(run("even, tp=1", even, 1, cores, a))
-        rows.append(run("even, tp=1, 1 core", even, 1, 1, a))
-        rows.append(run("even, tp=2", even, 2, 1, a))
-    print(f"load average at the end {os.getloadavg()[0]:.1f}; prompt {a.prompt_len} tokens, {a.new_tokens} "
-          f"decode steps, medians of {a.repeats} rounds")
-    print()
-    print("| model, ranks | threads per rank | weights per rank | kv heads / hidden per rank | load (s) | "
-          "prefill (ms) | decode (ms/token) | all-reduces per token (ms) | their share of decode | "
-          "all-reduces per prefill (ms) | logits vs tp=1 (rel) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    first = {}
-    for r in rows:
-        model = r["label"].split(",")[0]
-        first.setdefault(model, r)
-        ref = first[model]["logits"]
-        rel = float(np.abs(r["logits"] - ref).max() / np.abs(ref).max())
-        reduce = r.get("reduce_decode_ms")
-        load = f"{r['load_s']:.1f}" + (f" ({r['load_gguf_s']:.1f} from the GGUF)" if r.get("load_gguf_s") else "")
-        share = "-" if reduce is None else f"{100 * reduce / r['decode_ms']:.0f}%"
-        per_token = "-" if reduce is None else f"{reduce:.2f}"
-        per_prefill = "-" if reduce is None else f"{r['reduce_prefill_ms']:.2f}"
-        print(f"| {r['label']} | {r['threads']} | {r['param_mib']:.0f} MiB | {r['kv_heads']} / {r['hidden']} | "
-              f"{load} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | {per_token} | {share} | {per_prefill} | "
-              f"{rel:.1e} |")
-        assert rel <= TENSOR_PARALLEL_RTOL[np.dtype(np.float32)], f"{r['label']}: logits differ by {rel:.1e}"
+        print(f"prompt {a.prompt_len} tokens, {a.new_tokens} decode steps, medians of {a.repeats} rounds")
+        print()
+        print("| model, ranks | threads per rank | weights per rank | kv heads / hidden per rank | load (s) | "
+              "prefill (ms) | decode (ms/token) | all-reduces per token (ms) | their share of decode | "
+              "all-reduces per prefill (ms) | logits vs tp=1 (rel) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+        first = {}
+        for label, folder, n, threads in (("default, tp=1", default, 1, cores), ("default, tp=1, 1 core", default, 1, 1),
+                                          ("default, tp=3", default, 3, 1), ("even, tp=1", even, 1, cores),
+                                          ("even, tp=1, 1 core", even, 1, 1), ("even, tp=2", even, 2, 1)):
+            r = run(label, folder, n, threads, a)
+            rows.append(r)
+            ref = first.setdefault(label.split(",")[0], r)["logits"]
+            rel = float(np.abs(r["logits"] - ref).max() / np.abs(ref).max())
+            reduce = r.get("reduce_decode_ms")
+            load = f"{r['load_s']:.1f}" + (f" ({r['load_gguf_s']:.1f} from the GGUF)" if r.get("load_gguf_s") else "")
+            share = "-" if reduce is None else f"{100 * reduce / r['decode_ms']:.0f}%"
+            per_token = "-" if reduce is None else f"{reduce:.2f}"
+            per_prefill = "-" if reduce is None else f"{r['reduce_prefill_ms']:.2f}"
+            print(f"| {label} | {threads} | {r['param_mib']:.0f} MiB | {r['kv_heads']} / {r['hidden']} | "
+                  f"{load} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | {per_token} | {share} | {per_prefill} | "
+                  f"{rel:.1e} |", flush=True)
+            assert rel <= TENSOR_PARALLEL_RTOL[np.dtype(np.float32)], f"{label}: logits differ by {rel:.1e}"
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     print()
     for r in rows:
         if "reduce_us" in r:

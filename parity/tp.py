@@ -65,7 +65,7 @@ from torch import nn
 from npllama.config import ModelArgs
 from npllama.dump import REPLICATED, Dump, Split, Step, shard
 from npllama.errors import CheckpointError, ConfigError, InputError
-from npllama.report import Report, Row, errors, in_forward_order, split_name
+from npllama.report import Report, Row, in_forward_order, split_name
 
 from .model import Transformer
 
@@ -91,9 +91,9 @@ def check_tp(args: ModelArgs, n: int, where: str = "") -> None:
     """An InputError, in one line naming the sizes that would work, unless n ranks split the model."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InputError(f"tp must be a whole number of ranks >= 1, got {n!r}")
-    if n in sizes_that_work(args):
-        return
     works = sizes_that_work(args)
+    if n in works:
+        return
     alts = ", ".join(f"tp={k}" for k in works[:-1]) + (" or " if len(works) > 1 else "") + f"tp={works[-1]}"
     what = (f"its {args.n_kv_heads} key/value heads ({args.n_heads} query heads) do not divide into {n} ranks of "
             f"whole heads" if args.n_kv_heads % n else f"its SwiGLU width {args.hidden_dim} does not divide by {n}")
