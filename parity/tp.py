@@ -786,7 +786,7 @@ def parity_report(model, ids, attention: str = "auto", base=None, isolate: bool 
     pieces = {name: [d.tensors[name] for d in dumps] for name in dumps[0].tensors}
     kind = "layer" if isolate else "model"
     rows = rank_rows(pieces, dumps[0].split_of, ref, lambda name: parity_rtol(dt, kind, dumps[0].dtypes[name]))
-    title = (f"tensor parallel, {n} ranks ({dist.get_backend(group)}), {attention} attention, {dt} on "
+    title = (f"tensor parallel, {n} rank{'s' * (n != 1)} ({dist.get_backend(group)}), {attention} attention, {dt} on "
              f"{model.device}{', each layer from the reference input' if isolate else ', end to end'} "
              f"vs npllama float64")
     report = Report(title, [r for r, _ in rows], dt, str(model.device))
