@@ -26,6 +26,15 @@ built first and the fast path is built from its state dict.
     python bench/bench_gpu.py --device cpu --models tiny --new-tokens 16 --prompt-len 32   # smoke test
 
 Every row is printed as soon as it is measured, so a run cut short still reports what it did.
+
+Tensor-parallel rows (parity.tp; on CUDA, or on the CPU when --tp is given): the plain Torch model
+(parity.model, eager, not the fast path, which runs on one device) on 1 device without a process
+group; at world size 1 through NCCL (the all-reduces after wo and w2 run, over one GPU); and with
+the model split over 2 or 3 ranks sharing the one GPU through gloo (NCCL refuses two ranks on one
+device, so gloo carries the all-reduces through the host). Each rank builds its own slices with
+random weights. Multi-GPU is not measured here.
+
+    python bench/bench_gpu.py --models 1b,default --tp 1,2,3 --systems none   # the TP rows alone
 """
 
 from __future__ import annotations
@@ -230,6 +239,99 @@ def bench_hf(model, prompts, new_tokens, repeats, static: bool, device):
     return batch * plen / prefill, batch * (new_tokens - 1) / decode, runs[-1][2]
 
 
+# ---------------------------------------------------------------------------- tensor parallel rows
+def tp_measure(config: dict, device: str, dtype_name: str, prompt_len: int, new_tokens: int, repeats: int,
+               split: bool) -> dict:
+    """On every rank: its slices of a random model of this config, prefill and decode timed.
+
+    split False: no process group is used (the single-device peer); else the model is split over
+    the group (world size 1: wo and w2 still end in the all-reduce, through NCCL)."""
+    import torch.distributed as dist
+
+    from npllama.formats.hf import args_from_config
+    from npllama.params import param_shapes
+    from parity import tp
+    from parity.model import Transformer
+
+    args = args_from_config(config)
+    rank, n = (dist.get_rank(), dist.get_world_size()) if split else (0, 1)
+    dev, dtype = tp.rank_device(torch.device(device)), getattr(torch, dtype_name)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    torch.manual_seed(rank)
+    local = tp.rank_config(args, n)
+    params = {name: (torch.ones(s) if name.endswith("norm.weight") else 0.02 * torch.randn(s)).to(dev, dtype)
+              for name, s in param_shapes(local).items()}
+    if split:
+        model = tp.build(args, params, rank=rank, world_size=n, dtype=dtype, device=dev)
+        if n == 1:
+            tp.row_parallel(model)
+    else:
+        model = Transformer(args, params, dtype=dtype, device=dev)
+    del params
+    rng = np.random.default_rng(0)
+    prompt = torch.from_numpy(rng.integers(0, args.vocab_size, (1, prompt_len))).to(dev)
+    feed = torch.from_numpy(rng.integers(0, args.vocab_size, (new_tokens, 1, 1))).to(dev)
+
+    def run():
+        cache = model.new_cache(1, prompt_len + new_tokens + 1)
+        synchronize(dev)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(prompt, cache=cache)
+            synchronize(dev)
+            t1 = time.perf_counter()
+            for ids in feed:
+                model(ids, cache=cache)
+        synchronize(dev)
+        return t1 - t0, time.perf_counter() - t1
+
+    run()
+    runs = []
+    for _ in range(repeats):
+        if split:
+            dist.barrier()
+        runs.append(run())
+    prefill = statistics.median(r[0] for r in runs)
+    decode = statistics.median(r[1] for r in runs)
+    return {"prefill": prompt_len / prefill, "decode": new_tokens / decode,
+            "backend": dist.get_backend() if split else "-"}
+
+
+def tp_rows(model_name: str, device, dtype_name: str, sizes: list[int], prompt_len: int, new_tokens: int,
+            repeats: int) -> None:
+    """The tensor-parallel rows of one model: one device, then each world size in sizes."""
+    from npllama.errors import InputError
+    from npllama.formats.hf import args_from_config
+    from parity import tp
+    from parity.tp import LocalRanks
+
+    config = {"default": smollm2_135m_config, "1b": llama_32_1b_config, "tiny": tiny_config}[model_name]().to_dict()
+    args = args_from_config(config)
+    label = f"{model_name} shape, random weights"
+    cuda = torch.device(device).type == "cuda"
+    runs = [("one device, no process group", 1, "gloo", False)]
+    for n in sizes:
+        backend = "nccl" if cuda and n == 1 else "gloo"
+        where = "the one GPU" if cuda else "the CPU"
+        runs.append((f"{n} rank{'s' * (n > 1)} ({backend}) on {where}", n, backend, True))
+    for title, n, backend, split in runs:
+        try:
+            tp.check_tp(args, n)
+        except InputError as e:
+            print(f"| {label} | {title} | refused: {e} | | |", flush=True)
+            continue
+        log(f"{model_name}: tensor parallel, {title}")
+        try:
+            with LocalRanks(n, backend=backend, timeout=1200) as ranks:
+                r = ranks.run(tp_measure, config, str(device), dtype_name, prompt_len, new_tokens, repeats, split)[0]
+        except Exception as e:   # report and go on
+            log(f"  failed: {type(e).__name__}: {str(e)[-400:]}")
+            print(f"| {label} | {title} | failed | | |", flush=True)
+            continue
+        print(f"| {label} | {title} | {r['backend']} | {r['prefill']:,.0f} | {r['decode']:,.1f} |", flush=True)
+
+
 def kv_bytes_per_token(weights) -> int:
     a = weights.config
     return 2 * a.n_layers * a.n_kv_heads * a.head_dim * weights.tok_embeddings.element_size()
@@ -255,6 +357,9 @@ def main():
                     help="comma-separated: fast (compiled), fast-eager, hf-eager, hf-static")
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode of the fast path (default: reduce-overhead on CUDA, none on CPU)")
+    ap.add_argument("--tp", default=None,
+                    help="tensor-parallel rows: comma-separated world sizes, e.g. 1,2,3 (default on CUDA: 1,2,3; "
+                         "on the CPU: none unless given)")
     ap.add_argument("--no-tune", action="store_true",
                     help="leave inductor's coordinate-descent tuning off (it applies to every compiled system)")
     args = ap.parse_args()
@@ -268,7 +373,7 @@ def main():
     compile_mode = args.compile_mode or ("reduce-overhead" if cuda else None)
     if compile_mode == "none":
         compile_mode = None
-    systems = args.systems.split(",")
+    systems = [] if args.systems == "none" else args.systems.split(",")
     if compile_mode is None and "fast" in systems and "fast-eager" in systems:
         systems.remove("fast-eager")                  # the same thing twice
     if not cuda:
@@ -353,6 +458,16 @@ def main():
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
+
+    sizes = args.tp if args.tp is not None else ("1,2,3" if cuda else "")
+    if sizes:
+        print("\nTensor parallel (parity.model eager; random weights of each shape; batch 1, "
+              f"prompt {args.prompt_len}, {args.new_tokens} new tokens; multi-GPU not measured):\n")
+        print("| model | ranks | process group | prefill tok/s | decode tok/s |")
+        print("|---|---|---|---|---|", flush=True)
+        for model_name in args.models.split(","):
+            tp_rows(model_name, dev, args.dtype, [int(n) for n in sizes.split(",")], args.prompt_len,
+                    args.new_tokens, args.repeats)
 
     for results, roofline in summary:
         dec = results["fast"][1]

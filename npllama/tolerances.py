@@ -114,6 +114,16 @@ PARITY_RTOL = {
 }
 
 
+# ------------------------------------------------------------------------------ tensor parallelism
+# The Torch backend split over N ranks (parity.tp) against the same backend in one process, same
+# dtype and weights, norm-relative on the logits of every step. The split changes only the order of
+# the sums: wo's and w2's dot products become N partial sums that the all-reduce adds, each rank's
+# GEMMs are narrower (BLAS blocks them otherwise), and those differences carry through the layers.
+# Float32 reassociation, as the backend against the reference. Measured: SmolLM2-135M on 3 ranks,
+# 1.5e-6 on the logits of a prefill; tiny random models on 2 ranks (tests/test_tp.py), below 1e-6.
+TENSOR_PARALLEL_RTOL = {np.dtype(np.float32): 2e-5}
+
+
 def dtype_name(dtype) -> str:
     """'float32', 'bfloat16', ... from a NumPy dtype, a torch dtype (no torch import) or a name."""
     if isinstance(dtype, (np.dtype, type)):

@@ -4,6 +4,7 @@
     model = parity.load(device="cpu", dtype=torch.bfloat16)   # same checkpoints as npllama.load
     model = parity.from_numpy(npllama_model, device="cuda")    # no second read of the files
     model = parity.load(path, weights="int4")                  # int8 | int4 | gguf: quantized kernels
+    model = parity.load(path, tp=3)                            # this rank's third, in a process group (tp.py)
     logits = model(ids)                                         # (batch, seq, vocab) float32 tensor
     cache = model.new_cache(1, max_seq_len=512); model(ids, cache=cache)
 
@@ -78,13 +79,21 @@ def from_numpy(model, device=None, dtype=torch.float32, requires_grad: bool = Fa
 
 
 def load(path=None, device=None, dtype=torch.float32, requires_grad: bool = False, weights: str = "float32",
-         **kwargs) -> Transformer:
+         tp: int | None = None, group=None, **kwargs) -> Transformer:
     """Load a checkpoint that npllama.load reads (HF folder, Meta folder, .gguf; default model when
     None) and return it as a Torch model on ``device`` in ``dtype``. weights: "float32", or a
     quantized scheme, "int8", "int4" (the checkpoint's floats quantized) or "gguf" (a GGUF file's own
-    blocks where a kernel holds them exactly), see from_numpy. kwargs go to npllama.load."""
+    blocks where a kernel holds them exactly), see from_numpy. kwargs go to npllama.load.
+
+    tp: tensor parallelism. Inside a process group of tp ranks (torchrun, or
+    torch.distributed.init_process_group; ``group`` another group than the world), each rank
+    loads its own slices of the checkpoint and gets its part of the model (parity.tp)."""
     import npllama
     from .quant import check_weights
+    if tp is not None or group is not None:
+        from .tp import load as load_parallel
+        return load_parallel(path, tp, device=device, dtype=dtype, group=group, requires_grad=requires_grad,
+                             weights=weights, **kwargs)
     check_weights(weights)
     dtype, device = resolve_dtype(dtype), resolve_device(device)   # refuse bad ones before the slow load
     base = npllama.load(path, weights="gguf" if weights == "gguf" else "float32", **kwargs)

@@ -13,6 +13,7 @@ import sys
 import time
 
 import click
+import numpy as np
 import torch
 
 from npllama.cli import STARTED
@@ -58,13 +59,24 @@ from .train import TrainConfig, interrupted_message, setup, sample_text, summary
 @click.option("--weights", type=click.Choice(["float32", "int8", "int4", "gguf"]), default="float32",
               show_default=True, help="Quantized kernels: their error on their own weights, then what "
                                       "quantization costs against the float checkpoint (docs/quantization.md).")
+@click.option("--tp", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Split the Torch model over N processes (tensor parallelism, started here or by torchrun) and "
+                   "compare it op by op, its activations gathered across the ranks; names the rank where it "
+                   "parts (docs/tensor_parallel.md).")
 @click.pass_context
 def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isolate, with_hf, against, reference_path,
-                   only, last_only, as_json, show_all, plot_path, weights):
+                   only, last_only, as_json, show_all, plot_path, weights, tp):
     import npllama
     import parity
 
     given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if tp is not None:
+        clash = sorted(given & {"against", "reference_path", "with_hf", "weights"})
+        if clash:
+            raise click.UsageError(f"--tp compares the split Torch model; it does not go with "
+                                   f"{', '.join('--' + n.replace('_path', '').replace('with_hf', 'transformers') for n in clash)}")
+        parity_tp(tp, model_path, device, dtype, prompt, ids, attention, isolate, show_all, plot_path)
+        return
     if against is not None:
         sys.exit(against_verdict(given, against, model_path, reference_path, dtype, isolate, only, last_only,
                                  as_json, show_all, plot_path))
@@ -126,6 +138,48 @@ def refuse_against_options(reference_path, only, last_only, as_json) -> None:
                         ("--json", as_json)):
         if value:
             raise click.UsageError(f"{flag} goes with --against")
+
+
+def parity_tp(tp: int, model_path, device, dtype, prompt, ids, attention, isolate, show_all, plot_path) -> None:
+    """``npllama parity --tp N``: the model split over N ranks (parity.tp) against npllama in float64.
+
+    Every rank runs the prompt with its part and traces its activations; rank 0 gathers them
+    (q, k, v and softmax(qk)v are joined along the heads; the rest every rank holds whole, and each
+    rank's copy is checked), prints the table and names the first layer, op and rank that part.
+    """
+    import npllama
+    import parity
+
+    from . import tp as parallel
+
+    torch_dtype, torch_device = parity.resolve_dtype(dtype), parity.resolve_device(device)
+    if plot_path:
+        check_plot_path(plot_path)
+    if ids is not None:
+        ids = parse_ids(ids)
+    elif not prompt:
+        raise click.UsageError("--prompt is empty: give some text to run")
+    rank = parallel.command_rank(tp, torch_device, model_path, "parity")
+    if rank == 0:      # the reference needs the whole checkpoint: rank 0 reads it once and keeps its slices
+        base = npllama.load(model_path, progress=False)
+        model = parallel.from_numpy(base, device=torch_device, dtype=torch_dtype)
+    else:
+        base, model = None, parity.load(model_path, device=torch_device, dtype=torch_dtype, tp=tp, progress=False)
+    if ids is None:
+        if model.tokenizer is None:
+            raise click.UsageError("this checkpoint has no tokenizer: pass --ids")
+        ids = model.tokenizer.encode(prompt)
+    report = parallel.parity_report(model, ids, attention, base, isolate)
+    if report is None:          # ranks other than 0: rank 0 speaks for the run
+        return
+    click.echo(f"{np.atleast_2d(np.asarray(ids)).shape[1]} tokens")
+    click.echo()
+    show(report, show_all)
+    if plot_path:
+        plot_errors([report], plot_path)
+        click.echo(f"plot: {plot_path}")
+    if not report.ok:
+        sys.exit(1)
 
 
 def check_plot_path(path: str) -> None:

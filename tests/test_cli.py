@@ -253,5 +253,5 @@ def test_trace_against_without_a_model_suggests_model_when_the_dump_is_another_m
     assert result.exit_code == 0, result.output
     result = run(["trace", "--against", str(dump)])                  # checked against the default model
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
-    assert "No --model was given, so the reference is the default model" in result.output, result.output
+    assert "no --model was given, so this is the default model" in result.output, result.output
     assert "name it with --model" in result.output, result.output

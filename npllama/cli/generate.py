@@ -66,9 +66,12 @@ def context_note(generation, row: int = 0) -> str:
 @click.option("--batch-memory", type=int, default=DEFAULT_BATCH_MIB, show_default=True, metavar="MIB",
               help="MiB one batch of prompts may take: its KV cache, logits and activations, estimated from "
                    "the model's config (npllama.memory); more prompts run in more batches.")
+@click.option("--tp", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Tensor parallelism (--backend torch): split the model over N processes, started here or by "
+                   "torchrun; rank 0 prints (docs/tensor_parallel.md).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no timing line.")
 def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens, temperature, top_k, top_p,
-             seed, backend, device, weights, batch_memory, quiet):
+             seed, backend, device, weights, batch_memory, tp, quiet):
     from ..chat import render_prompt
     from ..formats import require_tokenizer
     from ..inputs import check_fits
@@ -83,10 +86,14 @@ def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens,
     check_text(system, "--system")
     if system is not None and as_chat is False:
         raise click.UsageError("--system goes with --chat (the system message is part of the chat template)")
-    attach = backend_factory(backend, device, weights=weights)
+    attach = backend_factory(backend, device, weights=weights, tp=tp)
     timing = Timing()
     began = time.perf_counter()
-    run = attach(require_tokenizer(load_model(model_path, backend, weights, progress=not quiet)))
+    if tp is None:
+        run = attach(require_tokenizer(load_model(model_path, backend, weights, progress=not quiet)))
+    else:   # each of the tp processes reads its own slices of the checkpoint
+        run = attach(model_path, progress=not quiet)
+        require_tokenizer(run.model)
     timing.load_s = time.perf_counter() - began
     window = context_window(run.model.config)
     for r, text in enumerate(texts):          # before any template or tokenizer sees the text

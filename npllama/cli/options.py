@@ -72,16 +72,21 @@ def load_model(model_path, backend: str = "numpy", weights: str = "float32", **k
 
 
 def backend_factory(name: str, device: str | None = None, dtype: str | None = None,
-                    weights: str = "float32") -> Callable[[Any], Backend]:
+                    weights: str = "float32", tp: int | None = None) -> Callable[..., Backend]:
     """The named backend as a function of the loaded NumPy model, checked before the model loads.
 
     A wrong --backend, --device, --dtype or --weights, or a backend whose library is missing, is
     refused here, before the slow load. A plug-in's factory may carry ``check(device, dtype)``,
     which raises an NpllamaError for what it cannot run. weights: as the model is loaded for
     (load_model); a backend other than numpy gets it as ``weights=`` when it is not "float32".
+    tp: split the model over tp processes (``--tp``): the result is then a function of the
+    checkpoint's path, ``(path, progress=True) -> Backend``, the factory's ``tensor_parallel``
+    (each process reads its own slices, so the command does not load the model itself).
     """
     check_backend_weights(name, weights)
     if name == "numpy":
+        if tp is not None:
+            raise InputError("--tp splits the model over processes with torch.distributed: add --backend torch")
         if device not in (None, "cpu"):
             raise InputError(f"the numpy backend runs on the CPU; --device {device} needs --backend torch")
         if dtype not in (None, "float32", "float64"):
@@ -98,6 +103,12 @@ def backend_factory(name: str, device: str | None = None, dtype: str | None = No
     check = getattr(factory, "check", None)
     if check is not None:
         check(device=device, dtype=dtype)
+    if tp is not None:
+        parallel = getattr(factory, "tensor_parallel", None)
+        if parallel is None:
+            raise InputError(f"--tp: the {name} backend does not split a model over processes")
+        return lambda path, progress=True: parallel(path, tp, device=device, dtype=dtype, weights=weights,
+                                                    progress=progress)
     if weights != "float32":
         return lambda model: factory(model, device=device, dtype=dtype, weights=weights)
     return lambda model: factory(model, device=device, dtype=dtype)
