@@ -686,7 +686,8 @@ def their_activations(theirs: Dump, s: int, names: set[str], sizes: Mapping[str,
         if last and op in ("logits", "norm") and x.ndim == 3 and x.shape[1] == 1:
             want = (want[0], 1, want[2])          # the last position only; every position is fine too
         if tuple(x.shape) != want:
-            default = "; no --model was given, so this is the default model: name yours" if default_model else ""
+            default = ("; no --model was given, so this is the default model: if the dump comes from another "
+                       "model, name it with --model") if default_model else ""
             raise InputError(f"{theirs.path}: tensor {step_name(s, name)!r} has shape {tuple(x.shape)}, the "
                              f"reference's is {want} ({LAYOUT[op]}){shape_hint(x.shape, want, op, last)}{default}")
         if interleaved and op in ("attention.q", "attention.k"):
