@@ -333,9 +333,11 @@ def half_to_interleaved(x: np.ndarray, rotary_dim: int) -> np.ndarray:
 # ---------------------------------------------------------------------------- the bar
 @dataclass
 class Judged:
-    """The dtypes a dump is judged by: the run's (the weights the reference rounds to), each
-    tensor's own bar, where they came from, and what to say about it."""
+    """The dtypes a dump is judged by: the bar most of its tensors are held to, the dtype the port's
+    weights are taken to be in (the reference rounds to it), each tensor's own bar, where they came
+    from, and what to say about it."""
     dtype: str
+    weights: str
     source: str
     tensor: dict[tuple[int, str], str] = field(default_factory=dict)   # (step, name) -> dtype of its bar
     notes: list[str] = field(default_factory=list)
@@ -355,7 +357,8 @@ def judge_bar(theirs: Dump, override=None) -> Judged:
         name = dtype_name(override)
         if name not in PARITY_RTOL:
             raise InputError(f"--dtype is {name!r}; tolerances exist for {', '.join(PARITY_RTOL)}")
-        return Judged(name, "from --dtype", {k: coarser(name, d) for k, d in stored.items()})
+        tensor = {k: coarser(name, d) for k, d in stored.items()}
+        return Judged(most_common(tensor, name), name, "from --dtype", tensor)
     declared = theirs.metadata.get("dtype")
     if declared is not None:
         claim = dtype_name(declared)
@@ -371,14 +374,17 @@ def judge_bar(theirs: Dump, override=None) -> Judged:
         else:
             tensor[(s, n)] = d
             outside.append(step_name(s, n))
-    believed = len(outside) < len(stored) or not stored
+    shown = most_common(tensor, claim)
     if declared is None:
-        return Judged(claim, f"from the dtype its tensors are stored in ({claim})", tensor)
-    if not believed:
+        return Judged(shown, claim, f"from the dtype its tensors are stored in ({claim})", tensor)
+    if outside and len(outside) == len(stored):
         run = max(set(stored.values()), key=coarseness)
-        return Judged(run, f"from the stored {run} (the declared {claim} is not believed: no tensor holds only "
-                           f"{claim} numbers; --dtype {claim} if the port computed in it)", tensor)
-    judged = Judged(claim, f"from the dtype the dump declares, its tensors holding {claim} numbers", tensor)
+        return Judged(shown, run, f"from the stored {run} (the declared {claim} is not believed: no tensor holds "
+                                  f"only {claim} numbers; --dtype {claim} if the port computed in it)", tensor)
+    if shown != claim and not outside:
+        return Judged(shown, claim, f"from the stored {shown} (the dump declares {claim}; no tensor is judged "
+                                    f"finer than it is stored)", tensor)
+    judged = Judged(shown, claim, f"from the dtype the dump declares, its tensors holding {claim} numbers", tensor)
     if outside:
         judged.source = f"from the dtype the dump declares, except {len(outside)} tensor(s) held to their stored dtype"
         judged.notes.append(f"{theirs.name} declares {claim}, but {', '.join(outside[:4])}"
@@ -386,6 +392,14 @@ def judge_bar(theirs: Dump, override=None) -> Judged:
                             f"to their stored dtype's bar; if the port computed them in {claim}, say so with "
                             f"--dtype {claim}")
     return judged
+
+
+def most_common(tensor: Mapping[tuple[int, str], str], default: str) -> str:
+    """The dtype most tensors are held to (the coarser on a tie): the bar a verdict line shows."""
+    counts: dict[str, int] = {}
+    for d in tensor.values():
+        counts[d] = counts.get(d, 0) + 1
+    return max(counts, key=lambda d: (counts[d], coarseness(d))) if counts else default
 
 
 # ---------------------------------------------------------------------------- what a verdict covers
@@ -566,7 +580,7 @@ def check_dump(theirs: Dump, model: Transformer | None = None, reference: Dump |
     own: list[int] = []
     ref_model = None
     if model is not None:
-        ref_model = reference_model(model, judged.dtype)
+        ref_model = reference_model(model, judged.weights)
         for s, step_ids in enumerate(ids):
             try:
                 ref_model.check_ids(step_ids)

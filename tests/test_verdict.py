@@ -157,6 +157,12 @@ def test_a_declared_dtype_cannot_loosen_the_bar(model, ref_steps, tmp_path):
     report = check_dump(mixed, model, dtype="bfloat16")
     assert {r.rtol for r in report.rows} == {0.3} and report.bar.source == "from --dtype"
 
+    # declared finer than stored (a float64 run stored as float32): float32's bar, float64's weights
+    finer = write(tmp_path / "f.safetensors", ref_steps, dtype="float64")
+    judged = judge_bar(finer)
+    assert (judged.dtype, judged.weights) == ("float32", "float64") and "declares float64" in judged.source
+    assert check_dump(finer, model).exit_code == 0
+
 
 dtypes = st.sampled_from(["float64", "float32", "float16", "bfloat16"])
 
