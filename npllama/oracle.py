@@ -285,7 +285,7 @@ def model_sha256(path: str | os.PathLike | None) -> str:
     files (shards), the SHA-256 of their ``sha256sum``-style listing, "<hex>  <name>\\n" by name."""
     from .formats import detect_format
     from .formats.hf import weight_files
-    from .weights import default_model_path, sha256_file
+    from .weights import cached_sha256, default_model_path
 
     path = Path(path) if path is not None else default_model_path()
     fmt, where = detect_format(path)
@@ -296,8 +296,8 @@ def model_sha256(path: str | os.PathLike | None) -> str:
     else:
         files = sorted(where.glob("consolidated.*.pth"))
     if len(files) == 1:
-        return sha256_file(files[0])
-    listing = "".join(f"{sha256_file(f)}  {f.name}\n" for f in sorted(files, key=lambda f: f.name))
+        return cached_sha256(files[0])
+    listing = "".join(f"{cached_sha256(f)}  {f.name}\n" for f in sorted(files, key=lambda f: f.name))
     return hashlib.sha256(listing.encode()).hexdigest()
 
 

@@ -8,6 +8,7 @@ import time
 import click
 
 from ..errors import InputError
+from ..formats.mapped import reading_progress
 from ..io import read_regular
 from .options import (backend_factory, backend_options, check_sampling, check_text, load_model, model_option,
                       sampling_options)
@@ -74,20 +75,24 @@ def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens,
         rendered = [render_prompt(run.model, text, system) for text in texts]
         inputs, stops = [text for text, _ in rendered], rendered[0][1]
     start = time.perf_counter()
+    reading = reading_progress(run.model, "prompt", enabled=not quiet)   # a mapped model's prefill
     if len(inputs) == 1:
         stream = generate_text(run.model, inputs[0], max_new_tokens, settings, seed, stop_ids=stops,
                                generate_fn=run.generate)
-        for piece in stream:
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
+        with reading as read:
+            for piece in stream:
+                read()                          # the bar ends with the first token
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
         click.echo()
         notes = [context_note(stream.generation)] if stream.stopped == CONTEXT_FULL else []
     else:
         stream = generate_text(run.model, inputs, max_new_tokens, settings, seed, stop_ids=stops,
                                generate_fn=run.generate)
         answers = [""] * len(inputs)
-        for pieces in stream:
-            answers = [a + p for a, p in zip(answers, pieces)]
+        with reading:
+            for pieces in stream:
+                answers = [a + p for a, p in zip(answers, pieces)]
         for r, (text, answer) in enumerate(zip(texts, answers)):
             click.echo(f"{'' if r == 0 else chr(10)}>>> {text}\n{answer}")
         notes = [f"prompt {r + 1}: {context_note(stream.generation, r)}"

@@ -15,7 +15,8 @@ import click
 import numpy as np
 
 from ..errors import InputError
-from .options import model_option
+from ..formats.mapped import reading_progress
+from .options import mapped_choice, model_option
 
 
 def parse_ids(value: str) -> list:
@@ -80,9 +81,10 @@ def check_against(against: str, model_path: str | None, reference_path: str | No
     reference = read_dump(reference_path) if reference_path is not None else None
     model = sha = None
     if reference is None:
-        model = load(model_path, progress=False, dtype=np.float64)    # the reference computes in float64
+        model = load(model_path, progress=False, dtype=np.float64, mapped=mapped_choice())  # the reference: float64
         sha = model_sha256(model_path)
-    report = check_dump(theirs, model, reference, isolate=isolate, dtype=dtype, model_sha256=sha)
+    with reading_progress(model, "reference"):          # a bar only for a mapped model
+        report = check_dump(theirs, model, reference, isolate=isolate, dtype=dtype, model_sha256=sha)
     ids = theirs.input_ids if theirs.input_ids is not None else reference.input_ids
     click.echo(f"{ids.shape[1]} tokens" + (f" x {ids.shape[0]} sequences" if ids.shape[0] > 1 else ""))
     click.echo()
@@ -144,14 +146,15 @@ def write_reference(model_path, prompt, ids, out, dtype: str) -> None:
     if prompt == "":
         raise click.UsageError("--prompt is empty: give some text to run")
     ids = parse_ids(ids) if ids is not None else None
-    model = load(model_path, progress=False, dtype=np.dtype(dtype))
+    model = load(model_path, progress=False, dtype=np.dtype(dtype), mapped=mapped_choice())
     if ids is None:
         prompt = DEFAULT_PROMPT if prompt is None else prompt
         if model.tokenizer is None:
             raise InputError("this checkpoint has no tokenizer: pass --ids")
         ids = model.tokenizer.encode(prompt)
     ids = model.check_ids(ids)
-    activations = trace(model, ids)
+    with reading_progress(model, "trace"):              # a bar only for a mapped model
+        activations = trace(model, ids)
     meta = dump_metadata(dtype, f"npllama {__version__}, the NumPy reference", prompt=prompt,
                          model=Path(model_path).name if model_path else DEFAULT_FILE,
                          model_sha256=model_sha256(model_path), rotary_dim=model.config.rotary_dim)

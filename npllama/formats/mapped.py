@@ -29,11 +29,13 @@ model again after changing its files.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -138,3 +140,53 @@ def place(tensors: Mapping[str, Any], mapped: bool, progress: Callable = lambda 
             t = as_mapped_weight(t) if mapped else read_into_memory(t)
         out[name] = t
     return out
+
+
+# ---------------------------------------------------------------------------- progress of long passes
+def mapped_bytes(model) -> int:
+    """Bytes of mapped weights one forward pass of the model reads (every mapped matrix once)."""
+    from ..quant.matrix import QuantizedMatrix
+    seen, total = set(), 0
+    for layer in getattr(model, "layers", []):
+        for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3):
+            if isinstance(w, QuantizedMatrix) and w.mapped and id(w) not in seen:
+                seen.add(id(w))
+                total += w.nbytes
+    head = getattr(model, "output", None)
+    if isinstance(head, QuantizedMatrix) and head.mapped:
+        total += head.nbytes
+    return total
+
+
+@contextlib.contextmanager
+def reading_progress(model, desc: str = "forward pass", enabled: bool = True) -> Iterator[Callable[[], None]]:
+    """A progress bar on stderr over the mapped weights a long pass reads, while the block runs:
+    one forward pass (every mapped matrix once) fills it, and the next pass starts it again.
+    Nothing is shown for a model held in memory, or when not enabled. Yields ``close``, to end
+    the bar before the block does (generate closes it when the first token arrives)."""
+    total = mapped_bytes(model) if enabled else 0
+    if total == 0:
+        yield lambda: None
+        return
+    from tqdm.auto import tqdm
+
+    from ..quant import matrix
+
+    bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+               leave=False, dynamic_ncols=True)
+
+    def advance(n: int) -> None:
+        if bar.n + n > total:          # a new pass
+            bar.reset()
+        bar.update(n)
+
+    def close() -> None:
+        if advance in matrix.READ_HOOKS:
+            matrix.READ_HOOKS.remove(advance)
+            bar.close()
+
+    matrix.READ_HOOKS.append(advance)
+    try:
+        yield close
+    finally:
+        close()

@@ -32,7 +32,7 @@ Legend: out, in are the nn.Linear dimensions; rows are "out" (a GGUF row is one 
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -42,6 +42,10 @@ from .gguf_blocks import _dequantize_blocks, block_type
 # Weights dequantized at once by a product or a lookup: 1M float32 weights = 4 MiB of temporaries
 # (the LM head of SmolLM2-135M, 49152 x 576, is used in 28 pieces).
 WEIGHTS_PER_PIECE = 1 << 20
+
+# Called with the bytes of each piece of mapped rows a product reads (formats/mapped.py's
+# reading_progress shows a long pass over a large model this way); empty unless a bar is shown.
+READ_HOOKS: list[Callable[[int], None]] = []
 
 
 class MappedRows:
@@ -259,7 +263,11 @@ class QuantizedMatrix:
         first = 0
         for name, blocks in self.parts:
             for start in range(0, len(blocks), step):
-                yield first + start, to_float(name, blocks[start:start + step], self.n_in, self.dtype)
+                chunk = blocks[start:start + step]
+                if READ_HOOKS and is_mapped(blocks):
+                    for hook in READ_HOOKS:
+                        hook(chunk.nbytes)
+                yield first + start, to_float(name, chunk, self.n_in, self.dtype)
             first += len(blocks)
 
     def dequantize(self) -> np.ndarray:
@@ -285,10 +293,12 @@ class QuantizedMatrix:
         x = np.asarray(x)
         if x.shape[-1] != self.n_in:
             raise InputError(f"x @ w: x has {x.shape[-1]} features but w takes {self.n_in}")
-        y = np.empty((*x.shape[:-1], self.n_out), dtype=np.result_type(x.dtype, self.dtype))
+        dtype = np.result_type(x.dtype, self.dtype)
+        xt = np.ascontiguousarray(x.reshape(-1, self.n_in).T, dtype=dtype)      # (in, tokens)
+        yt = np.empty((self.n_out, xt.shape[1]), dtype=dtype)                   # (out, tokens)
         for first, rows in self.pieces():                        # rows: (k, in), outputs first..first+k
-            y[..., first:first + len(rows)] = x @ rows.T
-        return y
+            np.matmul(rows, xt, out=yt[first:first + len(rows)])  # each piece's outputs: contiguous rows
+        return yt.T.reshape(*x.shape[:-1], self.n_out)            # (..., out)
 
     def __getitem__(self, key):
         """Rows of the (out, in) weight: a slice gives a QuantizedMatrix of those rows (split_params),
