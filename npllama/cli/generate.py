@@ -74,6 +74,10 @@ def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens,
     if as_chat:
         rendered = [render_prompt(run.model, text, system) for text in texts]
         inputs, stops = [text for text, _ in rendered], rendered[0][1]
+    if run.name == "numpy":                     # work that would not fit is refused before it starts
+        from ..memory import check_generation_fits
+        longest = max(len(run.model.tokenizer.encode(text)) for text in inputs)
+        check_generation_fits(run.model, len(inputs), longest, max_new_tokens)
     start = time.perf_counter()
     reading = reading_progress(run.model, "prompt", enabled=not quiet)   # a mapped model's prefill
     if len(inputs) == 1:

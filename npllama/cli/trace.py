@@ -153,6 +153,9 @@ def write_reference(model_path, prompt, ids, out, dtype: str) -> None:
             raise InputError("this checkpoint has no tokenizer: pass --ids")
         ids = model.tokenizer.encode(prompt)
     ids = model.check_ids(ids)
+    from ..memory import check_call_fits, is_mapped, trace_bytes
+    check_call_fits(model, f"tracing {ids.shape[1]} tokens x {ids.shape[0]} in {dtype}",
+                    trace_bytes(model.config, *ids.shape, dtype, is_mapped(model)), "trace fewer tokens")
     with reading_progress(model, "trace"):              # a bar only for a mapped model
         activations = trace(model, ids)
     meta = dump_metadata(dtype, f"npllama {__version__}, the NumPy reference", prompt=prompt,

@@ -298,6 +298,7 @@ class QuantizedMatrix:
         yt = np.empty((self.n_out, xt.shape[1]), dtype=dtype)                   # (out, tokens)
         for first, rows in self.pieces():                        # rows: (k, in), outputs first..first+k
             np.matmul(rows, xt, out=yt[first:first + len(rows)])  # each piece's outputs: contiguous rows
+            del rows                                              # one piece at a time, not two
         return yt.T.reshape(*x.shape[:-1], self.n_out)            # (..., out)
 
     def __getitem__(self, key):
