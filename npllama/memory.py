@@ -12,7 +12,8 @@ The peak of a run is what is held throughout plus the largest moment of one forw
                    the LM head      logits (batch, tokens, vocab) in the compute dtype, and their
                                     float32 copy when that is float64
                    attention        the score matrix, 3.5 copies at once inside the softmax
-                                    (naive attention); one tile of scores (blockwise)
+                                    (naive attention); 2.9 tiles of scores beside q, k, v and
+                                    the output (blockwise)
                    the feed-forward 3.25 arrays of (batch, tokens, hidden_dim) at once: w1's and w3's
                                     outputs and SwiGLU's temporaries
                    plus the residual stream and its norm, and for a mapped model the piece of
@@ -87,13 +88,23 @@ def forward_bytes(args: ModelArgs, batch: int, tokens: int, kv_len: int | None =
         head = max(head, logits + rows * d * s + piece_bytes(args, dtype, piece_weights, head=True))
         ffn = max(ffn, 2 * rows * hid * s + piece_bytes(args, dtype, piece_weights))
     flash = attention == "flash" or (attention == "auto" and kv_len >= FLASH_MIN_LEN and tokens > 1)
-    if flash:
-        scores = 3 * batch * args.n_heads * min(tokens, BLOCK_Q) * min(kv_len, BLOCK_K) * f
-        scores += 3 * rows * args.n_heads * args.head_dim * f      # the tile's accumulators and the output
+    if flash:                                      # 2.9 tiles of scores beside q, k, v and the output
+        qkv = rows * (2 * args.n_heads + 2 * args.n_kv_heads) * args.head_dim * s
+        scores = 29 * batch * args.n_heads * largest_tile(tokens, kv_len) * f // 10 + qkv
     else:
         scores = 7 * batch * args.n_heads * tokens * kv_len * f // 2
     # beside the head: the residual stream and its norm; beside the rest: also the sublayer's output
     return max(head + 2 * stream, scores + 3 * stream, ffn + 3 * stream)
+
+
+def largest_tile(tokens: int, kv_len: int) -> int:
+    """Scores in the largest tile blockwise causal attention computes: BLOCK_Q queries by at most
+    BLOCK_K keys, each query tile reading only keys up to its last query (npllama.attention)."""
+    largest, offset = 0, kv_len - tokens
+    for first in range(0, tokens, BLOCK_Q):
+        rows = min(BLOCK_Q, tokens - first)
+        largest = max(largest, rows * min(BLOCK_K, max(0, offset + first + rows)))
+    return largest
 
 
 def piece_bytes(args: ModelArgs, dtype=np.float32, piece_weights: int = 1 << 20, head: bool = False) -> int:
@@ -215,8 +226,9 @@ def check_fits(need: int, what: str, fits: str = "", available: int | None = Non
     available = available_bytes() if available is None else available
     if available is None or need + RESERVE_BYTES <= available:
         return
-    raise InputError(f"{what} needs about {gib(need)} of memory at its peak, and {gib(available)} are available "
-                     f"(MemAvailable and the cgroup's memory.max){'; ' + fits if fits else ''}")
+    raise InputError(f"{what} needs about {gib(need)} of memory at its peak (and {gib(RESERVE_BYTES)} for Python and "
+                     f"its libraries), but {gib(available)} are available (MemAvailable and the cgroup's "
+                     f"memory.max){'; ' + fits if fits else ''}")
 
 
 def fitting_length(args: ModelArgs, batch: int, prompt: int, dtype, mapped: bool, weights: int,
