@@ -9,6 +9,7 @@ in bench/.models/ (git-ignored; 2.5 GB and 16 GB) and are never committed.
     .venv/bin/python bench/bench_sizes.py make [--shapes 1b 8b]
     .venv/bin/python bench/bench_sizes.py load --shape 1b [--repeats 3]      # load + one forward
     .venv/bin/python bench/bench_sizes.py decode --shape 8b [--tokens 4]
+    .venv/bin/python bench/bench_sizes.py command -- .venv/bin/npllama trace -m bench/.models/llama-8b-bf16 ...
 
 ``load``: npllama.load plus one forward pass over a 32-token prompt, against transformers'
 from_pretrained plus the same forward (bfloat16, and float32 for 1B), each in a fresh process, one
@@ -84,11 +85,20 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
-def random_bf16(rng: np.random.Generator, n: int, name: str) -> np.ndarray:
-    """n bfloat16 bit patterns: norms 1.0, weights N(0, 0.02) (truncated to bfloat16)."""
+POOL = 1 << 26   # bfloat16 values drawn once; every tensor is read out of them at random offsets
+
+
+def random_bf16(rng: np.random.Generator, n: int, name: str, pool: list) -> np.ndarray:
+    """n bfloat16 bit patterns: norms 1.0, weights N(0, 0.02) (truncated to bfloat16), taken from a
+    pool of POOL draws at a random offset (drawing 8G values for the 8B shape would take longer
+    than writing them)."""
     if "norm" in name:
         return np.full(n, 0x3F80, dtype=np.uint16)
-    return (rng.standard_normal(n, dtype=np.float32) * np.float32(0.02)).view(np.uint32).__rshift__(16).astype(np.uint16)
+    if not pool:
+        draws = rng.standard_normal(2 * POOL, dtype=np.float32) * np.float32(0.02)
+        pool.append((draws.view(np.uint32) >> 16).astype(np.uint16))
+    start = int(rng.integers(0, POOL))
+    return pool[0][start:start + n]
 
 
 def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rng: np.random.Generator) -> None:
@@ -102,12 +112,13 @@ def write_safetensors(path: Path, tensors: list[tuple[str, tuple[int, ...]]], rn
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     tmp = path.with_name(path.name + ".part")
+    pool: list = []
     with open(tmp, "wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
         for name, shape in tensors:
             n = int(np.prod(shape))
-            for start in range(0, n, 1 << 26):
-                f.write(random_bf16(rng, min(1 << 26, n - start), name).tobytes())
+            for start in range(0, n, POOL):
+                f.write(random_bf16(rng, min(POOL, n - start), name, pool).tobytes())
     tmp.replace(path)
 
 
@@ -276,6 +287,96 @@ def measure_load(shape: str, repeats: int, systems: list[str]) -> None:
     print(f"\nload average at the end: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 
+DECODE_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[3])
+import numpy as np
+import npllama
+from npllama.formats.mapped import mapped_bytes
+model = npllama.load(sys.argv[1], progress=False)
+ids = (np.arange(PROMPT_LEN) * 7919 % 128000)[None]
+cache = model.new_cache(1, PROMPT_LEN + int(sys.argv[2]) + 1)
+started = time.perf_counter()
+logits = model(ids, cache=cache)
+prefilled = time.perf_counter()
+for _ in range(int(sys.argv[2])):
+    logits = model(np.array([[int(logits[0, -1].argmax())]]), cache=cache)
+done = time.perf_counter()
+print(json.dumps({"prefill": prefilled - started, "decode": (done - prefilled) / int(sys.argv[2]),
+                  "bytes": mapped_bytes(model)}))
+""".replace("PROMPT_LEN", str(PROMPT_LEN))
+
+
+def read_bandwidth(folder: Path) -> float:
+    """Bytes per second at which NumPy reads the folder's weight files through read-only memory maps
+    (the page cache, as a mapped model reads them): one pass summing them as uint64, best of two."""
+    import mmap
+    best = 0.0
+    for _ in range(2):
+        total, start = 0, time.perf_counter()
+        for f in sorted(folder.glob("*.safetensors")):
+            with open(f, "rb") as src:
+                region = mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ)
+                data = np.frombuffer(region, dtype=np.uint8)
+                words = data[: len(data) // 8 * 8].view(np.uint64)
+                for i in range(0, len(words), 1 << 24):
+                    words[i:i + (1 << 24)].sum()
+                total += len(data)
+                del data, words
+                region.close()
+        best = max(best, total / (time.perf_counter() - start))
+    return best
+
+
+def measure_decode(shape: str, tokens: int) -> None:
+    """Greedy decoding after the 32-token prompt, tokens/s, against its bound (see the docstring)."""
+    folder = make(shape)
+    print(host_line())
+    print(f"command: .venv/bin/python bench/bench_sizes.py decode --shape {shape} --tokens {tokens}")
+    print(f"page cache warmed once: {warm(folder):.1f} s to read {folder.name}")
+    before = read_bandwidth(folder)
+    proc = subprocess.Popen([sys.executable, "-c", DECODE_CHILD, str(folder), str(tokens), str(ROOT)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            now = anonymous_bytes(proc.pid)
+            peak[0] = max(peak[0], now or 0)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    sampler.join()
+    if proc.returncode != 0:
+        raise SystemExit(stderr.strip()[-2000:])
+    out = json.loads(stdout.strip().splitlines()[-1])
+    after = read_bandwidth(folder)
+    bandwidth = (before + after) / 2
+    bound = bandwidth / out["bytes"]
+    print(f"mapped read bandwidth (NumPy over the page cache): {before / 1e9:.1f} GB/s before, {after / 1e9:.1f} after\n")
+    print("| decode | tok/s | s/token | bytes read per token | bound, tok/s | of the bound | prefill (32 tokens), s | peak anonymous, GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| npllama mapped, float32 | {1 / out['decode']:.3f} | {out['decode']:.1f} | {out['bytes'] / 1e9:.1f} GB | "
+          f"{bound:.3f} | {100 / out['decode'] / bound:.0f}% | {out['prefill']:.1f} | {peak[0] / 2**30:.2f} |")
+    print(f"\nload average at the end: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}")
+
+
+def measure_command(command: list[str]) -> None:
+    """Any command (an npllama command line), timed, with its peak anonymous memory."""
+    print(host_line())
+    print(f"command: {' '.join(command)}")
+    start = time.perf_counter()
+    proc = subprocess.Popen(command)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, anonymous_bytes(proc.pid) or 0)
+        time.sleep(0.05)
+    print(f"exit {proc.returncode}; {time.perf_counter() - start:.1f} s; peak anonymous {peak / 2**30:.2f} GiB; "
+          f"load average at the end: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -287,6 +388,11 @@ def main() -> None:
     ld.add_argument("--systems", nargs="+", default=None,
                     help="npllama[:load kwargs], transformers-bfloat16, transformers-float32 "
                          "(default: all three for 1b, npllama and transformers-bfloat16 for 8b)")
+    dc = sub.add_parser("decode", help="decode tokens/s of a mapped model against its bound")
+    dc.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    dc.add_argument("--tokens", type=int, default=4)
+    cm = sub.add_parser("command", help="time a command line and sample its peak anonymous memory")
+    cm.add_argument("argv", nargs=argparse.REMAINDER)
     args = ap.parse_args()
     if args.command == "make":
         for shape in args.shapes:
@@ -295,6 +401,10 @@ def main() -> None:
         systems = args.systems or (["npllama", "transformers-bfloat16", "transformers-float32"] if args.shape == "1b"
                                    else ["npllama", "transformers-bfloat16"])
         measure_load(args.shape, args.repeats, systems)
+    elif args.command == "decode":
+        measure_decode(args.shape, args.tokens)
+    else:
+        measure_command([a for a in args.argv if a != "--"])
 
 
 if __name__ == "__main__":
