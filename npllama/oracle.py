@@ -225,21 +225,21 @@ def coarser(a: str, b: str) -> str:
 BLOCKS_MAX_CALLS = 2
 
 
-def load_reference(path: str | os.PathLike | None, calls: int) -> Transformer:
+def load_reference(path: str | os.PathLike | None, calls: int, mapped: bool | None = None) -> Transformer:
     """The model the reference computes with, in float64, for a run of ``calls`` forward calls.
 
     A GGUF file checked over a call or two keeps its quantized blocks, each product dequantizing
     a piece of rows at a time (npllama.quant.matrix): the same float32 weights widened exactly, in
     a tenth of the memory, and no float64 copy of the model to allocate, which is most of a
     check's time. Over more calls (decode steps) that dequantizing would cost more than the copy,
-    so every weight is expanded once.
+    so every weight is expanded once. mapped: npllama.load's (None: by the model's size).
     """
     from .formats import detect_format, load
     from .weights import default_model_path
 
     where = Path(path) if path is not None else default_model_path()
     blocks = detect_format(where)[0] == "gguf" and calls <= BLOCKS_MAX_CALLS
-    return load(where, progress=False, dtype=np.float64, weights="gguf" if blocks else "float32")
+    return load(where, progress=False, dtype=np.float64, weights="gguf" if blocks else "float32", mapped=mapped)
 
 
 def reference_model(model: Transformer, dtype="float64") -> Transformer:
@@ -956,7 +956,7 @@ def model_sha256(path: str | os.PathLike | None) -> str:
     files (shards), the SHA-256 of their ``sha256sum``-style listing, "<hex>  <name>\\n" by name."""
     from .formats import detect_format, resolve
     from .formats.hf import weight_files
-    from .weights import sha256_file
+    from .weights import cached_sha256
 
     fmt, where = detect_format(resolve(path))
     if fmt == "gguf":
@@ -966,8 +966,8 @@ def model_sha256(path: str | os.PathLike | None) -> str:
     else:
         files = sorted(where.glob("consolidated.*.pth"))
     if len(files) == 1:
-        return sha256_file(files[0])
-    listing = "".join(f"{sha256_file(f)}  {f.name}\n" for f in sorted(files, key=lambda f: f.name))
+        return cached_sha256(files[0])
+    listing = "".join(f"{cached_sha256(f)}  {f.name}\n" for f in sorted(files, key=lambda f: f.name))
     return hashlib.sha256(listing.encode()).hexdigest()
 
 

@@ -13,11 +13,15 @@ SHA-256, into ``weights/llama3.2-tokenizer/`` (the tests compare the two files o
 
 Weights live in ``weights/`` at the repository root, or in the directory named by the
 environment variable ``NPLLAMA_WEIGHTS``.
+
+A checkpoint's SHA-256 (recorded by ``npllama trace``) is remembered by the file's size and
+modification time (``cached_sha256``): hashing a 16 GB checkpoint costs 10-30 s, a look-up nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +29,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, NpllamaError
 from .io import atomic_write
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -158,6 +162,59 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+HASH_CACHE_ENTRIES = 256   # files remembered; the oldest are forgotten first
+
+
+def hash_cache_path() -> Path:
+    """The JSON file that remembers checkpoints' SHA-256: sha256.json in $NPLLAMA_CACHE, else in
+    npllama/ under $XDG_CACHE_HOME (default ~/.cache)."""
+    folder = os.environ.get("NPLLAMA_CACHE")
+    if not folder:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        folder = os.path.join(base, "npllama")
+    return Path(folder) / "sha256.json"
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256_file(path), remembered under the file's real path by its size, modification time
+    (nanoseconds) and inode: a file rewritten or replaced gets a new time or inode and is hashed
+    again. A cache that cannot be read is ignored, and one that cannot be written is not written:
+    the hash is then computed every time, never wrong."""
+    path = Path(path)
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    cache_file = hash_cache_path()
+    entries = _read_hash_cache(cache_file)
+    known = entries.get(real)
+    if isinstance(known, dict) and all(known.get(k) == v for k, v in key.items()) \
+            and isinstance(known.get("sha256"), str):
+        return known["sha256"]
+    digest = sha256_file(path)
+    if os.stat(real).st_mtime_ns != st.st_mtime_ns:    # changed while being hashed: do not remember it
+        return digest
+    entries.pop(real, None)
+    entries[real] = {**key, "sha256": digest}
+    while len(entries) > HASH_CACHE_ENTRIES:
+        entries.pop(next(iter(entries)))
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(cache_file, "w") as f:
+            json.dump(entries, f, indent=1)
+    except (OSError, NpllamaError):
+        pass                                            # a cache that cannot be written is only slower
+    return digest
+
+
+def _read_hash_cache(cache_file: Path) -> dict:
+    try:
+        with open(cache_file, encoding="utf-8") as f:
+            entries = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
 
 
 if __name__ == "__main__":   # python -m npllama.weights: fetch the default model now

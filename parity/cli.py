@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from npllama.cli import STARTED
+from npllama.cli.options import mapped_choice, mapped_option
 from npllama.cli.trace import check_against, parse_ids, reference_option, show, verdict_options, view_option
 from npllama.io import atomic_write
 
@@ -30,6 +31,7 @@ from .train import TrainConfig, interrupted_message, setup, sample_text, summary
                                    "its dtype's tolerance.")
 @click.option("--model", "-m", "model_path", default=None, metavar="PATH",
               help="A Hugging Face folder, a Meta folder, or a .gguf file (default: SmolLM2-135M-Instruct).")
+@mapped_option
 @click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, cuda:1 ...")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]), default="float32",
               show_default=True, help="The Torch backend's dtype (the reference is npllama in float64). With "
@@ -93,7 +95,7 @@ def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isola
         text, ok = quant_parity(model_path, torch_device, torch_dtype, weights, prompt, ids, attention, isolate)
         click.echo(text)
         sys.exit(0 if ok else 1)
-    base = npllama.load(model_path, progress=False)
+    base = npllama.load(model_path, progress=False, mapped=mapped_choice())   # a large model stays in its files
     if ids is None:
         if base.tokenizer is None:
             raise click.UsageError("this checkpoint has no tokenizer: pass --ids")
@@ -102,7 +104,9 @@ def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isola
     del base
     reference = reference_of(model)
     ids = reference.check_ids(ids)
-    reports = [parity_report(model, ids, attention, reference, isolate=isolate)]
+    from npllama.formats.mapped import reading_progress
+    with reading_progress(reference, "reference"):          # a bar only for a mapped model
+        reports = [parity_report(model, ids, attention, reference, isolate=isolate)]
     if with_hf:
         try:
             reports.append(transformers_report(model, ids, reference))

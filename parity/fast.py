@@ -144,6 +144,10 @@ class FastWeights(nn.Module):
         if getattr(model, "weights", "float32") != "float32":
             self._from_quantized(model)
             return
+        from .mapped import has_mapped
+        if has_mapped(model):
+            raise InputError("the fast path fuses the weights into new tensors, and this model's are left in their "
+                             "files (mapped, too large to copy); use the plain model, or load with mapped=False")
         first = next(iter(model.state_dict().values()))
         cpu_wide = first.device.type == "cpu" and first.dtype in (torch.float32, torch.float64)
         self.in_out = layout == "in_out" or (layout == "auto" and cpu_wide)

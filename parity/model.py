@@ -39,6 +39,7 @@ from npllama.params import check_params
 
 from .attention import flash_attention, naive_attention, sdpa_attention
 from .cache import KVCache
+from .mapped import mapped_weight
 from .mlp import feed_forward, linear
 from .norm import rms_norm
 from .rope import apply_rotary_emb, rope_cos_sin, rope_init
@@ -153,6 +154,11 @@ def rotary_angles(args: ModelArgs, positions: np.ndarray, mask: np.ndarray, dtyp
     return cos[:, None], sin[:, None]
 
 
+def embedding(ids: torch.Tensor, weight: "torch.Tensor | nn.Module") -> torch.Tensor:
+    """The rows of ids in the table: F.embedding, or a mapped table's own lookup (parity.mapped)."""
+    return F.embedding(ids, weight) if isinstance(weight, torch.Tensor) else weight.rows(ids)
+
+
 def _host(mask):
     """An attention mask given as a tensor (on any device) or array-like, as a host array, or None."""
     if isinstance(mask, torch.Tensor):
@@ -186,11 +192,11 @@ class RMSNorm(nn.Module):
 
 
 class Embedding(nn.Module):
-    """The token embedding table (vocab, dim)."""
+    """The token embedding table (vocab, dim); or a MappedWeight, left in its file (parity.mapped)."""
 
-    def __init__(self, weight: torch.Tensor, requires_grad: bool = False):
+    def __init__(self, weight: "torch.Tensor | nn.Module", requires_grad: bool = False):
         super().__init__()
-        self.weight = _param(weight, requires_grad)
+        self.weight = weight if isinstance(weight, nn.Module) else _param(weight, requires_grad)
 
 
 class Attention(nn.Module):
@@ -225,7 +231,8 @@ class Transformer(nn.Module):
     """A LLaMA-family model in Torch: ``model(ids)`` and ``model(ids, cache=cache)`` give logits.
 
     params: checkpoint names -> NumPy arrays or tensors in (out, in) layout (as npllama's loaders
-    and npllama.Transformer.state_dict give them). They are copied to ``device`` in ``dtype``.
+    and npllama.Transformer.state_dict give them). They are copied to ``device`` in ``dtype``; a
+    matrix npllama left in its file stays there (parity.mapped.MappedWeight, on the CPU).
     quantize: None, or a parity.quant.Quantizer: every projection's weight (the LM head too, tied
     or not) becomes its quantized module; the embedding table stays floats.
     """
@@ -238,10 +245,16 @@ class Transformer(nn.Module):
         self.config = args
         self.tokenizer = tokenizer
         self.source = source               # what run-time errors name (parity.numerics)
-        def tensor(name: str) -> torch.Tensor | None:
+        def tensor(name: str) -> "torch.Tensor | nn.Module | None":
             if name not in params:
                 return None
             a = params[name]
+            mapped = None if quantize else mapped_weight(a, dtype, device or "cpu")
+            if mapped is not None:
+                if requires_grad:
+                    raise InputError(f"{name} is left in its file (a read-only memory map) and cannot be "
+                                     f"trained; load the checkpoint with mapped=False")
+                return mapped
             a = a.detach() if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
             return a.to(device=device, dtype=dtype, copy=True).contiguous()
 
@@ -295,7 +308,7 @@ class Transformer(nn.Module):
                              f"choose one of {', '.join(ATTENTION_IMPLS)}")
         ids = self.check_ids(ids)
         ctx = self.prepare_call(ids, attention_mask, cache, attention, trace, given)
-        h = ctx.named(None, "tok_embeddings", F.embedding(ids, self.tok_embeddings.weight))   # (batch, seq, dim)
+        h = ctx.named(None, "tok_embeddings", embedding(ids, self.tok_embeddings.weight))     # (batch, seq, dim)
         for layer in self.layers:
             h = transformer_block(h, layer, ctx)
         if cache is not None:

@@ -62,9 +62,14 @@ def capture(model, ids, **kwargs) -> tuple[dict[str, np.ndarray], dict[str, str]
 
 
 def reference_of(model):
-    """npllama in float64 holding exactly the weights of a parity model (read back from its dtype)."""
+    """npllama in float64 holding exactly the weights of a parity model (read back from its dtype);
+    weights the twin left in their files (parity.mapped) are npllama's own mapped matrices, made
+    float64 a piece at a time: the stored values, which the twin's dtype holds exactly when it is
+    at least as wide as the file's (bfloat16 in float32 or bfloat16)."""
     from npllama.model import Transformer as NumpyTransformer
+    from .mapped import mapped_params
     params = {k: v.detach().to("cpu", torch.float64).numpy() for k, v in model.state_dict().items()}
+    params.update(mapped_params(model))
     return NumpyTransformer(model.config, params, model.tokenizer, dtype=np.float64)
 
 
@@ -127,6 +132,9 @@ def transformers_twin(model):
     except ImportError as e:
         raise NotComparable(f"transformers is not installed ({e})") from None
     args = model.config
+    from .mapped import has_mapped
+    if has_mapped(model):
+        raise NotComparable("the weights are left in their files (mapped); run transformers on the folder itself")
     if args.partial_rotary_factor != 1.0:
         raise NotComparable("LlamaForCausalLM rotates whole heads; this model has partial rotary")
     if args.attention_bias != args.attention_out_bias:

@@ -12,6 +12,12 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # no model hub at run time: everything is local
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if "NPLLAMA_CACHE" not in os.environ:                  # npllama's own cache (checkpoint hashes): not the user's
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["NPLLAMA_CACHE"] = tempfile.mkdtemp(prefix="npllama-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["NPLLAMA_CACHE"], True)
 
 
 import signal  # noqa: E402

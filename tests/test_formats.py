@@ -19,7 +19,7 @@ import npllama
 from npllama.formats.meta import meta_hidden_dim
 from npllama.errors import CheckpointError, ConfigError, NpllamaError
 from npllama.formats import detect_format
-from npllama.formats.meta import read_torch_zip
+from npllama.formats.torch_save import read_torch_zip
 from npllama.formats.permute import permute_to_half, permute_to_interleaved
 from npllama.rope import apply_rotary_emb, default_inv_freq, rope_cos_sin
 from npllama.tolerances import FORMAT_VS_TRANSFORMERS_RTOL as RTOL

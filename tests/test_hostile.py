@@ -176,7 +176,7 @@ def test_a_refused_pickle_leaves_no_trace_in_the_process(tiny, target, state, th
 
 
 def test_the_stand_ins_are_fresh_for_every_load_and_refuse_changes():
-    from npllama.formats.meta import allowed_globals
+    from npllama.formats.torch_save import allowed_globals
 
     first, second = allowed_globals("a"), allowed_globals("b")
     assert all(first[k] is not second[k] for k in first)
@@ -281,7 +281,7 @@ def test_pth_views_of_one_storage_hold_at_most_twice_its_elements(tmp_path_facto
     elements; then the file is refused (3000 views of one storage filled 8 GB)."""
     import torch
 
-    from npllama.formats.meta import read_torch_zip
+    from npllama.formats.torch_save import read_torch_zip
 
     base = torch.arange(48, dtype=torch.float32)
     sd = {f"v{i}": base[start:start + n] for i, (start, n) in enumerate(views)}
@@ -328,7 +328,7 @@ def test_metadata_npllama_does_not_read_is_skipped_not_built(tiny, n):
 @examples(3)
 @given(extra=st.integers(1, 1 << 20))
 def test_more_strings_than_any_vocabulary_has_are_refused_before_parsing(tiny, extra):
-    from npllama.formats.gguf import MAX_STRINGS
+    from npllama.formats.gguf_reader import MAX_STRINGS
 
     kv, tensors = tiny["spec"]
     path = tiny["root"] / "manystrings.gguf"
@@ -356,7 +356,7 @@ def test_a_pickle_of_no_op_opcodes_is_scanned_in_constant_memory(tiny, n, op):
 
 
 def test_a_pickle_larger_than_any_state_dict_is_refused_unread(tiny):
-    from npllama.formats.meta import MAX_PICKLE_BYTES
+    from npllama.formats.torch_save import MAX_PICKLE_BYTES
 
     folder = fresh(tiny, "meta", "bigpkl")
     member, pkl = data_pkl(folder / "consolidated.00.pth")

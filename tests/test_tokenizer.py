@@ -9,7 +9,8 @@ import sentencepiece as spm
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from npllama.errors import TokenizerError
-from npllama.formats.gguf import open_gguf, read_metadata
+from npllama.formats.gguf import read_metadata
+from npllama.formats.gguf_reader import open_gguf
 from npllama.formats.gguf_vocab import gguf_tokenizer
 from npllama.formats.gguf_vocab import tokenizer_from_vocab
 from npllama.tokenizer import StreamDecoder, Tokenizer

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import CheckpointError
-from .options import model_option
+from .options import mapped_choice, model_option
 
 
 @click.command(name="convert", help="Convert a checkpoint to grouped-query (or multi-query) attention: "
@@ -29,7 +29,7 @@ def convert(model_path, kv_heads, out, overwrite):
         raise CheckpointError(f"{out} already exists and is not empty; choose a new output folder "
                               f"(or pass --overwrite)")
     check_writable(out, folder=True)          # before the slow load
-    model = load(model_path)
+    model = load(model_path, mapped=mapped_choice())
     args = model.config
     new_args, params = convert_kv_heads(args, model.state_dict(), kv_heads)
     folder = save_checkpoint(out, new_args, params, tokenizer_from=model_path, tokenizer=model.tokenizer,

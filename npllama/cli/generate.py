@@ -9,6 +9,7 @@ import time
 import click
 
 from ..errors import InputError
+from ..formats.mapped import reading_progress
 from ..io import read_regular
 from ..memory import DEFAULT_BATCH_MIB
 from .options import (backend_factory, backend_options, check_positive, check_sampling, check_text, load_model,
@@ -105,10 +106,14 @@ def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens,
     if as_chat:
         rendered = [render_prompt(run.model, text, system) for text in texts]
         inputs, stops = [text for text, _ in rendered], rendered[0][1]
+    if run.name == "numpy":                     # work that would not fit is refused before it starts
+        from ..memory import check_generation_fits
+        longest = max(len(run.model.tokenizer.encode(text)) for text in inputs)
+        check_generation_fits(run.model, 1, longest, max_new_tokens)   # --prompts batches plan their own
     interrupted = False
     try:
         if len(inputs) == 1:
-            stream_one(run, inputs[0], max_new_tokens, settings, seed, stops, timing)
+            stream_one(run, inputs[0], max_new_tokens, settings, seed, stops, timing, progress=not quiet)
         else:
             stream_batches(run, texts, inputs, max_new_tokens, settings, seed, stops, batch_memory << 20, timing)
     except KeyboardInterrupt:
@@ -120,16 +125,19 @@ def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens,
         sys.exit(INTERRUPTED)
 
 
-def stream_one(run, text: str, max_new_tokens, settings, seed, stops, timing: Timing) -> None:
-    """One prompt: its answer streamed piece by piece as it is generated."""
+def stream_one(run, text: str, max_new_tokens, settings, seed, stops, timing: Timing, progress: bool = True) -> None:
+    """One prompt: its answer streamed piece by piece as it is generated (a mapped model's prompt
+    pass shows a bar, which ends with the first token)."""
     from ..generate import CONTEXT_FULL, generate_text
 
     stream = generate_text(run.model, text, max_new_tokens, settings, seed, stop_ids=stops,
                            generate_fn=run.generate)
     try:
-        for piece in stream:
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
+        with reading_progress(run.model, "prompt", enabled=progress) as read:
+            for piece in stream:
+                read()
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
         click.echo()
         if stream.stopped == CONTEXT_FULL:
             click.secho(context_note(stream.generation), err=True, fg="yellow")

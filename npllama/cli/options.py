@@ -13,6 +13,11 @@ blocks, kept quantized (the numpy backend dequantizes them a piece at a time; th
 runs them through its int4 kernel where they fit it). "int8", "int4": the torch backend's
 weight-only kernels on the checkpoint's floats.
 
+Where the weights live (``--mapped/--no-mapped``, with --model): left in their files behind a
+memory map and made float a piece at a time when used, or read into memory; by default mapped
+when the model's float32 form is 1 GiB or more (npllama/formats/mapped.py). It is independent of
+--weights.
+
 Every option is checked before the model loads (backend_factory, check_sampling): a typo costs a
 second, not a load.
 """
@@ -65,10 +70,30 @@ def check_backend_weights(backend: str, weights: str) -> None:
 
 def load_model(model_path, backend: str = "numpy", weights: str = "float32", **kwargs):
     """The NumPy model a backend with these --weights starts from: the GGUF blocks kept for "gguf",
-    floats otherwise (kwargs go to npllama.formats.load)."""
+    floats otherwise, mapped as --mapped/--no-mapped says (kwargs go to npllama.formats.load)."""
     from ..formats import load
     check_backend_weights(backend, weights)
+    kwargs.setdefault("mapped", mapped_choice())
     return load(model_path, weights="gguf" if weights == "gguf" else "float32", **kwargs)
+
+
+MAPPED = "npllama.mapped"   # ctx.meta key: --mapped (True), --no-mapped (False), or neither (None)
+
+
+def mapped_choice() -> bool | None:
+    """What --mapped/--no-mapped said for the running command (None: not given, or no command)."""
+    ctx = click.get_current_context(silent=True)
+    return None if ctx is None else ctx.meta.get(MAPPED)
+
+
+def mapped_option(f):
+    """--mapped/--no-mapped, kept in the command's context for load_model (mapped_choice)."""
+    def remember(ctx, param, value):
+        ctx.meta[MAPPED] = value
+    return click.option("--mapped/--no-mapped", default=None, expose_value=False, callback=remember,
+                        is_eager=True,
+                        help="Leave the weights in their files (memory-mapped, made float a piece at a time) "
+                             "or read them into memory (default: mapped from 1 GiB of float32 weights up).")(f)
 
 
 def backend_factory(name: str, device: str | None = None, dtype: str | None = None,
@@ -145,6 +170,7 @@ def run_checkpoint(path: str | None) -> str | None:
 
 
 def model_option(f):
+    f = mapped_option(f)
     return click.option("--model", "-m", "model_path", default=None, metavar="PATH",
                         callback=lambda ctx, param, value: run_checkpoint(value),
                         help="A Hugging Face folder, a Meta folder, a .gguf file, or a Hugging Face Hub id "

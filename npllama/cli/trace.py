@@ -16,7 +16,8 @@ import click
 import numpy as np
 
 from ..errors import InputError
-from .options import model_option
+from ..formats.mapped import reading_progress
+from .options import mapped_choice, model_option
 
 
 def parse_ids(value: str) -> list:
@@ -97,10 +98,11 @@ def check_against(against: str, model_path: str | None, reference_path: str | No
     reference = read_dump(reference_path) if reference_path is not None else None
     model = sha = None
     if reference is None:
-        model = load_reference(model_path, calls=len(theirs.steps))    # the reference computes in float64
+        model = load_reference(model_path, calls=len(theirs.steps), mapped=mapped_choice())   # float64
         sha = model_sha256(model_path)
-    report = check_dump(theirs, model, reference, isolate=isolate, dtype=dtype, model_sha256=sha, only=only,
-                        last_only=last_only, default_model=model_path is None and reference is None)
+    with reading_progress(model, "reference"):          # a bar only for a mapped model
+        report = check_dump(theirs, model, reference, isolate=isolate, dtype=dtype, model_sha256=sha, only=only,
+                            last_only=last_only, default_model=model_path is None and reference is None)
     if as_json:
         click.echo(json.dumps(report_data(report), indent=1))
     else:
@@ -190,7 +192,8 @@ def write_reference(model_path, prompt, ids, out, dtype: str, decode: int = 0) -
     # computed as `--against` recomputes it (oracle.load_reference), so a dump checked against itself is exact
     where = Path(model_path) if model_path is not None else default_model_path()
     blocks = detect_format(where)[0] == "gguf" and decode + 1 <= BLOCKS_MAX_CALLS
-    model = load(where, progress=False, dtype=np.dtype(dtype), weights="gguf" if blocks else "float32")
+    model = load(where, progress=False, dtype=np.dtype(dtype), weights="gguf" if blocks else "float32",
+                 mapped=mapped_choice())
     what = "--ids" if ids is not None else "the prompt"
     if ids is None:
         prompt = TRACE_PROMPT if prompt is None else prompt
@@ -198,8 +201,12 @@ def write_reference(model_path, prompt, ids, out, dtype: str, decode: int = 0) -
             raise InputError("this checkpoint has no tokenizer: pass --ids")
         ids = model.tokenizer.encode(prompt)
     ids = model.check_ids(ids)
+    from ..memory import check_call_fits, is_mapped, trace_bytes
+    check_call_fits(model, f"tracing {ids.shape[1]} tokens x {ids.shape[0]} in {dtype}",
+                    trace_bytes(model.config, *ids.shape, dtype, is_mapped(model)), "trace fewer tokens")
     check_window(model, ids.shape[1] + decode, f"{what}{f' and --decode {decode}' if decode else ''}")
-    steps = trace_steps(model, ids, decode)
+    with reading_progress(model, "trace"):              # a bar only for a mapped model
+        steps = trace_steps(model, ids, decode)
     meta = dump_metadata(dtype, f"npllama {__version__}, the NumPy reference", prompt=prompt,
                          model=Path(model_path).name if model_path else DEFAULT_FILE,
                          model_sha256=model_sha256(model_path), rotary_dim=model.config.rotary_dim,

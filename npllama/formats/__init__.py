@@ -15,8 +15,13 @@ repository's snapshot in huggingface_hub's cache (hub.py; fetched when missing, 
 
 Each loader returns the weights in npllama's contract (params.py): Meta's names, nn.Linear's
 (out, in) layout, q/k rows in the rotate-half layout. The model never knows which file it came from.
+Where the weights live is a choice of its own (mapped.py): in memory, or left in the files behind
+a memory map and made float a piece at a time when used (``mapped=True``; by default for a model
+whose float32 form is 1 GiB or more).
 Shared by the loaders: names.py (the one table of tensor names), permute.py (rotary layouts),
-fields.py (typed config values); gguf_vocab.py rebuilds a GGUF file's tokenizer.
+fields.py (typed config values), mapped.py (memory maps), torch_save.py (torch.save zips without
+torch), gguf_reader.py (the hardened GGUF header reader); gguf_vocab.py rebuilds a GGUF file's
+tokenizer.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ WEIGHTS = ("float32", "gguf")
 
 
 def load(path: str | os.PathLike | None = None, *, progress: bool = True, dtype=np.float32,
-         weights: str = "float32") -> Transformer:
+         weights: str = "float32", mapped: bool | None = None) -> Transformer:
     """Load a checkpoint as a Transformer; ``path=None`` loads (and first fetches) the default model.
 
     path: a file or folder, or a Hugging Face Hub id (org/name, org/name@revision) when no such
@@ -50,8 +55,17 @@ def load(path: str | os.PathLike | None = None, *, progress: bool = True, dtype=
     weights: "float32" expands every tensor to floats (dtype); "gguf" keeps a GGUF file's blocks in
     memory and dequantizes each matrix a piece at a time when it is used (npllama.quant.matrix):
     memory about the file's size, the same logits as "float32" up to the order of summation.
+    mapped: where the weights live, apart from ``weights``. True: every matrix stays in its file
+    behind a read-only memory map and becomes dtype a piece at a time when used (the page cache
+    holds the file; only vectors and one piece at a time are in the process's memory). False: read
+    into memory. None (default): mapped when the model's float32 form is MAPPED_ABOVE (1 GiB) or
+    more. The logits are those of the in-memory model up to the order of float32 sums
+    (formats/mapped.py). A mapped model's weights are not read at load, so an inf or NaN in the
+    file shows at run time (npllama.numerics names where the numbers broke), not here.
     """
     check_weights(weights)
+    if mapped not in (None, True, False):
+        raise InputError(f"mapped must be None, True or False, got {mapped!r}")
     fmt, where = detect_format(resolve(path))
     if weights == "gguf" and fmt != "gguf":
         raise InputError(f"{where}: weights='gguf' keeps a GGUF file's quantized blocks, but this is a "
@@ -60,13 +74,13 @@ def load(path: str | os.PathLike | None = None, *, progress: bool = True, dtype=
     bar = _progress_bar if progress else _no_progress
     if fmt == "hf":
         from .hf import load_hf
-        args, params, tokenizer = load_hf(where, bar)
+        args, params, tokenizer = load_hf(where, bar, mapped)
     elif fmt == "meta":
         from .meta import load_meta
-        args, params, tokenizer = load_meta(where, bar)
+        args, params, tokenizer = load_meta(where, bar, mapped)
     else:
         from .gguf import load_gguf
-        args, params, tokenizer = load_gguf(where, bar, weights)
+        args, params, tokenizer = load_gguf(where, bar, weights, mapped)
     check_finite(params, where)
     if tokenizer is not None and tokenizer.vocab_size > args.vocab_size:
         raise CheckpointError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model embeds "
@@ -101,9 +115,12 @@ def check_weights(weights: str) -> None:
 
 
 def check_finite(params, source) -> None:
-    """A weight that is inf or NaN is a corrupt file, not a model: say which tensor."""
+    """A weight that is inf or NaN is a corrupt file, not a model: say which tensor. Matrices left
+    in a mapped file are not read here (that would read the whole file at load)."""
     from ..quant.matrix import QuantizedMatrix
     for name, array in params.items():
+        if isinstance(array, QuantizedMatrix) and array.mapped:
+            continue
         if not (array.all_finite() if isinstance(array, QuantizedMatrix) else np.isfinite(array).all()):
             raise CheckpointError(f"{source}: tensor {name!r} holds inf or NaN values; the file is corrupt")
 

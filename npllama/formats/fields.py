@@ -8,13 +8,26 @@ value becomes one ConfigError that names the file, the key and what was found.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..checks import is_int, is_number
 from ..config import ModelArgs
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..io import read_json as io_read_json
 
 _MISSING = object()
+
+
+def read_json(path: Path, required: bool = True) -> Any:
+    """A JSON file's value (npllama.io.read_json: a regular file, bounded in size and nesting);
+    None when absent and not required; CheckpointError when unreadable."""
+    if not os.path.lexists(path):
+        if required:
+            raise CheckpointError(f"{path}: missing")
+        return None
+    return io_read_json(path)
 
 
 class Fields:

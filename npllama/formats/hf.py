@@ -38,10 +38,12 @@ from ..chat_templates import MAX_TEMPLATE_CHARS, ChatTemplate
 from ..checks import is_int
 from ..config import ModelArgs
 from ..errors import CheckpointError, ConfigError, TokenizerError
-from ..io import open_regular, parse_json, read_json as io_read_json, read_regular, write_folder
+from ..io import open_regular, parse_json, read_regular, write_folder
 from ..params import check_params
 from ..tokenizer import Tokenizer, is_tiktoken_file
-from .fields import Fields, build_args, normalise_rope_scaling
+from .fields import Fields, build_args, normalise_rope_scaling, read_json
+from .mapped import MAPPABLE, as_mapped_weight, bf16_to_float32, choose_mapped, map_file, place, view
+from .torch_save import read_torch_zip
 from .names import rename
 
 _SKIP_RE = re.compile(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq")   # older checkpoints store it
@@ -51,22 +53,6 @@ _ST_DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<
 _ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
              "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
 MAX_HEADER = 100 * 1024 * 1024   # safetensors' own limit on the JSON header
-
-
-# ---------------------------------------------------------------------------- small readers
-def read_json(path: Path, required: bool = True) -> Any:
-    """A JSON file's value (npllama.io.read_json: a regular file, bounded in size and nesting);
-    None when absent and not required; CheckpointError when unreadable."""
-    if not os.path.lexists(path):
-        if required:
-            raise CheckpointError(f"{path}: missing")
-        return None
-    return io_read_json(path)
-
-
-def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32: bfloat16 is the top half of a float32."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
 # ---------------------------------------------------------------------------- config.json
@@ -227,6 +213,25 @@ def read_safetensors(path: Path, progress: Callable, names: set[str] | None = No
     return out
 
 
+def map_safetensors(path: Path, progress: Callable) -> dict[str, Any]:
+    """The tensors of one .safetensors file left in it: F32, F16 and BF16 matrices as mapped
+    QuantizedMatrix (formats/mapped.py), vectors and F64 tensors read into memory."""
+    header, start = read_safetensors_header(path)
+    region = map_file(path)
+    out: dict[str, Any] = {}
+    for name in progress(list(header), desc=f"Mapping {path.name}", unit="tensor"):
+        entry = header[name]
+        kind, (begin, _) = entry["dtype"], entry["data_offsets"]
+        if kind == "F64":
+            out[name] = read_safetensors(path, lambda it, **kw: it, {name})[name]
+        elif kind not in MAPPABLE:
+            raise CheckpointError(f"{path}: tensor {name!r} is {kind}; weights must be F32, F16, BF16 or F64")
+        else:
+            out[name] = as_mapped_weight(view(region, start + begin, kind, tuple(entry["shape"]),
+                                              f"{path}: tensor {name!r}"))
+    return out
+
+
 def weight_files(folder: Path) -> list[Path]:
     """model.safetensors, or the shards named by model.safetensors.index.json, or pytorch_model.bin."""
     single = folder / "model.safetensors"
@@ -267,8 +272,10 @@ def npllama_name(hf_name: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------- the loader
-def load_hf(folder: Path, progress: Callable):
-    """A transformers folder -> (ModelArgs, params in npllama names, Tokenizer or None)."""
+def load_hf(folder: Path, progress: Callable, mapped: bool | None = None):
+    """A transformers folder -> (ModelArgs, params in npllama names, Tokenizer or None).
+
+    mapped: leave the matrices in the weight files (formats/mapped.py); None: when the model is large."""
     cfg = read_json(folder / "config.json")
     check_model_type(cfg, folder / "config.json")
     args = build_args(args_from_config, folder / "config.json", cfg, str(folder / "config.json"))
@@ -278,13 +285,14 @@ def load_hf(folder: Path, progress: Callable):
         args = args.replace(bos_token_id=tokenizer.bos_id if tokenizer.bos_id is not None else args.bos_token_id,
                             eos_token_ids=tokenizer.eos_ids or args.eos_token_ids)
 
-    params: dict[str, np.ndarray] = {}
+    use_map = choose_mapped(mapped, args)
+    params: dict[str, Any] = {}
     for file in weight_files(folder):
         if file.suffix == ".bin":
-            from .meta import read_torch_zip
-            tensors = read_torch_zip(file)
+            tensors = read_torch_zip(file, mapped=use_map)
+            tensors = place(tensors, True) if use_map else tensors
         else:
-            tensors = read_safetensors(file, progress)
+            tensors = map_safetensors(file, progress) if use_map else read_safetensors(file, progress)
         for hf_name, array in tensors.items():
             try:
                 name = npllama_name(hf_name)

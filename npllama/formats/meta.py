@@ -3,23 +3,15 @@
 tokenizer.model is SentencePiece for Llama 1 / 2 and a tiktoken rank file for Llama 3 (told apart
 by its first line, see meta_tokenizer); params.json's use_scaled_rope marks Llama 3.1 and later.
 
-The .pth files are ``torch.save`` archives, read here without torch and without running any code
-from the file. A torch.save archive is a zip file:
-
-    <archive>/data.pkl       a pickle of the state dict; each tensor is a call
-                             torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)
-                             and each storage a persistent id ('storage', torch.BFloat16Storage, key,
-                             device, numel) naming the raw bytes in
-    <archive>/data/<key>     little-endian element bytes (<archive>/byteorder says "little")
-
-Unpickling normally imports and calls whatever globals the pickle names, which is how a hostile
-checkpoint runs code. :class:`RestrictedUnpickler` resolves only the handful of globals a weight
-file needs, to harmless numpy stand-ins, and refuses everything else with CheckpointError.
+The .pth files are ``torch.save`` archives, read without torch and without running any code from
+the file (torch_save.py); mapped, their tensors stay in the files (formats/mapped.py).
 
 Model parallelism. A model saved on n GPUs is n files, each holding a slice of every matrix along
 Meta's fairscale split: ColumnParallelLinear (wq, wk, wv, w1, w3, output) is split along rows
 (dim 0), RowParallelLinear (wo, w2) along columns (dim 1), the embedding along dim 1 (Llama 1/2's
 ParallelEmbedding) or dim 0 (Llama 3's VocabParallelEmbedding; told apart by shape); norms are copied.
+Mapped, the slices are joined without a copy: along rows as a stack of the shards' rows, along
+columns as rows read from every shard side by side, piece by piece (QuantizedMatrix.join_columns).
 
 Rotary layout: Meta rotates interleaved pairs, so wq and wk rows are permuted into the half layout,
 wk with n_kv_heads heads (see permute.py).
@@ -27,14 +19,7 @@ wk with n_kv_heads heads (see permute.py).
 
 from __future__ import annotations
 
-import collections
-import io
-import math
 import os
-import pickle
-import pickletools
-import re
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,9 +29,12 @@ from ..config import ModelArgs
 from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..tokenizer import Tokenizer, is_tiktoken_file
 from .fields import Fields, build_args
-from ..io import open_regular
-from .hf import bf16_to_float32, read_json
+from ..layout import concat_rows
+from ..quant.matrix import QuantizedMatrix
+from .fields import read_json
+from .mapped import choose_mapped, place
 from .permute import to_half_layout
+from .torch_save import read_torch_zip
 
 
 # ---------------------------------------------------------------------------- params.json
@@ -121,361 +109,15 @@ def meta_tokenizer(folder: Path, params_json: Any) -> Tokenizer | None:
     return Tokenizer.from_sentencepiece(path)
 
 
-# ---------------------------------------------------------------------------- torch.save without torch
-class _Frozen:
-    """A stand-in the pickle may call but never change: no attribute can be set, no state built.
-
-    A pickle's BUILD opcode sets state on whatever object is on its stack, including the objects
-    find_class hands out. Every stand-in refuses it (and each load gets fresh ones, see
-    RestrictedUnpickler), so a refused file cannot leave a changed stand-in for the next load.
-    """
-    __slots__ = ()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise CheckpointError(f"the pickle tries to set {name!r} on {self!r}; a weight file never does, refusing it")
-
-    def __setstate__(self, state: Any) -> None:
-        raise CheckpointError(f"the pickle tries to set the state of {self!r}; a weight file never does, refusing it")
-
-    def __reduce__(self):
-        raise TypeError(f"{self!r} is npllama's stand-in for a torch global and cannot be pickled")
-
-
-class _StorageType(_Frozen):
-    """Stands in for torch.FloatStorage & co: only says which dtype the raw bytes hold."""
-    __slots__ = ("name", "dtype")
-
-    def __init__(self, name: str, dtype: str):
-        object.__setattr__(self, "name", name)
-        object.__setattr__(self, "dtype", np.dtype(dtype))
-
-    def __call__(self, *args, **kwargs):
-        raise CheckpointError(f"the checkpoint tries to construct torch.{self.name} directly; refused")
-
-    def __repr__(self) -> str:
-        return f"torch.{self.name}"
-
-
-_STORAGE_DTYPES = {
-    "DoubleStorage": "<f8", "FloatStorage": "<f4", "HalfStorage": "<f2", "BFloat16Storage": "<u2",
-    "LongStorage": "<i8", "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1",
-    "ByteStorage": "u1", "BoolStorage": "?"}
-
-
-class _Storage(_Frozen):
-    """The bytes of one storage, as a flat array of its element type, the tensors already rebuilt
-    from it (by view) and how many elements they hold together (see _TensorRebuilder)."""
-    __slots__ = ("kind", "array", "key", "views", "copied")
-
-    def __init__(self, kind: _StorageType, array: np.ndarray, key: str):
-        for name, value in (("kind", kind), ("array", array), ("key", key), ("views", {}), ("copied", [0])):
-            object.__setattr__(self, name, value)
-
-    def __repr__(self) -> str:
-        return f"storage {self.key!r}"
-
-
-class _TensorRebuilder(_Frozen):
-    """torch._utils._rebuild_tensor_v2: a strided view of a storage, copied to a fresh numpy array.
-
-    Memory stays bounded by the file: two tensors that are the same view of a storage are one
-    array (a tied LM head is stored that way), and the tensors rebuilt from one storage may hold
-    at most MAX_STORAGE_REUSE times its elements together (views of a shared tensor, as torch.save
-    writes them, stay far below; 3000 tensors viewing one storage, gigabytes from a 4 MB file, are
-    refused).
-    """
-    __slots__ = ("source",)
-
-    def __init__(self, source: str):
-        object.__setattr__(self, "source", source)
-
-    def __repr__(self) -> str:
-        return "torch._utils._rebuild_tensor_v2"
-
-    def __call__(self, storage: Any, storage_offset: Any, size: Any, stride: Any, *rest: Any) -> np.ndarray:
-        if not isinstance(storage, _Storage):
-            raise CheckpointError("a tensor's storage is not a storage record")
-        if (not isinstance(storage_offset, int) or not isinstance(size, tuple) or not isinstance(stride, tuple)
-                or len(size) != len(stride) or storage_offset < 0 or isinstance(storage_offset, bool)
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*size, *stride))):
-            raise CheckpointError(f"a tensor has an invalid layout (offset {storage_offset!r:.40}, size {size!r:.80}, "
-                                  f"stride {stride!r:.80})")
-        flat = storage.array
-        key = (storage_offset, size, stride)
-        if key in storage.views:
-            return storage.views[key]
-        if math.prod(size) > flat.size:   # weights never repeat elements
-            raise CheckpointError(f"a tensor of size {size} has more elements than its storage ({flat.size})")
-        if 0 in size:
-            out = np.zeros(size, dtype=flat.dtype)
-        else:
-            last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
-            if last >= flat.size:
-                raise CheckpointError(f"a tensor of size {size} (offset {storage_offset}, stride {stride}) reads "
-                                      f"past the end of its storage of {flat.size} elements (truncated file?)")
-            self._claim(storage, math.prod(size))
-            view = np.lib.stride_tricks.as_strided(flat[storage_offset:], shape=size,
-                                                   strides=tuple(s * flat.itemsize for s in stride), writeable=False)
-            out = np.array(view)
-        out = bf16_to_float32(out) if storage.kind.name == "BFloat16Storage" else out
-        storage.views[key] = out
-        return out
-
-    @staticmethod
-    def _claim(storage: _Storage, elements: int) -> None:
-        """Count a new tensor's elements against its storage's budget."""
-        storage.copied[0] += elements
-        if storage.copied[0] > MAX_STORAGE_REUSE * storage.array.size:
-            raise CheckpointError(f"the tensors viewing {storage!r} hold {storage.copied[0]} elements of its "
-                                  f"{storage.array.size}: more than {MAX_STORAGE_REUSE} times over, where a weight "
-                                  f"file stores each weight once; refusing it")
-
-
-class _ParameterRebuilder(_Frozen):
-    """torch._utils._rebuild_parameter: an nn.Parameter is its data."""
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "torch._utils._rebuild_parameter"
-
-    def __call__(self, data: Any, requires_grad: Any = False, backward_hooks: Any = None, *rest: Any):
-        if not isinstance(data, np.ndarray):
-            raise CheckpointError("a parameter does not wrap a tensor")
-        return data
-
-
-def _ordered_dict(*args: Any, **kwargs: Any) -> collections.OrderedDict:
-    """collections.OrderedDict, called; the class itself is never handed to the pickle."""
-    return collections.OrderedDict(*args, **kwargs)
-
-
-class _OrderedDictType(_Frozen):
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "collections.OrderedDict"
-
-    def __call__(self, *args: Any, **kwargs: Any) -> collections.OrderedDict:
-        return _ordered_dict(*args, **kwargs)
-
-
-def allowed_globals(source: str) -> dict[tuple[str, str], Any]:
-    """The globals a weight file may name, as fresh stand-ins (one set per load)."""
-    return {
-        ("torch._utils", "_rebuild_tensor_v2"): _TensorRebuilder(source),
-        ("torch._utils", "_rebuild_parameter"): _ParameterRebuilder(),
-        ("collections", "OrderedDict"): _OrderedDictType(),
-        **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
-    }
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles a torch state dict, resolving only the globals of :func:`allowed_globals`.
-
-    Each unpickler gets its own stand-ins, none of which accepts an attribute or a BUILD, so
-    nothing a pickle does reaches the next load.
-    """
-
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, source: str):
-        super().__init__(file)
-        self.archive, self.prefix, self.source = archive, prefix, source
-        self.storages: dict[str, _Storage] = {}
-        self.globals = allowed_globals(source)
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self.globals[(module, name)]
-        except (KeyError, TypeError):
-            raise CheckpointError(f"{self.source}: the pickle asks for the global {module}.{name}, which a "
-                                  f"weight file never needs; refusing to load it (it could run code)") from None
-
-    def persistent_load(self, pid: Any) -> _Storage:
-        if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
-                or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
-                or not isinstance(pid[4], int) or isinstance(pid[4], bool) or pid[4] < 0):
-            raise CheckpointError(f"{self.source}: unexpected persistent id {pid!r:.80} in the pickle")
-        _, kind, key, _device, numel = pid
-        if key not in self.storages:
-            member = f"{self.prefix}data/{key}"
-            need = numel * kind.dtype.itemsize
-            try:
-                info = self.archive.getinfo(member)
-            except KeyError:
-                raise CheckpointError(f"{self.source}: storage {member!r} is missing from the archive") from None
-            if need > info.file_size:
-                raise CheckpointError(f"{self.source}: storage {member!r} has {info.file_size} bytes, needs {need}")
-            try:
-                raw = read_member(self.archive, member, self.source, limit=need)
-            except CheckpointError:
-                raise
-            except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-                raise CheckpointError(f"{self.source}: storage {member!r} cannot be read ({e})") from None
-            if len(raw) < need:
-                raise CheckpointError(f"{self.source}: storage {member!r} has {len(raw)} bytes, needs {need}")
-            self.storages[key] = _Storage(kind, np.frombuffer(raw, dtype=kind.dtype, count=numel), key)
-        return self.storages[key]
-
-
-MAX_INFLATION = 16   # weights barely compress; torch.save stores its members uncompressed
-MAX_STORAGE_REUSE = 2   # elements of all tensors rebuilt from one storage, in multiples of its own
-MAX_PICKLE_BYTES = 16 << 20   # a state dict pickles in ~200 bytes per tensor: this is 80,000 tensors
-
-
-def read_member(archive: zipfile.ZipFile, name: str, source: str, limit: int | None = None) -> bytes:
-    """The bytes of one archive member (at most ``limit``), refusing a zip bomb before inflating it.
-
-    A compressed member that would inflate to more than MAX_INFLATION times its stored size
-    (plus 1 MiB) is refused, so memory stays bounded by the file. KeyError when absent.
-    """
-    info = archive.getinfo(name)
-    if info.compress_type != zipfile.ZIP_STORED and info.file_size > MAX_INFLATION * info.compress_size + (1 << 20):
-        raise CheckpointError(f"{source}: archive member {name!r} would inflate from {info.compress_size} to "
-                              f"{info.file_size} bytes, far more than weights ever compress (a zip bomb?); "
-                              f"refusing it. Re-save the checkpoint with torch.save")
-    with archive.open(info) as f:
-        return f.read(-1 if limit is None else limit)
-
-
-_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
-
-
-def _opcode_table() -> list:
-    """opcode byte -> (argument width, or pickletools' negative code for a variable one; opcode name;
-    argument name; whether the argument is a memo index)."""
-    table: list = [None] * 256
-    for op in pickletools.opcodes:
-        arg = op.arg
-        table[op.code.encode("latin-1")[0]] = (0 if arg is None else arg.n, op.name, "" if arg is None else arg.name,
-                                               op.name in _MEMO_OPS)
-    return table
-
-
-_OPCODES = _opcode_table()
-# The whole length of each opcode whose argument has a fixed width and is not a memo index (the
-# walk's fast path); 0 for the others.
-_FIXED = [0 if e is None or e[0] < 0 or e[3] or e[1] == "STOP" else e[0] + 1 for e in _OPCODES]
-_LENGTH_BYTES = {pickletools.TAKEN_FROM_ARGUMENT1: (1, False), pickletools.TAKEN_FROM_ARGUMENT4: (4, True),
-                 pickletools.TAKEN_FROM_ARGUMENT4U: (4, False), pickletools.TAKEN_FROM_ARGUMENT8U: (8, False)}
-
-
-def check_memo(raw: bytes, source: str) -> None:
-    """Walk the opcodes of a pickle once, in constant memory, refusing hostile memo indices.
-
-    CPython's unpickler grows its memo table to twice the largest index a PUT names, so nine
-    bytes saying LONG_BINPUT 2**27 make it allocate and zero a gigabyte. A real pickle numbers
-    its memo entries 0, 1, 2, ... as it goes: every index is below the number of opcodes read so
-    far. The walk streams (nothing per opcode is kept) and the pickle is at most
-    MAX_PICKLE_BYTES, so a file of no-op opcodes costs a second or two, not gigabytes.
-    """
-    def corrupt(why: str) -> CheckpointError:
-        return CheckpointError(f"{source}: the pickled state dict is corrupt ({why})")
-
-    fixed, n, pos, ops = _FIXED, len(raw), 0, 0
-    while pos < n:
-        step = fixed[raw[pos]]
-        if step:                                   # the common case: skip the opcode and its argument
-            pos += step
-            ops += 1
-            continue
-        start = pos
-        entry = _OPCODES[raw[pos]]
-        pos += 1
-        ops += 1
-        if entry is None:
-            raise corrupt(f"ValueError: unknown opcode {raw[start]:#04x} at byte {start}")
-        width, name, arg, memo = entry
-        value = None
-        if width >= 0:
-            if pos + width > n:
-                raise corrupt(f"ValueError: not enough data in stream to read {arg or name}")
-            if memo:
-                value = int.from_bytes(raw[pos:pos + width], "little")
-            pos += width
-        elif width == pickletools.UP_TO_NEWLINE:
-            for _ in range(2 if arg == "stringnl_noescape_pair" else 1):
-                end = raw.find(b"\n", pos)
-                if end < 0:
-                    raise corrupt(f"ValueError: no newline found when trying to read {arg}")
-                if memo:
-                    try:
-                        value = int(raw[pos:end])
-                    except ValueError:
-                        raise corrupt(f"ValueError: memo index {raw[pos:end][:20]!r} at byte {start} is not "
-                                      f"an integer") from None
-                pos = end + 1
-        else:
-            size, signed = _LENGTH_BYTES[width]
-            if pos + size > n:
-                raise corrupt(f"ValueError: not enough data in stream to read {arg}")
-            length = int.from_bytes(raw[pos:pos + size], "little", signed=signed)
-            pos += size
-            if length < 0 or pos + length > n:
-                raise corrupt(f"ValueError: {name} at byte {start} says {length} bytes follow; the pickle has "
-                              f"{n - pos}")
-            pos += length
-        if value is not None and not 0 <= value <= ops:
-            raise CheckpointError(f"{source}: the pickle names memo slot {value!r} at byte {start}, beyond the "
-                                  f"{ops} opcodes read so far; the file is corrupt or hostile, refusing it")
-        if name == "STOP":
-            return
-    raise corrupt("EOFError: the pickle ends without a STOP opcode")
-
-
-def read_torch_zip(path: Path) -> dict[str, np.ndarray]:
-    """A torch.save'd state dict {name: tensor} as {name: numpy array}, without torch."""
-    try:
-        with open_regular(path):
-            pass
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise CheckpointError(f"{path}: not a zip archive; npllama reads torch.save files written by "
-                              f"torch >= 1.6 (re-save it with torch.save, or convert to safetensors)") from None
-    except CheckpointError:
-        raise
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    except Exception as e:   # zipfile trips over some corrupt headers with ValueError, UnicodeDecodeError ...
-        raise CheckpointError(f"{path}: corrupt zip archive ({type(e).__name__}: {e}); re-save it with "
-                              f"torch.save") from None
-    with archive:
-        pickles = [n for n in archive.namelist() if re.fullmatch(r"[^/]+/data\.pkl", n)]
-        if len(pickles) != 1:
-            raise CheckpointError(f"{path}: expected one <archive>/data.pkl in the zip, found {len(pickles)}")
-        prefix = pickles[0][: -len("data.pkl")]
-        try:
-            if prefix + "byteorder" in archive.namelist():
-                order = read_member(archive, prefix + "byteorder", str(path), limit=16)
-                order = order.decode("ascii", "replace").strip()
-                if order != "little":
-                    raise CheckpointError(f"{path}: byte order {order!r}; npllama reads little-endian files only")
-            size = archive.getinfo(pickles[0]).file_size
-            if size > MAX_PICKLE_BYTES:
-                raise CheckpointError(f"{path}: the pickled state dict is {size} bytes, more than the "
-                                      f"{MAX_PICKLE_BYTES} any state dict needs (about 200 bytes per tensor); "
-                                      f"the file is corrupt or hostile, refusing it")
-            raw = read_member(archive, pickles[0], str(path), limit=MAX_PICKLE_BYTES)
-            check_memo(raw, str(path))
-            state = RestrictedUnpickler(io.BytesIO(raw), archive, prefix, str(path)).load()
-        except CheckpointError as e:
-            if str(path) in str(e):
-                raise
-            raise CheckpointError(f"{path}: {e}") from None
-        except Exception as e:   # pickle.UnpicklingError, EOFError, struct.error, zipfile errors ...
-            raise CheckpointError(f"{path}: the pickled state dict is corrupt ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, np.ndarray)
-                                              for k, v in state.items()):
-        raise CheckpointError(f"{path}: does not hold a state dict of named tensors")
-    return dict(state)
-
-
 # ---------------------------------------------------------------------------- shards
 _ROW_SPLIT = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
               "feed_forward.w1.weight", "feed_forward.w3.weight", "output.weight")
 _COL_SPLIT = ("attention.wo.weight", "feed_forward.w2.weight")
 
 
-def merge_shards(shards: list[dict[str, np.ndarray]], args: ModelArgs, files: list[Path]) -> dict[str, np.ndarray]:
-    """Concatenate model-parallel slices along Meta's split axes; norms are replicated."""
+def merge_shards(shards: list[dict[str, Any]], args: ModelArgs, files: list[Path]) -> dict[str, Any]:
+    """Join model-parallel slices along Meta's split axes; norms are replicated. Slices are arrays
+    (concatenated) or mapped matrices (joined without a copy: join_slices)."""
     names = list(shards[0])
     for f, s in zip(files[1:], shards[1:]):
         if set(s) != set(names):
@@ -495,16 +137,33 @@ def merge_shards(shards: list[dict[str, np.ndarray]], args: ModelArgs, files: li
         else:
             raise CheckpointError(f"{files[0]}: do not know how tensor {name!r} is split across shards")
         try:
-            merged[name] = np.concatenate(parts, axis=axis)
+            merged[name] = join_slices(parts, axis)
         except ValueError:
             raise CheckpointError(f"{files[0].parent}: shards of {name!r} have shapes "
                                   f"{[p.shape for p in parts]}, which do not join along dim {axis}") from None
     return merged
 
 
+def join_slices(parts: list[Any], axis: int) -> Any:
+    """Slices of one matrix joined along axis 0 ("out") or 1 ("in"): np.concatenate for arrays; for
+    mapped matrices a stack of their rows (axis 0) or their rows side by side (axis 1), nothing read."""
+    mapped = [isinstance(p, QuantizedMatrix) and p.mapped for p in parts]
+    if axis == 0 and any(mapped):
+        if len({p.shape[1] for p in parts}) != 1:
+            raise ValueError("slices differ in width")
+        return concat_rows(parts)
+    if axis == 1 and all(mapped) and len({p.types[0] for p in parts}) == 1:
+        if len({p.shape[0] for p in parts}) != 1:
+            raise ValueError("slices differ in height")
+        return QuantizedMatrix.join_columns(parts)
+    return np.concatenate([np.asarray(p) for p in parts], axis=axis)
+
+
 # ---------------------------------------------------------------------------- the loader
-def load_meta(folder: Path, progress: Callable):
-    """A Meta folder -> (ModelArgs, params in npllama names and half rotary layout, Tokenizer or None)."""
+def load_meta(folder: Path, progress: Callable, mapped: bool | None = None):
+    """A Meta folder -> (ModelArgs, params in npllama names and half rotary layout, Tokenizer or None).
+
+    mapped: leave the matrices in the .pth files (formats/mapped.py); None: when the model is large."""
     params_json = read_json(folder / "params.json")
     tok_path = folder / "tokenizer.model"
     tokenizer = meta_tokenizer(folder, params_json)
@@ -527,7 +186,10 @@ def load_meta(folder: Path, progress: Callable):
     if numbers != [f"{i:02d}" for i in range(len(files))]:
         raise CheckpointError(f"{folder}: shard files {[f.name for f in files]} are not consolidated.00 .. "
                               f"{len(files) - 1:02d} without gaps")
-    shards = [read_torch_zip(f) for f in progress(files, desc=f"Reading {folder.name}", unit="shard")]
+    use_map = choose_mapped(mapped, args)
+    shards = [read_torch_zip(f, mapped=use_map) for f in progress(files, desc=f"Reading {folder.name}", unit="shard")]
+    if use_map:
+        shards = [place(s, True) for s in shards]
     state = merge_shards(shards, args, files)
     state.pop("rope.freqs", None)   # Llama 1/2 store the rotary table; npllama computes it
 

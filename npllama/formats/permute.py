@@ -27,7 +27,7 @@ convert_hf_to_gguf.py (``LlamaModel.permute``, its inverse).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -72,12 +72,23 @@ def permute_to_interleaved(w: np.ndarray, n_heads: int, name: str = "tensor") ->
     return np.ascontiguousarray(x.reshape(rows, *rest))
 
 
-def to_half_layout(params: Mapping[str, np.ndarray], args: ModelArgs, source: str) -> dict[str, np.ndarray]:
+def to_half_layout(params: Mapping[str, Any], args: ModelArgs, source: str) -> dict[str, Any]:
     """A checkpoint in the interleaved layout (Meta, GGUF) -> the half layout: the rows of every
-    wq (n_heads heads) and wk (n_kv_heads heads), weights and biases, permuted; the rest as is."""
+    wq (n_heads heads) and wk (n_kv_heads heads), weights and biases, permuted; the rest as is.
+
+    A matrix kept as stored (npllama.quant.matrix.QuantizedMatrix: GGUF blocks, or rows left in a
+    mapped file) takes the same permutation of whole rows (take_rows): no value changes, and
+    mapped rows stay in the file."""
+    from ..quant.matrix import QuantizedMatrix
+
     heads = {"attention.wq": args.n_heads, "attention.wk": args.n_kv_heads}
     out = {}
     for name, w in params.items():
         module = name.rpartition(".")[0].split(".", 2)[-1]          # "layers.3.attention.wq.weight" -> "attention.wq"
-        out[name] = permute_to_half(w, heads[module], f"{source}: {name}") if module in heads else w
+        if module not in heads:
+            out[name] = w
+        elif isinstance(w, QuantizedMatrix):
+            out[name] = w.take_rows(permute_to_half(np.arange(w.shape[0]), heads[module], f"{source}: {name}"))
+        else:
+            out[name] = permute_to_half(w, heads[module], f"{source}: {name}")
     return out

@@ -1,4 +1,5 @@
-"""A weight matrix that stays quantized: GGUF blocks in memory, dequantized a piece at a time when used.
+"""A weight matrix kept as its file stores it, and made float a piece at a time when used: GGUF blocks
+held in memory, or any stored rows (GGUF blocks, float32, float16, bfloat16) left in a memory-mapped file.
 
     w = QuantizedMatrix.from_blocks("Q4_1", blocks, n_in)   # an nn.Linear weight (out, in), as GGUF stores it
     y = x @ w.T                                              # x: (..., in) -> (..., out); w.T is (in, out)
@@ -17,12 +18,21 @@ A matrix may be a stack of parts of different block types along "out" (wq|wk|wv 
 Q4_K wq and a Q6_K wv, npllama.layout.fuse_params): each part keeps its own type and its own
 bytes (stacking copies nothing). A float array joins a stack as an "F32" part.
 
+Mapped rows (MappedRows): a part's bytes may stay in the file, viewed through a read-only memory
+map, so that a model larger than memory runs: the operating system's page cache holds the file,
+and only the piece being multiplied exists as floats. Taking rows of mapped bytes (the rotary row
+permutation of wq / wk) records which rows, and copies none; a matrix split along "in" across
+model-parallel shards (Meta's wo, w2) is joined side by side, piece by piece (``join_columns``).
+The float types (F32, F16, BF16) convert to the compute dtype in one pass per piece: bfloat16 is
+the top half of a float32, so its bits shifted left by 16 are the float32 (exact), and a float32
+part used in float32 is multiplied where it lies.
+
 Legend: out, in are the nn.Linear dimensions; rows are "out" (a GGUF row is one output's weights).
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -33,13 +43,101 @@ from .gguf_blocks import _dequantize_blocks, block_type
 # (the LM head of SmolLM2-135M, 49152 x 576, is used in 28 pieces).
 WEIGHTS_PER_PIECE = 1 << 20
 
+# Called with the bytes of each piece of mapped rows a product reads (formats/mapped.py's
+# reading_progress shows a long pass over a large model this way); empty unless a bar is shown.
+READ_HOOKS: list[Callable[[int], None]] = []
+
+
+class MappedRows:
+    """Rows of a matrix's stored bytes left where a file holds them (read-only memory maps), and
+    which of them, in which order: ``rows[k]`` of the matrix is row ``order[k]`` of the columns.
+
+    columns: (n_rows, bytes_i) uint8 views of the same rows side by side: one, or one per
+    model-parallel shard of a matrix split along "in". order: (n,) int64 row indices, or None for
+    every row in file order. Taking rows (``take``) composes orders and copies nothing; indexing
+    (``rows[a:b]``, ``rows[ids]``) reads those rows into memory: (k, sum of bytes_i) uint8, a view
+    of the map itself where one column is sliced in order.
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 2
+
+    def __init__(self, columns: Sequence[np.ndarray], order: np.ndarray | None = None):
+        self.columns = tuple(columns)
+        if not self.columns or any(c.dtype != np.uint8 or c.ndim != 2 or len(c) != len(self.columns[0])
+                                   for c in self.columns):
+            raise CheckpointError(f"mapped rows need (rows, bytes) uint8 views of equal rows, got "
+                                  f"{[(c.shape, str(c.dtype)) for c in self.columns]}")
+        self.order = None if order is None else np.asarray(order, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), sum(c.shape[1] for c in self.columns))
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * self.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.columns[0]) if self.order is None else len(self.order)
+
+    def take(self, index: np.ndarray) -> "MappedRows":
+        """The rows index[0], index[1], ... (of these rows), still mapped: no byte is read."""
+        index = np.asarray(index, dtype=np.int64)
+        return MappedRows(self.columns, index if self.order is None else self.order[index])
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice) and self.order is not None:
+            key = self.order[key]
+        elif not isinstance(key, slice):
+            key = np.asarray(key, dtype=np.int64)
+            key = key if self.order is None else self.order[key]
+        if len(self.columns) == 1:
+            return self.columns[0][key]
+        return np.concatenate([c[key] for c in self.columns], axis=1)
+
+    def __repr__(self) -> str:
+        return f"MappedRows({self.shape[0]} x {self.shape[1]} bytes, {len(self.columns)} column(s))"
+
+
+def is_mapped(blocks) -> bool:
+    """Whether a part's bytes are left in a file (MappedRows) rather than held in memory."""
+    return isinstance(blocks, MappedRows)
+
+
+# Float part types converted in one pass (to_float); the block types go through gguf_blocks.
+FLOAT_STORAGE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+
+
+def to_float(type_name: str, rows: np.ndarray, n_in: int, dtype: np.dtype) -> np.ndarray:
+    """Stored rows (k, bytes_per_row) uint8 of any part type -> (k, n_in) in dtype (float32 or float64).
+
+    F32 rows in float32 are the stored floats themselves (a view, no copy); BF16 is one pass (the
+    16 bits shifted to the top of a float32), F16 one conversion; block types dequantize through
+    gguf_blocks. Every value is exact: the stored values are float32 values, and widen exactly.
+    """
+    k = len(rows)
+    if type_name in FLOAT_STORAGE:
+        raw = np.ascontiguousarray(rows).view(FLOAT_STORAGE[type_name]).reshape(k, n_in)
+        if type_name == "BF16":
+            top = np.empty((k, n_in), dtype=np.uint32)
+            np.left_shift(raw, 16, out=top, dtype=np.uint32)          # bfloat16 = the top half of a float32
+            as32 = top.view(np.float32)
+            return as32 if dtype == np.float32 else as32.astype(dtype)
+        return raw.astype(dtype, copy=False)
+    kind = block_type(type_name)
+    flat = rows.reshape(-1, kind.bytes_per_block) if rows.flags.c_contiguous else \
+        np.ascontiguousarray(rows).reshape(-1, kind.bytes_per_block)
+    return _dequantize_blocks(kind, flat).reshape(k, n_in).astype(dtype, copy=False)
+
 
 class QuantizedMatrix:
-    """An (out, in) weight kept as GGUF blocks; ``.T`` is the (in, out) matrix that ``x @ w`` uses.
+    """An (out, in) weight kept as stored; ``.T`` is the (in, out) matrix that ``x @ w`` uses.
 
-    parts: ((type_name, blocks), ...) stacked along "out"; blocks: (rows_i, bytes_per_row) uint8,
-    each row the GGUF blocks of one output's in weights. dtype: what the dequantized pieces are
-    computed in (float32, or float64 for a float64 model: the blocks' values widen exactly).
+    parts: ((type_name, blocks), ...) stacked along "out"; blocks: (rows_i, bytes_per_row) uint8
+    held in memory, or MappedRows left in a file, each row the stored values (GGUF blocks, or
+    F32 / F16 / BF16 numbers) of one output's in weights. dtype: what the pieces are computed in
+    (float32, or float64 for a float64 model: the stored values widen exactly).
     transposed: this object is the (in, out) view (``x @ w``), not the (out, in) weight.
     """
 
@@ -91,6 +189,32 @@ class QuantizedMatrix:
             raise InputError(f"cannot stack matrices of shapes {[m.shape for m in mats]} along 'out'")
         return cls([part for m in mats for part in m.parts], mats[0].n_in, mats[0].dtype)
 
+    @classmethod
+    def from_mapped(cls, type_name: str, stored: np.ndarray, dtype=np.float32) -> "QuantizedMatrix":
+        """A matrix whose stored values stay in a memory-mapped file: stored is the (out, in) view
+        of the map in the stored element type (float32, float16, or uint16 bit patterns for
+        bfloat16) or the (out, bytes_per_row) uint8 rows of GGUF blocks; no byte is read here."""
+        if stored.ndim != 2:
+            raise CheckpointError(f"a mapped matrix is (out, in), got shape {stored.shape}")
+        n_in = stored.shape[1] if stored.dtype != np.uint8 else \
+            stored.shape[1] // block_type(type_name).bytes_per_block * block_type(type_name).block_size
+        rows = stored.view(np.uint8).reshape(len(stored), -1) if stored.size else \
+            np.zeros((len(stored), 0), np.uint8)
+        return cls([(type_name, MappedRows([rows]))], n_in, dtype)
+
+    @classmethod
+    def join_columns(cls, mats: Sequence["QuantizedMatrix"]) -> "QuantizedMatrix":
+        """Matrices (out, in_i) side by side along "in" -> (out, sum in_i), each row read piecewise
+        from every one: Meta's row-parallel wo and w2 (and a Llama 2 embedding), split along "in"
+        across model-parallel shards. Each must be one mapped part of the same float type."""
+        ok = all(len(m.parts) == 1 and is_mapped(m.parts[0][1]) and m.parts[0][1].order is None
+                 and m.parts[0][0] in FLOAT_STORAGE and not m.transposed for m in mats)
+        if not ok or len({m.parts[0][0] for m in mats}) != 1 or len({m.n_out for m in mats}) != 1:
+            raise InputError(f"join_columns takes mapped float matrices of one type and equal rows, got "
+                             f"{[(m.types, m.shape) for m in mats]}")
+        columns = [c for m in mats for c in m.parts[0][1].columns]
+        return cls([(mats[0].parts[0][0], MappedRows(columns))], sum(m.n_in for m in mats), mats[0].dtype)
+
     def astype(self, dtype) -> "QuantizedMatrix":
         """The same blocks, dequantized to dtype (float32 or float64) when used."""
         if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
@@ -114,6 +238,11 @@ class QuantizedMatrix:
         return sum(b.nbytes for _, b in self.parts)
 
     @property
+    def mapped(self) -> bool:
+        """Whether every part's bytes stay in a memory-mapped file (nothing of the matrix is in memory)."""
+        return all(is_mapped(b) for _, b in self.parts)
+
+    @property
     def types(self) -> list[str]:
         """The block type of each part, top to bottom."""
         return [name for name, _ in self.parts]
@@ -124,21 +253,21 @@ class QuantizedMatrix:
 
     def __repr__(self) -> str:
         return (f"QuantizedMatrix({'+'.join(self.types)}, shape={self.shape}{', transposed' * self.transposed}, "
-                f"{self.nbytes / 2**20:.1f} MiB)")
+                f"{self.nbytes / 2**20:.1f} MiB{', mapped' * self.mapped})")
 
     # -------------------------------------------------------------- dequantizing
     def pieces(self, max_weights: int = WEIGHTS_PER_PIECE) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, rows (k, in) in self.dtype) for consecutive pieces of at most max_weights
         weights (at least one row), top to bottom."""
-        step = max(1, max_weights // self.n_in)
+        step = max(1, max_weights // max(self.n_in, 1))
         first = 0
         for name, blocks in self.parts:
-            kind = block_type(name)
             for start in range(0, len(blocks), step):
                 chunk = blocks[start:start + step]
-                flat = chunk.reshape(-1, kind.bytes_per_block)
-                rows = _dequantize_blocks(kind, flat).reshape(len(chunk), self.n_in)
-                yield first + start, rows.astype(self.dtype, copy=False)
+                if READ_HOOKS and is_mapped(blocks):
+                    for hook in READ_HOOKS:
+                        hook(chunk.nbytes)
+                yield first + start, to_float(name, chunk, self.n_in, self.dtype)
             first += len(blocks)
 
     def dequantize(self) -> np.ndarray:
@@ -164,10 +293,13 @@ class QuantizedMatrix:
         x = np.asarray(x)
         if x.shape[-1] != self.n_in:
             raise InputError(f"x @ w: x has {x.shape[-1]} features but w takes {self.n_in}")
-        y = np.empty((*x.shape[:-1], self.n_out), dtype=np.result_type(x.dtype, self.dtype))
+        dtype = np.result_type(x.dtype, self.dtype)
+        xt = np.ascontiguousarray(x.reshape(-1, self.n_in).T, dtype=dtype)      # (in, tokens)
+        yt = np.empty((self.n_out, xt.shape[1]), dtype=dtype)                   # (out, tokens)
         for first, rows in self.pieces():                        # rows: (k, in), outputs first..first+k
-            y[..., first:first + len(rows)] = x @ rows.T
-        return y
+            np.matmul(rows, xt, out=yt[first:first + len(rows)])  # each piece's outputs: contiguous rows
+            del rows                                              # one piece at a time, not two
+        return yt.T.reshape(*x.shape[:-1], self.n_out)            # (..., out)
 
     def __getitem__(self, key):
         """Rows of the (out, in) weight: a slice gives a QuantizedMatrix of those rows (split_params),
@@ -189,9 +321,7 @@ class QuantizedMatrix:
         for name, blocks in self.parts:
             here = (flat >= first) & (flat < first + len(blocks))
             if here.any():
-                kind = block_type(name)
-                picked = blocks[flat[here] - first].reshape(-1, kind.bytes_per_block)
-                out[here] = _dequantize_blocks(kind, picked).reshape(-1, self.n_in)
+                out[here] = to_float(name, blocks[flat[here] - first], self.n_in, self.dtype)
             first += len(blocks)
         return out.reshape(*ids.shape, self.n_in)
 
@@ -199,7 +329,7 @@ class QuantizedMatrix:
         """The (out, in) matrix with rows index[0], index[1], ...: blocks move whole, values exactly.
 
         Used for the rotary row permutation of wq / wk (formats/permute.py) and for slices. Runs of
-        consecutive picks from one part stay one part.
+        consecutive picks from one part stay one part. Mapped rows stay mapped (MappedRows.take).
         """
         index = np.asarray(index, dtype=np.int64).reshape(-1)
         if index.size and (index.min() < 0 or index.max() >= self.n_out):
@@ -211,8 +341,10 @@ class QuantizedMatrix:
         for run in np.split(np.arange(index.size), cut) if index.size else []:
             p = int(owner[run[0]])
             name, blocks = self.parts[p]
-            parts.append((name, blocks[index[run] - starts[p]]))
+            picked = index[run] - starts[p]
+            parts.append((name, blocks.take(picked) if is_mapped(blocks) else blocks[picked]))
         if not parts:
-            parts = [(self.parts[0][0], self.parts[0][1][:0])]
+            name, blocks = self.parts[0]
+            parts = [(name, blocks.take(np.zeros(0, np.int64)) if is_mapped(blocks) else blocks[:0])]
         return QuantizedMatrix(parts, self.n_in, self.dtype, self.transposed)
 
