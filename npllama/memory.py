@@ -16,8 +16,8 @@ The peak of a run is what is held throughout plus the largest moment of one forw
                                     the output (blockwise)
                    the feed-forward 3.25 arrays of (batch, tokens, hidden_dim) at once: w1's and w3's
                                     outputs and SwiGLU's temporaries
-                   plus the residual stream and its norm, and for a mapped model the piece of
-                   weights being made float (WEIGHTS_PER_PIECE of them)
+                   plus the residual stream and its norm, and for a mapped model the pieces of
+                   weights being made float (WEIGHTS_PER_PIECE each, one per PRODUCT_THREADS)
 
 ``generation_peak_bytes`` adds the steps of generate: the prefill call with the cache holding the
 prompt, and the last decode step with the cache holding prompt and answer (the prefill's logits
@@ -108,12 +108,16 @@ def largest_tile(tokens: int, kv_len: int) -> int:
 
 
 def piece_bytes(args: ModelArgs, dtype=np.float32, piece_weights: int = 1 << 20, head: bool = False) -> int:
-    """Bytes of the largest piece of a mapped matrix made float at once (the LM head's with head,
-    else the layers'): whole rows, about piece_weights of them (npllama.quant.matrix), as a uint32
-    (bfloat16's bits moved up) and, for float64, its float64 copy."""
+    """Bytes of the pieces of a mapped matrix made float at once (the LM head's with head, else the
+    layers' largest): one per PRODUCT_THREADS (npllama.quant.matrix), each whole rows, about
+    piece_weights of them, as a uint32 (bfloat16's bits moved up) and, for float64, its float64 copy."""
     d, q, kv, hid = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim
     shapes = ((args.vocab_size, d),) if head else ((q, d), (kv, d), (d, q), (hid, d), (d, hid))
-    largest = max(min(max(1, piece_weights // n_in), n_out) * n_in for n_out, n_in in shapes)
+    from .quant.matrix import PRODUCT_THREADS          # each thread holds its own piece
+    largest = 0
+    for n_out, n_in in shapes:
+        rows = min(max(1, piece_weights // n_in), n_out)
+        largest = max(largest, min(PRODUCT_THREADS, -(-n_out // rows)) * rows * n_in)
     return largest * (4 + (8 if _itemsize(dtype) == 8 else 0))
 
 
