@@ -64,11 +64,16 @@ def reference_model(model: Transformer, dtype="float64") -> Transformer:
     """npllama in float64 holding the model's weights rounded to dtype: the weights a port running
     in that dtype holds. The model itself when it is float64 and rounding changes nothing (float32
     and float64 dumps of a checkpoint stored in float32 or narrower)."""
+    from .quant.matrix import QuantizedMatrix
     params = model.state_dict()
-    if model.dtype == np.float64 and all(np.array_equal(round_to(v, dtype), v) for v in params.values()):
+
+    def exact(v) -> bool:      # a matrix kept as stored (a mapped file) is known exact or not without reading it
+        return v.held_exactly_in(dtype_name(dtype)) if isinstance(v, QuantizedMatrix) else \
+            np.array_equal(round_to(v, dtype), v)
+    if model.dtype == np.float64 and all(exact(v) for v in params.values()):
         return model
-    return Transformer(model.config, {k: round_to(v, dtype) for k, v in params.items()}, model.tokenizer,
-                       dtype=np.float64)
+    return Transformer(model.config, {k: v if isinstance(v, QuantizedMatrix) and exact(v) else round_to(v, dtype)
+                                      for k, v in params.items()}, model.tokenizer, dtype=np.float64)
 
 
 def isolated_trace(model: Transformer, ids: np.ndarray, given: Mapping[str, np.ndarray]

@@ -268,6 +268,14 @@ class QuantizedMatrix:
         """Whether every part's bytes stay in a memory-mapped file (nothing of the matrix is in memory)."""
         return all(is_mapped(b) for _, b in self.parts)
 
+    def held_exactly_in(self, dtype_name: str) -> bool:
+        """Whether a dtype ("float64", "float32", "bfloat16", "float16") holds every stored value
+        exactly, known from the part types alone (nothing is read): float32 and float64 hold every
+        type's values (blocks decode to float32 numbers); bfloat16 and float16 hold their own."""
+        if dtype_name in ("float64", "float32"):
+            return True
+        return all(name == {"bfloat16": "BF16", "float16": "F16"}.get(dtype_name) for name, _ in self.parts)
+
     @property
     def types(self) -> list[str]:
         """The block type of each part, top to bottom."""
