@@ -246,16 +246,19 @@ def reference_model(model: Transformer, dtype="float64") -> Transformer:
     """npllama in float64 holding the model's weights rounded to dtype: the weights a port running
     in that dtype holds. The model itself when it is float64 and rounding changes nothing: float32
     and float64 runs of a checkpoint stored in float32 or narrower (every weight is checked; a
-    GGUF's blocks dequantize to float32 numbers by construction)."""
+    GGUF's blocks dequantize to float32 numbers by construction; a mapped file's matrices are known
+    exact or not from their stored type, without reading them)."""
     from .quant.matrix import QuantizedMatrix
 
     params = model.state_dict()
     name = dtype_name(dtype)
-    if model.dtype == np.float64 and (name == "float64" or all(
-            (isinstance(v, QuantizedMatrix) and name == "float32") or representable(v, name) for v in params.values())):
+
+    def exact(v) -> bool:
+        return v.held_exactly_in(name) if isinstance(v, QuantizedMatrix) else representable(v, name)
+    if model.dtype == np.float64 and (name == "float64" or all(exact(v) for v in params.values())):
         return model
-    return Transformer(model.config, {k: round_to(v, name) for k, v in params.items()}, model.tokenizer,
-                       dtype=np.float64)
+    return Transformer(model.config, {k: v if isinstance(v, QuantizedMatrix) and exact(v) else round_to(v, name)
+                                      for k, v in params.items()}, model.tokenizer, dtype=np.float64)
 
 
 def reference_steps(model: Transformer, ids_steps: Sequence[np.ndarray],

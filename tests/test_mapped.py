@@ -330,3 +330,14 @@ def test_a_long_pass_over_a_mapped_model_shows_its_progress(tmp_path, capfd):
         with reading_progress(model, "trace"):
             model(IDS)
         assert ("trace:" in capfd.readouterr().err) == mapped
+
+
+def test_the_oracle_judges_a_dump_against_a_mapped_model_without_reading_its_weights(tmp_path):
+    """A bfloat16 port's dump is checked against npllama in float64 holding the weights rounded to
+    bfloat16: a bfloat16 file's mapped matrices hold them already (known from the stored type)."""
+    from npllama.oracle import reference_model
+    folder = save_hf(random_llama(tiny_config(), seed=11), tmp_path, dtype=torch.bfloat16)
+    model = npllama.load(folder, progress=False, mapped=True, dtype=np.float64)
+    assert reference_model(model, "bfloat16") is model and reference_model(model, "float32") is model
+    rounded = reference_model(model, "float16")               # not exact: rounded into memory, as before
+    assert rounded is not model and not isinstance(rounded.layers[0].wq, QuantizedMatrix)

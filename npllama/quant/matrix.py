@@ -32,6 +32,7 @@ Legend: out, in are the nn.Linear dimensions; rows are "out" (a GGUF row is one 
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -46,6 +47,31 @@ WEIGHTS_PER_PIECE = 1 << 20
 # Called with the bytes of each piece of mapped rows a product reads (formats/mapped.py's
 # reading_progress shows a long pass over a large model this way); empty unless a bar is shown.
 READ_HOOKS: list[Callable[[int], None]] = []
+
+
+# A product's pieces run on PRODUCT_THREADS threads, each piece made float and multiplied by
+# single-threaded BLAS: NumPy's conversions and BLAS both release the GIL, and on the shared 2-core
+# host this is 6-8x faster than BLAS's own two threads woken for each of many small products
+# (bench/RESULTS.md, section 8).
+PRODUCT_THREADS = min(2, os.cpu_count() or 1)
+_POOL: list = []
+
+
+def in_parallel(work: Callable[[tuple], None], pieces: Sequence[tuple]) -> None:
+    """work(piece) for every piece, on PRODUCT_THREADS threads with BLAS on one thread each (in
+    order, on this thread, when there is one piece or one thread)."""
+    if len(pieces) < 2 or PRODUCT_THREADS < 2:
+        for piece in pieces:
+            work(piece)
+        return
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+        from threadpoolctl import ThreadpoolController
+        _POOL.extend([ThreadPoolExecutor(PRODUCT_THREADS, thread_name_prefix="npllama-piece"), ThreadpoolController()])
+    pool, blas = _POOL
+    with blas.limit(limits=1, user_api="blas"):
+        for _ in pool.map(work, pieces):
+            pass
 
 
 class MappedRows:
@@ -242,6 +268,14 @@ class QuantizedMatrix:
         """Whether every part's bytes stay in a memory-mapped file (nothing of the matrix is in memory)."""
         return all(is_mapped(b) for _, b in self.parts)
 
+    def held_exactly_in(self, dtype_name: str) -> bool:
+        """Whether a dtype ("float64", "float32", "bfloat16", "float16") holds every stored value
+        exactly, known from the part types alone (nothing is read): float32 and float64 hold every
+        type's values (blocks decode to float32 numbers); bfloat16 and float16 hold their own."""
+        if dtype_name in ("float64", "float32"):
+            return True
+        return all(name == {"bfloat16": "BF16", "float16": "F16"}.get(dtype_name) for name, _ in self.parts)
+
     @property
     def types(self) -> list[str]:
         """The block type of each part, top to bottom."""
@@ -256,19 +290,30 @@ class QuantizedMatrix:
                 f"{self.nbytes / 2**20:.1f} MiB{', mapped' * self.mapped})")
 
     # -------------------------------------------------------------- dequantizing
-    def pieces(self, max_weights: int = WEIGHTS_PER_PIECE) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, rows (k, in) in self.dtype) for consecutive pieces of at most max_weights
-        weights (at least one row), top to bottom."""
-        step = max(1, max_weights // max(self.n_in, 1))
-        first = 0
-        for name, blocks in self.parts:
-            for start in range(0, len(blocks), step):
-                chunk = blocks[start:start + step]
-                if READ_HOOKS and is_mapped(blocks):
-                    for hook in READ_HOOKS:
-                        hook(chunk.nbytes)
-                yield first + start, to_float(name, chunk, self.n_in, self.dtype)
+    def piece_ranges(self, max_weights: int | None = None) -> list[tuple[int, int, int, int]]:
+        """(first row of the matrix, part, first row of the part, rows) of each piece of at most
+        max_weights weights (WEIGHTS_PER_PIECE by default; at least one row), top to bottom."""
+        step = max(1, (WEIGHTS_PER_PIECE if max_weights is None else max_weights) // max(self.n_in, 1))
+        out, first = [], 0
+        for p, (_, blocks) in enumerate(self.parts):
+            out += [(first + start, p, start, min(step, len(blocks) - start)) for start in range(0, len(blocks), step)]
             first += len(blocks)
+        return out
+
+    def piece(self, part: int, start: int, rows: int, dtype=None) -> np.ndarray:
+        """Rows start .. start+rows of one part, made float: (rows, in) in dtype (default self.dtype)."""
+        name, blocks = self.parts[part]
+        chunk = blocks[start:start + rows]
+        if READ_HOOKS and is_mapped(blocks):
+            for hook in READ_HOOKS:
+                hook(chunk.nbytes)
+        return to_float(name, chunk, self.n_in, self.dtype if dtype is None else np.dtype(dtype))
+
+    def pieces(self, max_weights: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows (k, in) in self.dtype) for consecutive pieces of at most max_weights
+        weights (WEIGHTS_PER_PIECE by default; at least one row), top to bottom."""
+        for first, part, start, rows in self.piece_ranges(max_weights):
+            yield first, self.piece(part, start, rows)
 
     def dequantize(self) -> np.ndarray:
         """The whole matrix as floats in self.dtype, in its own shape ((out, in), or (in, out) when transposed)."""
@@ -296,9 +341,11 @@ class QuantizedMatrix:
         dtype = np.result_type(x.dtype, self.dtype)
         xt = np.ascontiguousarray(x.reshape(-1, self.n_in).T, dtype=dtype)      # (in, tokens)
         yt = np.empty((self.n_out, xt.shape[1]), dtype=dtype)                   # (out, tokens)
-        for first, rows in self.pieces():                        # rows: (k, in), outputs first..first+k
-            np.matmul(rows, xt, out=yt[first:first + len(rows)])  # each piece's outputs: contiguous rows
-            del rows                                              # one piece at a time, not two
+
+        def multiply(piece: tuple[int, int, int, int]) -> None:   # outputs first .. first+rows
+            first, part, start, rows = piece
+            np.matmul(self.piece(part, start, rows), xt, out=yt[first:first + rows])   # contiguous rows of yt
+        in_parallel(multiply, self.piece_ranges())
         return yt.T.reshape(*x.shape[:-1], self.n_out)            # (..., out)
 
     def __getitem__(self, key):
