@@ -231,10 +231,13 @@ def default_split(folder, prompt, tokens, n_generate):
 def test_three_ranks_run_the_default_model_as_one_process(ranks, tmp_path):
     """The default model's weights, written once as safetensors, so that each rank reads only
     its slices (a GGUF file is read whole by every rank, then sliced: the CLI tests do that)."""
-    from npllama.formats.hf import save_checkpoint
+    from npllama.formats.hf import hf_files
     base = npllama.load(progress=False)
     single = parity.from_numpy(base)
-    folder = save_checkpoint(tmp_path / "default", base.config, base.state_dict())
+    folder = tmp_path / "default"
+    folder.mkdir()
+    for name, data in hf_files(base.config, base.state_dict()).items():     # config.json, model.safetensors
+        (folder / name).write_bytes(data)
     prompt = base.tokenizer.encode("The capital of France is")
     del base
     tokens, logits = greedy_steps(single, prompt, 6)
