@@ -108,5 +108,7 @@ def mapped_params(model: nn.Module) -> dict[str, QuantizedMatrix]:
     return {name: m.source for name, m in model.named_modules() if isinstance(m, MappedWeight)}
 
 
-def has_mapped(model: nn.Module) -> bool:
-    return any(isinstance(m, MappedWeight) for m in model.modules())
+def has_mapped(model) -> bool:
+    """Whether a twin (or anything with ``modules()``; a rank's weight view has none) maps any weight."""
+    modules = getattr(model, "modules", None)
+    return modules is not None and any(isinstance(m, MappedWeight) for m in modules())

@@ -154,6 +154,9 @@ PARSED_ONLY = {
     'npllama generate --prompt "Tell me about llamas" --backend torch --weights int4':
         "its time is the int4 quantization of the default model at load (10 s), which -n does not scale; "
         "tests/test_quant_models.py runs `generate --backend torch --weights int4` on a tiny GGUF",
+    "npllama parity --against 'dump.rank*.safetensors'":
+        "the dumps are a tensor-parallel port's own, one per rank; tests/test_tp.py writes such dumps from a "
+        "split model, with bugs planted in one rank, and checks them this way",
 }
 PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*|YOURS\..*|.*\.\.\.")
 CHAT_INPUT = "What is the capital of France?\n/quit\n"

@@ -144,8 +144,12 @@ def place(tensors: Mapping[str, Any], mapped: bool, progress: Callable = lambda 
 
 # ---------------------------------------------------------------------------- progress of long passes
 def mapped_bytes(model) -> int:
-    """Bytes of mapped weights one forward pass of the model reads (every mapped matrix once)."""
+    """Bytes of mapped weights one forward pass of the model reads (every mapped matrix once); 0 for
+    a model that is not npllama's (the Torch backend's shows no bar here)."""
+    from ..model import Transformer
     from ..quant.matrix import QuantizedMatrix
+    if not isinstance(model, Transformer):
+        return 0
     seen, total = set(), 0
     for layer in getattr(model, "layers", []):
         for w in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w1, layer.w2, layer.w3):
