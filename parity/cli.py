@@ -73,10 +73,11 @@ def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isola
 
     given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if tp is not None:
-        clash = sorted(given & {"against", "reference_path", "with_hf", "weights"})
+        flags = {"against": "--against", "reference_path": "--reference", "with_hf": "--transformers",
+                 "weights": "--weights"}
+        clash = [flag for name, flag in flags.items() if name in given]
         if clash:
-            raise click.UsageError(f"--tp compares the split Torch model; it does not go with "
-                                   f"{', '.join('--' + n.replace('_path', '').replace('with_hf', 'transformers') for n in clash)}")
+            raise click.UsageError(f"--tp compares the split Torch model; it does not go with {', '.join(clash)}")
         parity_tp(tp, model_path, device, dtype, prompt, ids, attention, isolate, show_all, plot_path)
         return
     if against is not None:
