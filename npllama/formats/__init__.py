@@ -86,6 +86,9 @@ def load(path: str | os.PathLike | None = None, *, progress: bool = True, dtype=
         raise CheckpointError(f"{where}: the tokenizer has {tokenizer.vocab_size} tokens but the model embeds "
                               f"only {args.vocab_size}; the tokenizer belongs to another model")
     model = Transformer(args, params, tokenizer, dtype=dtype, source=str(where))
+    if progress:
+        from .mapped import say_if_not_cached
+        say_if_not_cached(model, where)
     try:   # an unknown rope type or bad rope parameters: say so now (shapes checked), not at the first call
         rope_init(args, 1)
     except ConfigError as e:

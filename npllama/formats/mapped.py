@@ -194,3 +194,15 @@ def reading_progress(model, desc: str = "forward pass", enabled: bool = True) ->
         yield close
     finally:
         close()
+
+
+def say_if_not_cached(model, source) -> None:
+    """One line on stderr when a mapped model's weights are more than the memory the page cache can
+    take (MemAvailable, the cgroup's limit): then every forward pass reads the part that does not
+    fit from the disk again, at the disk's speed (docs/sizes.md)."""
+    from ..memory import available_bytes, gib
+    need, available = mapped_bytes(model), available_bytes()
+    if need and available is not None and need > available:
+        print(f"npllama: {source}: {gib(need)} of weights stay in their files and {gib(available)} of memory is "
+              f"available to cache them: each forward pass reads the rest from the disk again (docs/sizes.md)",
+              file=sys.stderr)
