@@ -174,7 +174,7 @@ def make(shape: str) -> Path:
 
 # ---------------------------------------------------------------------------------------- measuring
 CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 system, folder, out, extra = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 sys.path.insert(0, sys.argv[5])
 import numpy as np
@@ -182,7 +182,7 @@ ids = (np.arange(PROMPT_LEN) * 7919 % 128000)[None]
 if system == "npllama":
     import npllama
     kwargs = eval("dict(" + extra + ")")
-    started = time.perf_counter()
+    cpu, started = os.times(), time.perf_counter()
     model = npllama.load(folder, progress=False, **kwargs)
     loaded = time.perf_counter()
     logits = model(ids)
@@ -190,8 +190,8 @@ if system == "npllama":
 else:
     import torch
     from transformers import LlamaForCausalLM
-    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
-    started = time.perf_counter()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    cpu, started = os.times(), time.perf_counter()
     model = LlamaForCausalLM.from_pretrained(folder, dtype=getattr(torch, system.split("-")[1])).eval()
     loaded = time.perf_counter()
     with torch.no_grad():
@@ -199,7 +199,9 @@ else:
     done = time.perf_counter()
 if out:
     np.save(out, logits[0])
-print(json.dumps({"load": loaded - started, "forward": done - loaded, "total": done - started}))
+used = os.times()
+print(json.dumps({"load": loaded - started, "forward": done - loaded, "total": done - started,
+                  "cpu": used.user + used.system - cpu.user - cpu.system}))
 """.replace("PROMPT_LEN", str(PROMPT_LEN))
 
 
@@ -274,15 +276,16 @@ def measure_load(shape: str, repeats: int, systems: list[str]) -> None:
                 if out:
                     logits[system] = np.load(out)
     reference = logits.get("transformers-float32")
-    print("| system | load + forward, s (median) | range | of which load, s | peak anonymous, GiB | rel. error vs transformers float32 |")
-    print("|---|---|---|---|---|---|")
+    print("| system | load + forward, s (median) | range | of which load, s | CPU time, s (median) | peak anonymous, GiB "
+          "| rel. error vs transformers float32 |")
+    print("|---|---|---|---|---|---|---|")
     for system, runs in results.items():
         total = [x["total"] for x in runs]
         err = ""
         if reference is not None and system != "transformers-float32":
             err = f"{np.abs(logits[system].astype(np.float64) - reference).max() / np.abs(reference).max():.1e}"
         print(f"| {system} | {statistics.median(total):.1f} | {min(total):.1f}-{max(total):.1f} | "
-              f"{statistics.median(x['load'] for x in runs):.1f} | "
+              f"{statistics.median(x['load'] for x in runs):.1f} | {statistics.median(x['cpu'] for x in runs):.1f} | "
               f"{max(x['peak_anon'] for x in runs) / 2**30:.2f} | {err} |")
     print(f"\nload average at the end: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
