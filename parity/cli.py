@@ -85,12 +85,7 @@ def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isola
                                  as_json, show_all, plot_path))
     refuse_against_options(reference_path, only, last_only, as_json)
     torch_dtype, torch_device = parity.resolve_dtype(dtype), parity.resolve_device(device)
-    if plot_path:
-        check_plot_path(plot_path)
-    if ids is not None:
-        ids = parse_ids(ids)
-    elif not prompt:
-        raise click.UsageError("--prompt is empty: give some text to run")
+    ids = check_run_options(plot_path, ids, prompt)
     if weights != "float32":
         from .quant_report import quant_parity
         text, ok = quant_parity(model_path, torch_device, torch_dtype, weights, prompt, ids, attention, isolate)
@@ -158,12 +153,7 @@ def parity_tp(tp: int, model_path, device, dtype, prompt, ids, attention, isolat
     from . import tp as parallel
 
     torch_dtype, torch_device = parity.resolve_dtype(dtype), parity.resolve_device(device)
-    if plot_path:
-        check_plot_path(plot_path)
-    if ids is not None:
-        ids = parse_ids(ids)
-    elif not prompt:
-        raise click.UsageError("--prompt is empty: give some text to run")
+    ids = check_run_options(plot_path, ids, prompt)
     rank = parallel.command_rank(tp, torch_device, model_path, "parity")
     if rank == 0:      # the reference needs the whole checkpoint: rank 0 reads it once and keeps its slices
         base = npllama.load(model_path, progress=False)
@@ -282,3 +272,15 @@ def train_command(ctx, data, valid, config, init, out, resume, tokenizer, vocab_
     except KeyboardInterrupt:                       # Ctrl-C: say what was kept and how to go on
         click.echo(f"\n{interrupted_message(out, None if run is None else run.step)}", err=True)
         sys.exit(130)
+
+
+def check_run_options(plot_path, ids, prompt):
+    """A comparison's own options, checked before anything loads: the plot's path, and the ids
+    (parsed) or the prompt (not empty). Returns the ids, or None to tokenize the prompt."""
+    if plot_path:
+        check_plot_path(plot_path)
+    if ids is not None:
+        return parse_ids(ids)
+    if not prompt:
+        raise click.UsageError("--prompt is empty: give some text to run")
+    return None

@@ -290,8 +290,8 @@ def _hf_slices(folder: Path, rank: int, n: int, progress: bool):
 
     from npllama.formats import check_finite
     from npllama.formats.fields import build_args
-    from npllama.formats.hf import (args_from_config, check_model_type, hf_tokenizer, npllama_name, read_json,
-                                    read_safetensors_header, weight_files)
+    from npllama.formats.hf import (args_from_config, check_model_type, hf_tokenizer, read_json,
+                                    read_safetensors_header, shard_tensor_name, weight_files)
     from npllama.params import check_params
     from npllama.rope_scaling import rope_init
 
@@ -314,14 +314,9 @@ def _hf_slices(folder: Path, rank: int, n: int, progress: bool):
                     from npllama.formats import _progress_bar
                     names = _progress_bar(names, desc=f"Rank {rank}: {file.name}")
                 for hf_name in names:
-                    try:
-                        name = npllama_name(hf_name)
-                    except CheckpointError as e:
-                        raise CheckpointError(f"{file}: {e}") from None
+                    name = shard_tensor_name(file, hf_name, params)
                     if name is None:
                         continue
-                    if name in params:
-                        raise CheckpointError(f"{file}: tensor {hf_name!r} appears in more than one shard")
                     if header[hf_name]["dtype"] not in ("F32", "F16", "BF16", "F64"):
                         raise CheckpointError(f"{file}: tensor {hf_name!r} is {header[hf_name]['dtype']}; weights "
                                               f"must be F32, F16, BF16 or F64")

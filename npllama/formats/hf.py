@@ -272,6 +272,18 @@ def npllama_name(hf_name: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------- the loader
+def shard_tensor_name(file: Path, hf_name: str, seen: Mapping[str, object]) -> str | None:
+    """npllama's name for a tensor of one shard (None: a tensor npllama does not use), or a
+    CheckpointError naming the shard, for a name it cannot read or a tensor another shard holds too."""
+    try:
+        name = npllama_name(hf_name)
+    except CheckpointError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    if name is not None and name in seen:
+        raise CheckpointError(f"{file}: tensor {hf_name!r} appears in more than one shard")
+    return name
+
+
 def load_hf(folder: Path, progress: Callable, mapped: bool | None = None):
     """A transformers folder -> (ModelArgs, params in npllama names, Tokenizer or None).
 
@@ -294,15 +306,9 @@ def load_hf(folder: Path, progress: Callable, mapped: bool | None = None):
         else:
             tensors = map_safetensors(file, progress) if use_map else read_safetensors(file, progress)
         for hf_name, array in tensors.items():
-            try:
-                name = npllama_name(hf_name)
-            except CheckpointError as e:
-                raise CheckpointError(f"{file}: {e}") from None
-            if name is None:
-                continue
-            if name in params:
-                raise CheckpointError(f"{file}: tensor {hf_name!r} appears in more than one shard")
-            params[name] = array
+            name = shard_tensor_name(file, hf_name, params)
+            if name is not None:
+                params[name] = array
     if args.tie_word_embeddings:
         params.pop("output.weight", None)   # some tied checkpoints store the shared matrix twice
     return args, params, tokenizer
