@@ -55,19 +55,24 @@ def _itemsize(dtype) -> int:
     return dtype.itemsize if isinstance(getattr(dtype, "itemsize", None), int) else np.dtype(dtype).itemsize
 
 
-def cache_slots(length: int, window: int) -> int:
-    """The capacity of a KV cache grown to hold ``length`` positions: it starts at CACHE_START (at
-    most the window) and grows to max(needed, twice its size)."""
+def cache_slots(length: int, window: int, prefill: int | None = None) -> int:
+    """The capacity of a KV cache that holds ``length`` positions: it starts at CACHE_START (at
+    most the window) and grows to max(needed, twice its size) (npllama.cache.KVCache): one call of
+    ``prefill`` positions (default: all ``length`` at once), then one position at a time."""
     capacity = min(CACHE_START, window)
+    first = length if prefill is None else min(prefill, length)
+    if first > capacity:
+        capacity = max(first, 2 * capacity)
     while capacity < length:
-        capacity = max(length, 2 * capacity)
+        capacity *= 2
     return capacity
 
 
-def kv_cache_bytes(args: ModelArgs, batch: int, length: int, dtype=np.float32) -> int:
-    """Bytes of the KV cache holding ``length`` positions of ``batch`` rows (its capacity, not less)."""
+def kv_cache_bytes(args: ModelArgs, batch: int, length: int, dtype=np.float32, prefill: int | None = None) -> int:
+    """Bytes of the KV cache holding ``length`` positions of ``batch`` rows (its capacity, not
+    less), the first ``prefill`` of them written at once (default: all)."""
     from .rope_scaling import context_window
-    slots = cache_slots(length, max(context_window(args), length))
+    slots = cache_slots(length, max(context_window(args), length), prefill)
     return args.n_layers * 2 * batch * slots * args.n_kv_heads * args.head_dim * _itemsize(dtype)
 
 
@@ -169,7 +174,7 @@ def generation_peak_bytes(args: ModelArgs, batch: int, prompt: int, new_tokens: 
     prompt + answer, the prefill's float32 logits still held), plus ``weights`` bytes held."""
     prefill = kv_cache_bytes(args, batch, prompt, dtype) + forward_bytes(args, batch, prompt, prompt, dtype, mapped)
     total = prompt + max(new_tokens - 1, 0)
-    decode = (kv_cache_bytes(args, batch, total, dtype) + batch * prompt * args.vocab_size * 4
+    decode = (kv_cache_bytes(args, batch, total, dtype, prefill=prompt) + batch * prompt * args.vocab_size * 4
               + forward_bytes(args, batch, 1, total, dtype, mapped))
     return weights + max(prefill, decode if new_tokens > 1 else 0)
 
@@ -272,7 +277,7 @@ def check_generation_fits(model, batch: int, prompt: int, new_tokens: int, avail
     available = available_bytes() if available is None else available
     if available is None or need + RESERVE_BYTES <= available:
         return
-    cache = kv_cache_bytes(args, batch, total, dtype)
+    cache = kv_cache_bytes(args, batch, total, dtype, prefill=prompt)
     most = fitting_length(args, batch, prompt, dtype, mapped, weights, available)
     fits = (f"at most {most} positions (prompt + new tokens) would fit" if most > prompt else
             "not even the prompt's prefill fits; shorten the prompt" + ("" if mapped else " or load with --mapped"))
