@@ -64,11 +64,12 @@ def in_parallel(work: Callable[[tuple], None], pieces: Sequence[tuple]) -> None:
         for piece in pieces:
             work(piece)
         return
-    if not _POOL:
+    if not _POOL or _POOL[2] != os.getpid():       # a forked child has the pool but not its threads
         from concurrent.futures import ThreadPoolExecutor
         from threadpoolctl import ThreadpoolController
-        _POOL.extend([ThreadPoolExecutor(PRODUCT_THREADS, thread_name_prefix="npllama-piece"), ThreadpoolController()])
-    pool, blas = _POOL
+        _POOL[:] = [ThreadPoolExecutor(PRODUCT_THREADS, thread_name_prefix="npllama-piece"), ThreadpoolController(),
+                    os.getpid()]
+    pool, blas, _ = _POOL
     with blas.limit(limits=1, user_api="blas"):
         for _ in pool.map(work, pieces):
             pass
