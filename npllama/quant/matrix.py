@@ -51,8 +51,8 @@ READ_HOOKS: list[Callable[[int], None]] = []
 
 # A product's pieces run on PRODUCT_THREADS threads, each piece made float and multiplied by
 # single-threaded BLAS: NumPy's conversions and BLAS both release the GIL, and on the shared 2-core
-# host this is 6-8x faster than BLAS's own two threads woken for each of many small products
-# (bench/RESULTS.md, section 8).
+# host this made a whole forward pass 4x (one large matrix 6-8x) faster than BLAS's own two threads
+# woken for each of many small products (bench/RESULTS.md, section 8).
 PRODUCT_THREADS = min(2, os.cpu_count() or 1)
 _POOL: list = []
 
