@@ -21,9 +21,10 @@ by doubling (cache.py) and attention views the queries in groups rather than cop
    (out, in) array is a view of (in, out) row-major memory; the others keep the file's (out, in)
    rows (``compute_matrix``).
 3. Quantized and mapped weights. A model loaded with ``weights="gguf"`` keeps each matrix as GGUF
-   blocks (npllama.quant.matrix.QuantizedMatrix): the memory order does not apply (each product
-   dequantizes row pieces), and the embedding table is the blocks too (``embedding_table``),
-   looked up row by row; tied, the LM head is the same blocks.
+   blocks, and a mapped one (``mapped=True``, formats/mapped.py) leaves each matrix's rows in its
+   file (npllama.quant.matrix.QuantizedMatrix, both): the memory order does not apply (each product
+   makes row pieces float), nothing is copied, and the embedding table is the stored rows too
+   (``embedding_table``), looked up row by row; tied, the LM head is the same rows.
 4. Attention. ``attention="auto"`` runs blockwise (flash) attention from FLASH_MIN_LEN keys on
    (when more than one query is computed), naive attention below; BLOCK_Q x BLOCK_K is the tile.
 """
@@ -113,8 +114,8 @@ def compute_matrix(name: str, weight: np.ndarray, dtype) -> np.ndarray:
     """A weight (out, in) in dtype, in the memory order chosen for it; still (out, in) to the maths.
 
     name: the matrix's short name ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output"). The numbers
-    are the same either way; only the order they lie in memory differs. A QuantizedMatrix stays
-    blocks, dequantized to dtype a piece at a time when used.
+    are the same either way; only the order they lie in memory differs. A QuantizedMatrix stays as
+    stored (blocks in memory, or rows left in a mapped file), made dtype a piece at a time when used.
     """
     if isinstance(weight, QuantizedMatrix):
         return weight.astype(dtype)

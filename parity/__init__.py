@@ -8,6 +8,9 @@
     logits = model(ids)                                         # (batch, seq, vocab) float32 tensor
     cache = model.new_cache(1, max_seq_len=512); model(ids, cache=cache)
 
+A model npllama left in its files (``npllama.load(..., mapped=True)``, the default for a large one)
+keeps them there in its twin too: parity.mapped views the same bytes.
+
 Modules mirror npllama's: norm, rope, attention, mlp, cache, model, sampling, generate; report.py
 runs both backends and compares the output of every op (``npllama parity``); hooks.py records any
 PyTorch model's activations under npllama's names (``parity.capture(module, name_map)``) and

@@ -206,6 +206,25 @@ def test_torch_zip_reader_handles_dtypes_views_and_strides(tmp_path):
         assert got[name].shape == want.shape and np.array_equal(got[name], want), name
 
 
+def test_torch_zip_reader_maps_float_tensors_in_place(tmp_path):
+    """mapped=True: float tensors of the uncompressed members are views of the file (the same
+    values once read), anything else (integers, a transposed view) comes back read as before."""
+    from npllama.formats.mapped import Stored, as_mapped_weight, read_into_memory
+    base = torch.randn(6, 8)
+    sd = {"bf16": base.to(torch.bfloat16), "f16": base.half(), "f32": torch.randn(4, 8), "slice": base[2:5, 1:7],
+          "transposed": base.t(), "i64": torch.arange(5)}
+    torch.save(sd, tmp_path / "x.pth")
+    got = read_torch_zip(tmp_path / "x.pth", mapped=True)
+    assert all(isinstance(got[n], Stored) for n in ("bf16", "f16", "f32", "slice"))     # rows contiguous
+    assert isinstance(got["i64"], np.ndarray) and isinstance(got["transposed"], np.ndarray)
+    for name, t in sd.items():
+        want = t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        value = got[name] if isinstance(got[name], np.ndarray) else read_into_memory(got[name])
+        assert np.array_equal(value, want), name
+        if isinstance(got[name], Stored) and t.ndim == 2:         # as a mapped model holds it
+            assert np.array_equal(np.asarray(as_mapped_weight(got[name]), np.float32), want.astype(np.float32)), name
+
+
 class _Boom:
     def __reduce__(self):
         return (os.system, ("touch pwned",))

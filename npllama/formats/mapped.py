@@ -1,14 +1,15 @@
 """Weights left where the file holds them: memory maps of the stored tensors, and where a model lives.
 
-A loader first reads only a file's headers and views every tensor in place, through a read-only
-memory map (``Stored``: the tensor's element bytes, not a copy). Then ``place`` decides, once per
-model, where the weights live:
+Where a model's weights live is decided once, from its config, before any tensor is read
+(``choose_mapped``):
 
 * in memory (``mapped=False``): every tensor is read and widened as it always was (bfloat16 ->
-  float32; float32 and float16 kept), and the maps are closed;
-* mapped (``mapped=True``): each matrix stays in the file as a QuantizedMatrix of mapped rows
-  (npllama.quant.matrix.MappedRows), made float a piece at a time when it is used; only the
-  vectors (the norms, the biases) are read into memory;
+  float32; float32 and float16 kept);
+* mapped (``mapped=True``): the loader reads only the files' headers and views every tensor in
+  place through a read-only memory map (``view``, ``Stored``: the tensor's element bytes, not a
+  copy); each matrix stays in the file as a QuantizedMatrix of mapped rows
+  (npllama.quant.matrix.MappedRows), made float a piece at a time when it is used, and only the
+  vectors (the norms, the biases) are read into memory (``as_mapped_weight``, ``place``);
 * ``mapped=None`` (the default): in memory when the model's float32 form is under MAPPED_ABOVE
   bytes, mapped from there on. The default model (SmolLM2-135M, 540 MB as float32) stays in
   memory and keeps its speed; the Llama-3.2-1B shape (4.9 GB as float32) is mapped.

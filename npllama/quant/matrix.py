@@ -51,8 +51,8 @@ READ_HOOKS: list[Callable[[int], None]] = []
 
 # A product's pieces run on PRODUCT_THREADS threads, each piece made float and multiplied by
 # single-threaded BLAS: NumPy's conversions and BLAS both release the GIL, and on the shared 2-core
-# host this is 6-8x faster than BLAS's own two threads woken for each of many small products
-# (bench/RESULTS.md, section 8).
+# host this made a whole forward pass 4x (one large matrix 6-8x) faster than BLAS's own two threads
+# woken for each of many small products (bench/RESULTS.md, section 8).
 PRODUCT_THREADS = min(2, os.cpu_count() or 1)
 _POOL: list = []
 
@@ -64,11 +64,12 @@ def in_parallel(work: Callable[[tuple], None], pieces: Sequence[tuple]) -> None:
         for piece in pieces:
             work(piece)
         return
-    if not _POOL:
+    if not _POOL or _POOL[2] != os.getpid():       # a forked child has the pool but not its threads
         from concurrent.futures import ThreadPoolExecutor
         from threadpoolctl import ThreadpoolController
-        _POOL.extend([ThreadPoolExecutor(PRODUCT_THREADS, thread_name_prefix="npllama-piece"), ThreadpoolController()])
-    pool, blas = _POOL
+        _POOL[:] = [ThreadPoolExecutor(PRODUCT_THREADS, thread_name_prefix="npllama-piece"), ThreadpoolController(),
+                    os.getpid()]
+    pool, blas, _ = _POOL
     with blas.limit(limits=1, user_api="blas"):
         for _ in pool.map(work, pieces):
             pass
