@@ -236,16 +236,23 @@ def sample_peak(proc: subprocess.Popen, peak: list) -> None:
 
 def run_child(system: str, folder: Path, out: str = "", extra: str = "") -> dict:
     """One fresh process: load + forward; its timings and its peak anonymous memory (sampled every 50 ms)."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, system, str(folder), out, extra, str(ROOT)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, peak = run_sampled([sys.executable, "-c", CHILD, system, str(folder), out, extra, str(ROOT)],
+                               f"{system} on {folder.name}")
+    return {**json.loads(stdout.strip().splitlines()[-1]), "peak_anon": peak}
+
+
+def run_sampled(argv: list[str], what: str) -> tuple[str, int]:
+    """Run argv to its end with its peak anonymous memory sampled (sample_peak): (stdout, peak bytes);
+    a failure stops the bench with the end of its stderr."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
     sampler = threading.Thread(target=sample_peak, args=(proc, peak), daemon=True)
     sampler.start()
     stdout, stderr = proc.communicate()
     sampler.join()
     if proc.returncode != 0:
-        raise SystemExit(f"{system} on {folder.name} failed:\n{stderr.strip()[-2000:]}")
-    return {**json.loads(stdout.strip().splitlines()[-1]), "peak_anon": peak[0]}
+        raise SystemExit(f"{what} failed:\n{stderr.strip()[-2000:]}")
+    return stdout, peak[0]
 
 
 def warm(folder: Path) -> float:
@@ -347,15 +354,8 @@ def measure_decode(shape: str, tokens: int) -> None:
     print(f"command: .venv/bin/python bench/bench_sizes.py decode --shape {shape} --tokens {tokens}")
     print(f"page cache warmed once: {warm(folder):.1f} s to read {folder.name}")
     before = read_bandwidth(folder)
-    proc = subprocess.Popen([sys.executable, "-c", DECODE_CHILD, str(folder), str(tokens), str(ROOT)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0]
-    sampler = threading.Thread(target=sample_peak, args=(proc, peak), daemon=True)
-    sampler.start()
-    stdout, stderr = proc.communicate()
-    sampler.join()
-    if proc.returncode != 0:
-        raise SystemExit(stderr.strip()[-2000:])
+    stdout, peak = run_sampled([sys.executable, "-c", DECODE_CHILD, str(folder), str(tokens), str(ROOT)],
+                               f"decoding {folder.name}")
     out = json.loads(stdout.strip().splitlines()[-1])
     after = read_bandwidth(folder)
     bandwidth = (before + after) / 2
@@ -364,7 +364,7 @@ def measure_decode(shape: str, tokens: int) -> None:
     print("| decode | tok/s | s/token | bytes read per token | bound, tok/s | of the bound | prefill (32 tokens), s | peak anonymous, GiB |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| npllama mapped, float32 | {1 / out['decode']:.3f} | {out['decode']:.1f} | {out['bytes'] / 1e9:.1f} GB | "
-          f"{bound:.3f} | {100 / out['decode'] / bound:.0f}% | {out['prefill']:.1f} | {peak[0] / 2**30:.2f} |")
+          f"{bound:.3f} | {100 / out['decode'] / bound:.0f}% | {out['prefill']:.1f} | {peak / 2**30:.2f} |")
     print(f"\nload average at the end: {' / '.join(f'{v:.1f}' for v in os.getloadavg())}")
 
 

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .cache import KVCache
+from .checks import is_int
 from .errors import InputError
 from .inputs import check_budget, check_fits
 from .numerics import bad_logits, check_finite_logits, non_finite_error
@@ -61,7 +62,7 @@ def is_batch(prompts) -> bool:
 
 def row_seeds(seed, rows: int) -> list:
     """One seed per row: the same seed for every row (each draws as it would alone), or one each."""
-    if seed is None or isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    if seed is None or is_int(seed):
         return [seed] * rows
     seeds = list(seed) if isinstance(seed, Sequence) else None
     if seeds is None or len(seeds) != rows:

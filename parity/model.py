@@ -50,7 +50,7 @@ ATTENTION_IMPLS = ("naive", "flash", "sdpa", "auto")
 
 
 # ---------------------------------------------------------------------------- the blocks
-def attention(x: torch.Tensor, layer: "TransformerBlock", ctx: Context) -> torch.Tensor:
+def attention(x: torch.Tensor, layer: "Layer", ctx: Context) -> torch.Tensor:
     """Multi-head attention with rotary q and k and grouped key/value heads.
 
     x: (batch, seq, dim) -> (batch, seq, dim). The keys and values of this call are written to
@@ -101,7 +101,7 @@ def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     raise InputError(f"unknown attention implementation {impl!r}; choose one of {', '.join(ATTENTION_IMPLS)}")
 
 
-def transformer_block(h: torch.Tensor, layer: "TransformerBlock", ctx: Context) -> torch.Tensor:
+def transformer_block(h: torch.Tensor, layer: "Layer", ctx: Context) -> torch.Tensor:
     """One pre-norm decoder layer. h: (batch, seq, dim) -> (batch, seq, dim)."""
     i, m = layer.index, layer.feed_forward
     x = ctx.named(i, "attention_norm", rms_norm(h, layer.attention_norm.weight, layer.attention_norm.eps))
@@ -215,7 +215,7 @@ class FeedForward(nn.Module):
         self.w1, self.w2, self.w3 = w1, w2, w3
 
 
-class TransformerBlock(nn.Module):
+class Layer(nn.Module):
     """One layer's weights: attention_norm, attention, ffn_norm, feed_forward; and its index."""
 
     def __init__(self, index: int, attention_norm: RMSNorm, attention: Attention, ffn_norm: RMSNorm,
@@ -266,7 +266,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList()
         for i in range(args.n_layers):
             p, a, f = f"layers.{i}.", f"layers.{i}.attention.", f"layers.{i}.feed_forward."
-            self.layers.append(TransformerBlock(
+            self.layers.append(Layer(
                 i, RMSNorm(tensor(p + "attention_norm.weight"), args.norm_eps, requires_grad),
                 Attention(lin(a + "wq"), lin(a + "wk"), lin(a + "wv"), lin(a + "wo")),
                 RMSNorm(tensor(p + "ffn_norm.weight"), args.norm_eps, requires_grad),

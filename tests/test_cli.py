@@ -150,6 +150,18 @@ def interruptible(args: list[str], cwd: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def ctrl_c(proc: subprocess.Popen, ready) -> tuple[bytes, str]:
+    """Wait for ready() to return, press Ctrl-C (SIGINT), and read what the process said: (stdout
+    bytes, stderr text); the process is killed if it does not end within a minute."""
+    try:
+        ready()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return out, err.decode()
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """A random tiny Llama with a byte-level BPE tokenizer and a window of 4096 positions."""
@@ -203,14 +215,11 @@ def test_generate_and_chat_end_with_one_timing_line(tiny_model):
 def test_ctrl_c_during_generate_still_prints_the_timing_line(tiny_model, tmp_path):
     proc = interruptible(["generate", "--model", str(tiny_model), "-p", "hi", "-n", "4000", "--raw", "-t", "1",
                           "--seed", "0"], tmp_path)
-    try:
-        proc.stdout.read(1)                        # generating: the first piece is out
+
+    def generating():
+        proc.stdout.read(1)                        # the first piece is out
         time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    err = err.decode()
+    out, err = ctrl_c(proc, generating)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "[interrupted]" in out.decode(), err
     assert TIMING.fullmatch(err.split("\r")[-1].strip()), err
@@ -226,16 +235,13 @@ def test_ctrl_c_during_train_names_the_checkpoint_kept_and_how_to_go_on(tmp_path
     proc = interruptible(["train", "--config", "tiny.json", "--data", "train.txt", "--out", "runs/tiny",
                           "--vocab-size", "400", "--batch-size", "2", "--seq-len", "16", "--save-every", "2",
                           "--eval-batches", "1", "--minutes", "5", "--sample-tokens", "0"], tmp_path)
-    try:
+
+    def a_checkpoint_is_saved():
         deadline = time.monotonic() + 120
         while not list((tmp_path / "runs" / "tiny").glob("step-*")) and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(1.0)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    err = err.decode()
+    out, err = ctrl_c(proc, a_checkpoint_is_saved)
     assert proc.returncode == 130, err
     said = re.search(r"interrupted at step (\d+): kept (runs/tiny/step-\d+) \(step (\d+)\), the newest complete "
                      r"checkpoint; `npllama train --resume --out runs/tiny` continues from it", err)
