@@ -14,8 +14,9 @@ by doubling (cache.py) and attention views the queries in groups rather than cop
    or triple is one matrix product: wq|wk|wv -> ``attention.wqkv`` and w1|w3 -> ``feed_forward.w13``.
    The NumPy model does not fuse: a decode step reads the same bytes either way and the two extra
    products per layer cost nothing measurable (bench/RESULTS.md, "Unfused"). The Torch fast path
-   (parity/fast.py) and the trainer fuse after loading, per rank under tensor parallelism;
-   ``fuse_params`` and ``split_params`` are the one place that knows how.
+   (parity/fast.py) fuses after loading, per rank under tensor parallelism; ``fuse_params`` (and
+   its inverse ``split_params``) is the one place that knows how. ``concat_rows`` also stacks a Meta
+   checkpoint's row-split shards into one matrix.
 2. Memory order. A decode step is one matrix-vector product per matrix, and which memory order
    OpenBLAS streams faster depends on the shape. ``IN_OUT_IN_MEMORY`` names the matrices whose
    (out, in) array is a view of (in, out) row-major memory; the others keep the file's (out, in)

@@ -14,9 +14,9 @@ besides the blocks themselves. The numbers are those of the float32 model; only 
 the products are summed across pieces differs (each output element is one dot product over the
 whole row either way: the pieces split the outputs, never the inputs).
 
-A matrix may be a stack of parts of different block types along "out" (wq|wk|wv fused from a
-Q4_K wq and a Q6_K wv, npllama.layout.fuse_params): each part keeps its own type and its own
-bytes (stacking copies nothing). A float array joins a stack as an "F32" part.
+A matrix may be a stack of parts of different block types along "out" (the row-split shards of
+a Meta checkpoint merged into one matrix, npllama.layout.concat_rows): each part keeps its own
+type and its own bytes (stacking copies nothing). A float array joins a stack as an "F32" part.
 
 Mapped rows (MappedRows): a part's bytes may stay in the file, viewed through a read-only memory
 map, so that a model larger than memory runs: the operating system's page cache holds the file,
@@ -209,7 +209,7 @@ class QuantizedMatrix:
 
     @classmethod
     def concat(cls, mats: Sequence["QuantizedMatrix | np.ndarray"]) -> "QuantizedMatrix":
-        """Stack (out_i, in) matrices along "out" (layout.fuse_params): the parts side by side, no
+        """Stack (out_i, in) matrices along "out" (layout.concat_rows): the parts side by side, no
         bytes copied; float arrays become F32 parts."""
         mats = [m if isinstance(m, QuantizedMatrix) else cls.from_float(m) for m in mats]
         if len({m.n_in for m in mats}) != 1 or any(m.transposed for m in mats):
@@ -350,7 +350,7 @@ class QuantizedMatrix:
         return yt.T.reshape(*x.shape[:-1], self.n_out)            # (..., out)
 
     def __getitem__(self, key):
-        """Rows of the (out, in) weight: a slice gives a QuantizedMatrix of those rows (split_params),
+        """Rows of the (out, in) weight: a slice gives a QuantizedMatrix of those rows,
         integer ids (any shape) their dequantized rows (*ids.shape, in), an embedding lookup."""
         if self.transposed:
             raise InputError("index the (out, in) QuantizedMatrix, not its transpose")
