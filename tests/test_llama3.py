@@ -279,6 +279,21 @@ def test_a_meta_llama3_folder_loads_with_its_tiktoken_tokenizer(llama32_model, m
     assert llama3.tokenizer.chat_format == "llama3" and builtin_template_for(llama3.tokenizer) == "llama3"
 
 
+def test_a_meta_folder_without_an_lm_head_of_its_own_is_tied(meta_folders, tmp_path):
+    """Llama 3.2 1B and 3B tie the LM head to the embedding: their consolidated.00.pth has no
+    output.weight, and the model reads the embedding table as its head."""
+    folder = tmp_path / "Llama3.2-tied"
+    shutil.copytree(meta_folders["3.1"], folder, ignore=shutil.ignore_patterns("consolidated.*"))
+    state = torch.load(meta_folders["3.1"] / "consolidated.00.pth")
+    del state["output.weight"]
+    torch.save(state, folder / "consolidated.00.pth")
+    model = npllama.load(folder, progress=False, mapped=False)
+    assert model.config.tie_word_embeddings and "output.weight" not in model.state_dict()
+    # the head holds the table's own values (layout.py may lay them out in another memory order)
+    assert np.array_equal(model.output, model.tok_embeddings)
+    assert np.isfinite(model(model.tokenizer.encode("Hello world"))).all()
+
+
 def test_a_meta_llama32_folder_chats_in_llama31s_format_and_generates(llama32_model, reference):
     model = llama32_model
     source, where = chat_template_for(model.tokenizer)

@@ -192,5 +192,7 @@ def load_meta(folder: Path, progress: Callable, mapped: bool | None = None):
         shards = [place(s, True) for s in shards]
     state = merge_shards(shards, args, files)
     state.pop("rope.freqs", None)   # Llama 1/2 store the rotary table; npllama computes it
+    if "output.weight" not in state:    # Llama 3.2 1B and 3B: the LM head is the embedding table
+        args = args.replace(tie_word_embeddings=True)
 
     return args, to_half_layout(state, args, str(folder)), tokenizer
