@@ -40,6 +40,18 @@ def init_model_parallel() -> None:
             fs_init.initialize_model_parallel(1)
 
 
+def close_model_parallel() -> None:
+    """Undo init_model_parallel: fairscale's groups, then the process group of one. (A command's
+    process ends with them; a process that builds the port and goes on to other work calls this.)"""
+    import fairscale.nn.model_parallel.initialize as fs_init
+    import torch.distributed as dist
+
+    if fs_init.model_parallel_is_initialized():
+        fs_init.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def build(folder: str, max_seq_len: int = 256, max_batch_size: int = 1):
     """Meta's Transformer with the weights of an `npllama export --layout meta` folder."""
     from llama_models.llama3.args import ModelArgs

@@ -561,6 +561,10 @@ class LocalRanks:
                  start_method: str = "spawn"):
         import torch.multiprocessing as mp
 
+        if start_method == "fork" and dist.is_available() and dist.is_initialized():
+            raise RuntimeError("this process already has a process group, and forked ranks would inherit it: "
+                               "call torch.distributed.destroy_process_group() first, or start the ranks "
+                               "with start_method='spawn'")
         self.n, self.timeout = n, timeout
         spawn = mp.get_context(start_method)
         port = free_port()

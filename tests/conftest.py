@@ -21,6 +21,7 @@ if "NPLLAMA_CACHE" not in os.environ:                  # npllama's own cache (ch
 
 
 import signal  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -42,3 +43,20 @@ def no_hang():
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_process_group_left():
+    """A command run in-process here (CliRunner) may make a process group, as `--tp 1` and Meta's
+    port (fairscale) do; in its own process the group ends with the process. Here the worker goes on
+    to other modules, and test_tp's ranks, forked from it, must not inherit a group: each module's
+    groups end with the module."""
+    yield
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available():
+        return
+    fairscale = sys.modules.get("fairscale.nn.model_parallel.initialize")
+    if fairscale is not None and fairscale.model_parallel_is_initialized():
+        fairscale.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -90,7 +90,9 @@ def meta_weights(folder, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def meta_port():
-    yield load_doc_module("meta_port")
+    module = load_doc_module("meta_port")
+    yield module
+    module.close_model_parallel()
     del sys.modules["meta_port"]
 
 

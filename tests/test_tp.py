@@ -88,6 +88,17 @@ def test_outside_a_process_group_tp_is_one_line_about_how_to_start_one():
         parity.load("no-such-model", tp=2)
 
 
+def test_forked_ranks_refuse_a_process_that_already_has_a_group():
+    """Forked ranks would inherit the parent's group and fail deep in init_process_group."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="already has a process group.*destroy_process_group"):
+            tp.LocalRanks(2, start_method="fork")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_hugging_face_rank_reads_its_slices(tmp_path):
     """safetensors' get_slice: rank r's tensors are rows / columns r of the whole, in any stored dtype."""
     from npllama.formats.hf import save_checkpoint
