@@ -168,13 +168,16 @@ def weights_in_memory(model) -> int:
 
 
 def generation_peak_bytes(args: ModelArgs, batch: int, prompt: int, new_tokens: int, dtype=np.float32,
-                          mapped: bool = False, weights: int = 0) -> int:
+                          mapped: bool = False, weights: int = 0, reused: int = 0) -> int:
     """The peak of generating ``new_tokens`` after a ``prompt``-token prefill for ``batch`` rows:
     the larger of the prefill (cache holding the prompt) and the last decode step (cache holding
-    prompt + answer, the prefill's float32 logits still held), plus ``weights`` bytes held."""
-    prefill = kv_cache_bytes(args, batch, prompt, dtype) + forward_bytes(args, batch, prompt, prompt, dtype, mapped)
+    prompt + answer, the prefill's float32 logits still held), plus ``weights`` bytes held.
+    reused: the prompt's first positions already in the cache (a chat turn), which the prefill
+    does not feed again."""
+    fed = max(prompt - min(reused, prompt - 1), 1)
+    prefill = kv_cache_bytes(args, batch, prompt, dtype) + forward_bytes(args, batch, fed, prompt, dtype, mapped)
     total = prompt + max(new_tokens - 1, 0)
-    decode = (kv_cache_bytes(args, batch, total, dtype, prefill=prompt) + batch * prompt * args.vocab_size * 4
+    decode = (kv_cache_bytes(args, batch, total, dtype, prefill=prompt) + batch * fed * args.vocab_size * 4
               + forward_bytes(args, batch, 1, total, dtype, mapped))
     return weights + max(prefill, decode if new_tokens > 1 else 0)
 
@@ -264,16 +267,17 @@ def fitting_length(args: ModelArgs, batch: int, prompt: int, dtype, mapped: bool
     return lo
 
 
-def check_generation_fits(model, batch: int, prompt: int, new_tokens: int, available: int | None = None) -> None:
+def check_generation_fits(model, batch: int, prompt: int, new_tokens: int, available: int | None = None,
+                          reused: int = 0) -> None:
     """Refuse, before the prefill, a generation whose peak would not fit (check_fits), naming the
     KV cache's share and the longest generation that would fit. new_tokens is cut to what the
-    context window leaves after the prompt, as generate does."""
+    context window leaves after the prompt, as generate does; reused as in generation_peak_bytes."""
     from .rope_scaling import context_window
     args, dtype = model.config, np.dtype(model.dtype)
     new_tokens = min(new_tokens, max(context_window(args) - prompt, 0))
     mapped, weights = is_mapped(model), weights_in_memory(model)
     total = prompt + new_tokens
-    need = generation_peak_bytes(args, batch, prompt, new_tokens, dtype, mapped, weights)
+    need = generation_peak_bytes(args, batch, prompt, new_tokens, dtype, mapped, weights, reused)
     available = available_bytes() if available is None else available
     if available is None or need + RESERVE_BYTES <= available:
         return

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from npllama.cli import STARTED
-from npllama.cli.options import mapped_choice, mapped_option
+from npllama.cli.options import mapped_choice, model_option, run_checkpoint
 from npllama.cli.trace import check_against, parse_ids, reference_option, show, verdict_options, view_option
 from npllama.io import atomic_write
 
@@ -29,9 +29,7 @@ from .train import TrainConfig, interrupted_message, setup, sample_text, summary
                                    "compare every op. With --against THEIRS.safetensors, compare a file of "
                                    "anyone's activations instead (docs/porting.md). Exits 1 when an op breaks "
                                    "its dtype's tolerance.")
-@click.option("--model", "-m", "model_path", default=None, metavar="PATH",
-              help="A Hugging Face folder, a Meta folder, or a .gguf file (default: SmolLM2-135M-Instruct).")
-@mapped_option
+@model_option
 @click.option("--device", default="cpu", show_default=True, help="Torch device: cpu, cuda, cuda:1 ...")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "bfloat16", "float16"]), default="float32",
               show_default=True, help="The Torch backend's dtype (the reference is npllama in float64). With "
@@ -96,6 +94,8 @@ def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isola
         if base.tokenizer is None:
             raise click.UsageError("this checkpoint has no tokenizer: pass --ids")
         ids = base.tokenizer.encode(prompt)
+    ids = base.check_ids(ids)
+    check_parity_fits(base, ids.shape, torch_dtype)
     model = parity.from_numpy(base, device=torch_device, dtype=torch_dtype)
     del base
     reference = reference_of(model)
@@ -117,6 +117,20 @@ def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isola
         click.echo(f"plot: {plot_path}")
     if not all(r.ok for r in reports):
         sys.exit(1)
+
+
+def check_parity_fits(base, shape: tuple[int, int], torch_dtype: torch.dtype) -> None:
+    """Refuse, before the twin is made, a comparison whose peak would not fit (npllama.memory):
+    the twin's weights in its dtype beside the float64 reference's (neither, for weights left in
+    their files), and both runs' activations, every one kept for the table."""
+    from npllama.memory import check_fits, is_mapped, trace_bytes, weight_count
+    args, mapped = base.config, is_mapped(base)
+    weights = 0 if mapped else weight_count(args) * (torch_dtype.itemsize + 8)
+    runs = trace_bytes(args, *shape, np.float64, mapped) + trace_bytes(args, *shape, torch_dtype, mapped)
+    dtype = str(torch_dtype).removeprefix("torch.")
+    check_fits(weights + runs, f"comparing {shape[1]} tokens x {shape[0]} (the twin in {dtype}, the reference in "
+                               f"float64, every activation kept)",
+               "compare fewer tokens" + ("" if mapped else ", or add --mapped to leave the weights in their files"))
 
 
 def against_verdict(given: set[str], against: str, model_path, reference_path, dtype, isolate, only, last_only,
@@ -199,7 +213,8 @@ EXIT_SECONDS = 3.0  # kept at the end of a --minutes budget for leaving Python (
 @click.option("--valid", type=click.Path(exists=True, dir_okay=False),
               help="Held-out text for the evaluation loss (default: the last 5% of --data).")
 @click.option("--config", "config", type=click.Path(dir_okay=False), help="Model config JSON (fresh weights).")
-@click.option("--init", "init", type=click.Path(exists=True), help="Checkpoint whose weights to start from.")
+@click.option("--init", "init", type=click.Path(exists=True), callback=lambda ctx, param, value: run_checkpoint(value),
+              help="Checkpoint whose weights to start from (a training run's folder: its newest checkpoint).")
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue OUT's latest checkpoint (options given override the saved ones).")
 @click.option("--tokenizer", type=click.Path(exists=True, dir_okay=False),

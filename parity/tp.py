@@ -257,10 +257,9 @@ def peek_args(path) -> ModelArgs:
 
 
 def _checkpoint(path) -> Path:
-    if path is None:
-        from npllama.weights import default_model_path
-        return default_model_path()
-    return Path(path).expanduser()
+    """The local file or folder of a model path: the default model, a path, or a Hub id's snapshot."""
+    from npllama.formats import resolve
+    return resolve(path)
 
 
 def load_slices(path, rank: int, n: int, progress: bool = True):

@@ -200,6 +200,9 @@ def test_a_training_run_folder_means_its_latest_checkpoint(tiny_model, tmp_path)
     assert result.exit_code == 0, result.output
     result = run(["eval", "--model", str(folder), "--data", TEXT, "--max-tokens", "8", "--json"])
     assert result.exit_code == 0 and '"model": "' + str(folder / "latest") in result.output, result.output
+    pytest.importorskip("parity")
+    result = run(["parity", "--model", str(folder), "--ids", "1,5,9"])
+    assert result.exit_code == 0 and "within tolerance" in result.output, result.output
 
 
 def test_generate_and_chat_end_with_one_timing_line(tiny_model):

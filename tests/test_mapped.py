@@ -252,6 +252,23 @@ def test_the_estimate_of_a_generations_peak_is_within_10_percent(prompt, new):
     assert abs(estimate - peak) <= 0.1 * peak, (peak, estimate)
 
 
+def test_the_estimate_of_a_chat_turns_peak_counts_the_cache_it_reuses():
+    """A turn whose conversation is already in the cache feeds only its new tokens: its peak is the
+    cache held plus a short prefill, within 10% of what tracemalloc sees (and the cache's bytes)."""
+    from npllama.generate import generate
+    args = ModelArgs(**{**ARGS, "vocab_size": 500})
+    model = Transformer(args, bf16_mapped(init_params(args)))
+    ids = np.random.default_rng(2).integers(3, args.vocab_size, 320)
+    cache = model.new_cache(1)
+    list(generate(model, ids[:300], 1, stop_ids=[], cache=cache))             # the conversation so far
+    cache.truncate(300)
+    held = sum(a.nbytes for a in cache.k + cache.v)
+    peak = held + traced_peak(lambda: list(generate(model, ids[300:], 3, stop_ids=[], cache=cache)))
+    estimate = generation_peak_bytes(args, 1, 320, 3, np.float32, mapped=True, reused=300)
+    assert abs(estimate - peak) <= 0.1 * peak, (peak, estimate)
+    assert estimate < generation_peak_bytes(args, 1, 320, 3, np.float32, mapped=True)   # the prefill of 320
+
+
 def test_work_that_would_not_fit_is_refused_with_the_figures():
     from types import SimpleNamespace
     llama_8b = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
@@ -282,6 +299,26 @@ def test_the_command_line_refuses_before_the_prefill(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["generate", "-m", str(folder), "-p", "hello", "-n", "2", "-q", "--raw",
                                        "--mapped"])
     assert result.exit_code == 0, result.output
+
+
+def test_chat_and_parity_refuse_what_would_not_fit_before_the_work(tmp_path, monkeypatch):
+    """A chat turn is refused in brackets and the chat goes on; parity exits 2 before the twin is made."""
+    from click.testing import CliRunner
+
+    from npllama import memory
+    from npllama.cli import main
+    from tiny import train_bpe
+    folder = save_hf(random_llama(tiny_config(), seed=8), tmp_path, tokenizer=train_bpe(300))
+    monkeypatch.setattr(memory, "available_bytes", lambda: RESERVE_BYTES + (64 << 10))
+    result = CliRunner().invoke(main, ["chat", "-m", str(folder), "-n", "5", "-q"], input="hello there\n/quit\n")
+    assert result.exit_code == 0, result.output
+    assert "needs about" in result.stderr and "/reset to start a new conversation" in result.stderr
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(main, ["parity", "-m", str(folder), "--ids", "1,5,9,13"])
+    assert result.exit_code == 2 and "comparing 4 tokens x 1" in result.output and "needs about" in result.output
+    assert "Traceback" not in result.output
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)          # unknown: nothing refused
+    assert CliRunner().invoke(main, ["parity", "-m", str(folder), "--ids", "1,5,9,13"]).exit_code == 0
 
 
 # ---------------------------------------------------------------------------------------- the rest

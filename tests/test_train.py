@@ -304,6 +304,11 @@ def test_train_command_trains_plots_samples_and_its_checkpoints_load(corpus, tmp
                                    "--batch-size", "2", "--seq-len", "16", "--warmup", "1", "-q", "--sample-tokens", "0"])
     assert up.exit_code == 0, up.output
     assert npllama.load(tmp_path / "up" / "latest", progress=False).config.n_kv_heads == 1
+    more = CliRunner().invoke(main, ["train", "--init", str(tmp_path / "up"), "--data", str(corpus / "train.txt"),
+                                     "--valid", str(corpus / "valid.txt"), "--out", str(tmp_path / "more"), "--steps",
+                                     "1", "--batch-size", "2", "--seq-len", "16", "--warmup", "1", "-q",
+                                     "--sample-tokens", "0"])                 # a run's folder: its newest checkpoint
+    assert more.exit_code == 0, more.output
 
 
 def test_bad_requests_get_clear_errors(corpus, tmp_path):

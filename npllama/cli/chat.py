@@ -40,6 +40,23 @@ def read_template(path: str) -> ChatTemplate:
         raise InputError(f"{name}: not UTF-8 text ({e}); a chat template is Jinja text") from None
 
 
+def check_turn_fits(session: ChatSession, line: str) -> None:
+    """check_generation_fits for the turn about to start: the conversation so far (its cached
+    positions reused, as the session does), the new message with a few tokens of template around
+    it, and the answer, within the window."""
+    from ..memory import check_generation_fits
+    reused = len(session.cached_ids)
+    prompt = min(reused + len(session.tokenizer.encode(line, add_bos=False)) + TEMPLATE_TOKENS, session.window)
+    try:
+        check_generation_fits(session.model, 1, prompt, session.max_new_tokens, reused=reused)
+    except InputError as e:
+        raise InputError(f"{e}; /reset to start a new conversation, or a smaller --context or --max-new-tokens") \
+            from None
+
+
+TEMPLATE_TOKENS = 16    # a turn's role headers and end-of-turn tokens, about (chat templates differ)
+
+
 @click.command(name="chat", help=(
     "Chat with a model in the terminal, streaming answers and keeping the KV cache. Ends with one timing "
     "line on stderr: load, prompt tokens/s, generated tokens/s.\n\n"
@@ -125,6 +142,8 @@ def chat(model_path, backend, device, weights, system, template, context, max_ne
         pieces = None
         try:
             check_fits(run.model.tokenizer, line, session.window, "the message")   # before the template sees it
+            if run.name == "numpy":             # a turn that would not fit is refused before its prefill
+                check_turn_fits(session, line)
             pieces = session.send(line)
             for piece in pieces:
                 click.echo(piece, nl=False)
