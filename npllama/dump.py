@@ -111,6 +111,17 @@ class Split:
     def __str__(self) -> str:
         return f"shard({self.axis})" if self.kind == "shard" else self.kind
 
+    def cut(self, whole: np.ndarray, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray] | None:
+        """What each rank's piece (of the given shapes, rank 0 first) should equal, as parts of the
+        whole tensor: the whole for each replicated copy, consecutive slices along the axis for a
+        shard, None for a partial sum (each rank's piece is a term of the whole, not a part of it)."""
+        if self.kind == "replicated":
+            return [whole] * len(shapes)
+        if self.kind == "partial-sum":
+            return None
+        edges = np.cumsum([0, *(shape[self.axis] for shape in shapes)])
+        return [np.take(whole, np.arange(edges[r], edges[r + 1]), axis=self.axis) for r in range(len(shapes))]
+
 
 REPLICATED = Split("replicated")
 PARTIAL_SUM = Split("partial-sum")

@@ -848,12 +848,8 @@ def break_ranks(theirs: Dump, first, refs, model: Transformer | None,
     if split is None or not pieces:
         return None, None
     ref = np.asarray(refs[first.step][first.name], dtype=np.float64)
-    if split.kind == "replicated":
-        wants = [ref] * len(pieces)
-    elif split.kind == "shard":
-        edges = np.cumsum([0, *(p.shape[split.axis] for p in pieces)])
-        wants = [np.take(ref, np.arange(edges[r], edges[r + 1]), axis=split.axis) for r in range(len(pieces))]
-    else:
+    wants = split.cut(ref, [p.shape for p in pieces])
+    if wants is None:
         wants = partial_sum_pieces(theirs, first, refs, model, len(pieces))
         if wants is None:
             return None, (f"{first.name} is a partial sum: which rank's piece is wrong needs each rank's own sum, "

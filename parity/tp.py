@@ -680,18 +680,6 @@ def rank_dumps(traces: Sequence[tuple[dict[str, np.ndarray], dict[str, str]]], i
             for r, (t, d) in enumerate(traces)]
 
 
-def piece_of(whole: np.ndarray, split: Split, pieces: Sequence[np.ndarray], rank: int) -> np.ndarray | None:
-    """The part of a whole tensor that rank's piece should equal (None for a partial sum, which
-    has no per-rank value of its own to check)."""
-    if split.kind == "replicated":
-        return whole
-    if split.kind == "partial-sum":
-        return None
-    start = sum(p.shape[split.axis] for p in pieces[:rank])
-    index = (slice(None),) * split.axis + (slice(start, start + pieces[rank].shape[split.axis]),)
-    return whole[index]
-
-
 def rank_rows(pieces: Mapping[str, Sequence[np.ndarray]], split_of: Callable[[str], Split],
               reference: Mapping[str, np.ndarray], rtol: Callable[[str], float]) -> list[tuple[Row, list[int]]]:
     """Each traced name checked rank by rank: its row (the worst rank's errors, each against the
@@ -707,9 +695,8 @@ def rank_rows(pieces: Mapping[str, Sequence[np.ndarray]], split_of: Callable[[st
         parts, split = pieces[name], split_of(name)
         scale = float(np.max(np.abs(ref), initial=0.0))
         worst, bad = (0.0, 0.0), []
-        checks = [(r, piece_of(ref, split, parts, r)) for r in range(len(parts))]
-        if split.kind == "partial-sum":
-            checks = [(None, None)]
+        wants = split.cut(ref, [p.shape for p in parts])       # None: a partial sum, checked as the sum
+        checks = [(None, None)] if wants is None else list(enumerate(wants))
         for r, want in checks:
             got = np.sum(parts, axis=0) if r is None else parts[r]
             want = ref if r is None else want
