@@ -263,6 +263,19 @@ def test_ids_beyond_the_window_are_refused_in_one_line(model, folder, tmp_path):
     assert result.exit_code == 2 and "--ids and --decode 5 hold 65 positions" in result.output
 
 
+def test_a_dump_of_more_rows_than_memory_holds_is_refused_before_the_reference_runs(model, tmp_path, monkeypatch):
+    """The window bounds a dump's positions; its rows are bounded by the memory check."""
+    from npllama import memory
+    path = tmp_path / "wide.safetensors"
+    save_file({IDS: np.ones((200_000, 8), np.int64)}, str(path))            # ids alone: the size is the point
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2 << 30)
+    with pytest.raises(InputError) as e:
+        check_dump(read_dump(path), model)
+    message = str(e.value)
+    assert message.startswith(f"{path}: recomputing the reference for 200000 rows x 8 positions in float64 needs about")
+    assert "\n" not in message and message.endswith("dump fewer rows")
+
+
 def test_the_reference_runs_long_sequences_blockwise(monkeypatch):
     args = ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=32, hidden_dim=16, max_seq_len=512)
     model = Transformer(args, init_params(args, seed=1, std=0.3), dtype=np.float64)
