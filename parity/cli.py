@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from npllama.cli import STARTED
+from npllama.cli.interrupts import ctrl_c_remembered
 from npllama.cli.options import mapped_choice, model_option, run_checkpoint
 from npllama.cli.trace import check_against, parse_ids, reference_option, show, verdict_options, view_option
 from npllama.io import atomic_write
@@ -272,8 +273,9 @@ def train_command(ctx, data, valid, config, init, out, resume, tokenizer, vocab_
         click.echo(f"{s['parameters']:,} parameters; {len(run.train_tokens):,} training tokens, "
                    f"{len(run.valid_tokens):,} held out; unigram baseline {s['unigram_loss']:.3f} nats/token; "
                    f"{run.cfg.batch_size * run.cfg.grad_accum * run.cfg.seq_len:,} tokens per step on {run.device}")
-        train(run, time_limit=None if time_limit is None else time_limit * 60, minutes=minutes, started=started,
-              progress=not quiet, log=click.echo)
+        with ctrl_c_remembered() as pressed:
+            train(run, time_limit=None if time_limit is None else time_limit * 60, minutes=minutes,
+                  started=started, progress=not quiet, log=click.echo, interrupted=pressed)
         click.echo(summary(run))
         if sample_tokens > 0:
             until = None if minutes is None else started + minutes * 60 - EXIT_SECONDS

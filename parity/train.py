@@ -642,9 +642,15 @@ def seconds_per_step(run: Run) -> float:
 
 def train(run: Run, stop_after: int | None = None, time_limit: float | None = None,
           minutes: float | None = None, started: float | None = None,
-          progress: bool = True, log: Callable[[str], None] = print) -> Run:
+          progress: bool = True, log: Callable[[str], None] = print,
+          interrupted: Callable[[], bool] | None = None) -> Run:
     """Run optimizer steps until cfg.steps (or stop_after steps, or time_limit seconds), evaluating
     and saving as configured; always saves and evaluates at the point where it stops.
+
+    interrupted: says whether Ctrl-C was pressed (npllama train's handler); the loop raises
+    KeyboardInterrupt before the next step when it was. Python drops a KeyboardInterrupt raised
+    inside a weakref callback or a __del__ (it prints "Exception ignored" and goes on), and torch
+    runs such callbacks all through a step: without this check, that press would be lost.
 
     time_limit: no step begins that would end more than time_limit seconds after ``started``
     (perf_counter; default now). minutes: fit cfg.steps to a wall-time budget counted from
@@ -673,6 +679,8 @@ def train(run: Run, stop_after: int | None = None, time_limit: float | None = No
     timed_out = False
     try:
         while run.step < end:
+            if interrupted is not None and interrupted():
+                raise KeyboardInterrupt
             elapsed = time.perf_counter() - started
             if probe is not None and run.step > 0 and (run.step >= probe or elapsed > budget / 2):
                 fit_steps(run, budget, elapsed)

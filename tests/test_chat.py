@@ -366,6 +366,24 @@ def test_chat_command_reads_lines_and_commands(tiny, backend):
     assert "[new conversation]" in result.output and "unknown command '/nope'" in result.output
 
 
+def test_a_ctrl_c_python_dropped_stops_that_answer_and_not_the_next(tiny, monkeypatch, capsys):
+    """A press whose KeyboardInterrupt was dropped (npllama.cli.interrupts) stops the answer being
+    written at its next piece; the press is then spent, and the next answer runs."""
+    from npllama.cli.chat import converse
+    from npllama.cli.interrupts import Presses
+
+    _, model = tiny
+    session = ChatSession(model, max_new_tokens=6, max_seq_len=128)
+    lines = iter(["the capital of France", "and the river?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
+    pressed = Presses()
+    pressed.count = 1
+    converse(session, "numpy", True, pressed)
+    out = capsys.readouterr()
+    assert out.out.count("[stopped]") == 1 and not pressed()
+    assert out.err.count(" generated in ") == 2 and session.last_turn.stopped in ("stop token", "max_new_tokens")
+
+
 def test_chat_command_says_when_the_context_window_cut_an_answer(tiny):
     from click.testing import CliRunner
 

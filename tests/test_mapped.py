@@ -33,7 +33,7 @@ from npllama.model import Transformer
 from npllama.params import init_params
 from npllama.quant.matrix import QuantizedMatrix
 from npllama.tolerances import MAPPED_VS_IN_MEMORY_RTOL
-from tiny import (gguf_vocab_from_bpe, meta_params, meta_state_dict, random_llama, save_gguf, save_hf, save_meta,
+from tiny import (gguf_vocab_from_bpe, meta_state_dict, random_llama, save_gguf, save_hf, save_meta,
                   tiny_config, train_bpe, train_sentencepiece)
 
 RTOL = MAPPED_VS_IN_MEMORY_RTOL[np.dtype(np.float32)]

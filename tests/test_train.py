@@ -173,6 +173,38 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
+def test_a_ctrl_c_that_python_drops_still_stops_training_before_the_next_step(corpus, tmp_path):
+    """Python drops a KeyboardInterrupt raised inside a weakref callback (printing "Exception
+    ignored" and a traceback), and torch runs such callbacks all through a step: npllama train
+    remembers the press, prints no traceback, and the loop stops before the next step."""
+    import weakref
+
+    from parity.cli import ctrl_c_remembered
+
+    def press_inside(_):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):     # the handler runs here, at a loop's check: its exception is dropped
+            pass
+
+    class Thing:
+        pass
+    run = new_run(corpus, tmp_path / "run")
+    old, hook, dropped = signal.signal(signal.SIGINT, signal.default_int_handler), sys.unraisablehook, []
+    sys.unraisablehook = dropped.append            # what would print "Exception ignored"
+    try:
+        with ctrl_c_remembered() as pressed:
+            thing = Thing()
+            ref = weakref.ref(thing, press_inside)
+            del thing
+            assert ref() is None and pressed() and not dropped
+            with pytest.raises(KeyboardInterrupt):
+                train(run, progress=False, interrupted=pressed)
+    finally:
+        signal.signal(signal.SIGINT, old)
+        sys.unraisablehook = hook
+    assert run.step == 0
+
+
 def test_a_write_killed_midway_leaves_the_latest_checkpoint_intact(corpus, tmp_path):
     out, marker = tmp_path / "run", tmp_path / "marker"
     script = KILLED_WRITER.format(root=str(ROOT), tests=str(ROOT / "tests"), marker=str(marker),

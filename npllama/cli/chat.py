@@ -18,6 +18,7 @@ from ..inputs import check_fits
 from ..io import read_regular
 from .options import (backend_factory, backend_options, check_sampling, check_text, load_model, model_option,
                       sampling_options)
+from .interrupts import Presses, ctrl_c_remembered, stop_if
 from .timing import Timing
 
 PROMPT = ">>> "
@@ -55,6 +56,71 @@ def check_turn_fits(session: ChatSession, line: str) -> None:
 
 
 TEMPLATE_TOKENS = 16    # a turn's role headers and end-of-turn tokens, about (chat templates differ)
+
+
+def converse(session: ChatSession, backend: str, stats: bool, pressed: Presses) -> None:
+    """The chat's loop: read a line, run a command or stream the answer, until /quit or Ctrl-D.
+    Ctrl-C at the prompt is a hint, during an answer stops it (pressed: npllama.cli.interrupts)."""
+    while True:
+        try:
+            line = input(PROMPT)
+            check_text(line, "the line")
+        except EOFError:
+            click.echo()
+            break
+        except KeyboardInterrupt:
+            pressed.clear()
+            click.echo("\n(/quit or Ctrl-D to leave)", err=True)
+            continue
+        except (UnicodeDecodeError, InputError) as e:   # bytes that are not UTF-8 on the terminal
+            reason = printable(str(e)) if isinstance(e, InputError) else \
+                f"the line holds bytes that are not UTF-8 text ({e.reason})"
+            click.echo(f"[{reason}; type it again]", err=True)
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command in ("/quit", "/exit", "/bye"):
+                break
+            if command == "/reset":
+                session.reset()
+                click.echo("[new conversation]", err=True)
+            elif command == "/system":
+                session.set_system(arg.strip() or None)
+                click.echo(f"[system prompt {'set' if arg.strip() else 'removed'}]", err=True)
+            else:
+                click.echo(f"unknown command {command!r}\n{COMMANDS_HELP}", err=True)
+            continue
+        pieces = None
+        try:
+            check_fits(session.tokenizer, line, session.window, "the message")   # before the template sees it
+            if backend == "numpy":             # a turn that would not fit is refused before its prefill
+                check_turn_fits(session, line)
+            pieces = session.send(line)
+            for piece in pieces:
+                stop_if(pressed)
+                click.echo(piece, nl=False)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pressed.clear()
+            if pieces is not None:
+                pieces.close()
+            click.echo(" [stopped]", nl=False)
+        except InputError as e:                 # a message too long for the window: the chat goes on
+            click.echo(f"[{printable(str(e))}]", err=True)
+            continue
+        click.echo()
+        if session.last_turn.stopped == "context window full":
+            click.secho(f"[the answer stopped after {session.last_turn.generated} of {session.max_new_tokens} "
+                        f"tokens: "
+                        f"the context window of {session.window} tokens is full; /reset to start again, "
+                        f"or a larger --context]", err=True, fg="yellow")
+        if stats:
+            s = session.last_turn
+            click.echo(f"[{s.reused} tokens reused from the cache, {s.prefilled} read, {s.generated} generated "
+                       f"in {s.seconds:.1f}s; {s.stopped}]", err=True)
 
 
 @click.command(name="chat", help=(
@@ -108,62 +174,8 @@ def chat(model_path, backend, device, weights, system, template, context, max_ne
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    while True:
-        try:
-            line = input(PROMPT)
-            check_text(line, "the line")
-        except EOFError:
-            click.echo()
-            break
-        except KeyboardInterrupt:
-            click.echo("\n(/quit or Ctrl-D to leave)", err=True)
-            continue
-        except (UnicodeDecodeError, InputError) as e:   # bytes that are not UTF-8 on the terminal
-            reason = printable(str(e)) if isinstance(e, InputError) else \
-                f"the line holds bytes that are not UTF-8 text ({e.reason})"
-            click.echo(f"[{reason}; type it again]", err=True)
-            continue
-        line = line.strip()
-        if not line:
-            continue
-        if line.startswith("/"):
-            command, _, arg = line.partition(" ")
-            if command in ("/quit", "/exit", "/bye"):
-                break
-            if command == "/reset":
-                session.reset()
-                click.echo("[new conversation]", err=True)
-            elif command == "/system":
-                session.set_system(arg.strip() or None)
-                click.echo(f"[system prompt {'set' if arg.strip() else 'removed'}]", err=True)
-            else:
-                click.echo(f"unknown command {command!r}\n{COMMANDS_HELP}", err=True)
-            continue
-        pieces = None
-        try:
-            check_fits(run.model.tokenizer, line, session.window, "the message")   # before the template sees it
-            if run.name == "numpy":             # a turn that would not fit is refused before its prefill
-                check_turn_fits(session, line)
-            pieces = session.send(line)
-            for piece in pieces:
-                click.echo(piece, nl=False)
-                sys.stdout.flush()
-        except KeyboardInterrupt:
-            if pieces is not None:
-                pieces.close()
-            click.echo(" [stopped]", nl=False)
-        except InputError as e:                 # a message too long for the window: the chat goes on
-            click.echo(f"[{printable(str(e))}]", err=True)
-            continue
-        click.echo()
-        if session.last_turn.stopped == "context window full":
-            click.secho(f"[the answer stopped after {session.last_turn.generated} of {max_new_tokens} tokens: "
-                        f"the context window of {session.window} tokens is full; /reset to start again, "
-                        f"or a larger --context]", err=True, fg="yellow")
-        if stats:
-            s = session.last_turn
-            click.echo(f"[{s.reused} tokens reused from the cache, {s.prefilled} read, {s.generated} generated "
-                       f"in {s.seconds:.1f}s; {s.stopped}]", err=True)
+    with ctrl_c_remembered() as pressed:
+        converse(session, run.name, stats, pressed)
     if not quiet:
         for generation, fed in turns:
             timing.add(generation, fed)

@@ -12,6 +12,7 @@ from ..errors import InputError
 from ..formats.mapped import reading_progress
 from ..io import read_regular
 from ..memory import DEFAULT_BATCH_MIB
+from .interrupts import NEVER, Presses, ctrl_c_remembered, stop_if
 from .options import (backend_factory, backend_options, check_positive, check_sampling, check_text, load_model,
                       model_option, sampling_options)
 from .timing import Timing
@@ -112,10 +113,12 @@ def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens,
         check_generation_fits(run.model, 1, longest, max_new_tokens)   # --prompts batches plan their own
     interrupted = False
     try:
-        if len(inputs) == 1:
-            stream_one(run, inputs[0], max_new_tokens, settings, seed, stops, timing, progress=not quiet)
-        else:
-            stream_batches(run, texts, inputs, max_new_tokens, settings, seed, stops, batch_memory << 20, timing)
+        with ctrl_c_remembered() as pressed:
+            if len(inputs) == 1:
+                stream_one(run, inputs[0], max_new_tokens, settings, seed, stops, timing, not quiet, pressed)
+            else:
+                stream_batches(run, texts, inputs, max_new_tokens, settings, seed, stops, batch_memory << 20, timing,
+                               pressed)
     except KeyboardInterrupt:
         interrupted = True
         click.echo(" [interrupted]" if len(inputs) == 1 else "[interrupted]", err=len(inputs) > 1)
@@ -125,9 +128,11 @@ def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens,
         sys.exit(INTERRUPTED)
 
 
-def stream_one(run, text: str, max_new_tokens, settings, seed, stops, timing: Timing, progress: bool = True) -> None:
+def stream_one(run, text: str, max_new_tokens, settings, seed, stops, timing: Timing, progress: bool = True,
+               pressed: Presses = NEVER) -> None:
     """One prompt: its answer streamed piece by piece as it is generated (a mapped model's prompt
-    pass shows a bar, which ends with the first token)."""
+    pass shows a bar, which ends with the first token); a Ctrl-C Python dropped stops it at the
+    next piece (npllama.cli.interrupts)."""
     from ..generate import CONTEXT_FULL, generate_text
 
     stream = generate_text(run.model, text, max_new_tokens, settings, seed, stop_ids=stops,
@@ -135,6 +140,7 @@ def stream_one(run, text: str, max_new_tokens, settings, seed, stops, timing: Ti
     try:
         with reading_progress(run.model, "prompt", enabled=progress) as read:
             for piece in stream:
+                stop_if(pressed)
                 read()
                 click.echo(piece, nl=False)
                 sys.stdout.flush()
@@ -147,7 +153,7 @@ def stream_one(run, text: str, max_new_tokens, settings, seed, stops, timing: Ti
 
 
 def stream_batches(run, texts, inputs, max_new_tokens, settings, seed, stops, budget_bytes: int,
-                   timing: Timing) -> None:
+                   timing: Timing, pressed: Presses = NEVER) -> None:
     """Several prompts: in batches within budget_bytes (npllama.inputs.plan_batches), each
     batch's answers printed under their prompts as soon as the batch finishes."""
     from ..generate import CONTEXT_FULL, generate_text
@@ -161,6 +167,7 @@ def stream_batches(run, texts, inputs, max_new_tokens, settings, seed, stops, bu
         answers = [""] * len(batch)
         try:
             for pieces in stream:
+                stop_if(pressed)
                 answers = [a + p for a, p in zip(answers, pieces)]
         except KeyboardInterrupt:                    # what the batch had made so far, then stop
             for i, r in enumerate(batch):
