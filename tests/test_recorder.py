@@ -15,30 +15,14 @@ import pytest
 from click.testing import CliRunner
 
 from npllama.cli import main
-from npllama.config import ModelArgs
 from npllama.dump import read_dump
 from npllama.errors import InputError
-from npllama.formats import load
-from npllama.formats.hf import save_checkpoint
 from npllama.oracle import Recorder, check_dump, record, reference_steps
-from npllama.params import init_params
 from npllama.report import format_table
+from test_verdict import ARGS, folder, model  # noqa: F401  (the verdict tests' tiny float64 model and its fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=48, max_seq_len=64)
 PROMPT = np.array([[3, 17, 42, 9, 5, 60, 1, 33, 8, 21, 4, 12]])
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recorder") / "tiny"
-    save_checkpoint(path, ARGS, init_params(ARGS, seed=7, std=0.3))
-    return path
-
-
-@pytest.fixture(scope="module")
-def model(folder):
-    return load(folder, progress=False, dtype=np.float64)
 
 
 # ------------------------------------------------------------------------------ a NumPy port
