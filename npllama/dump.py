@@ -263,7 +263,8 @@ def read_dump(path: str | os.PathLike) -> Dump:
     """A dump read back; CheckpointError / InputError naming what is wrong with the file."""
     from safetensors import safe_open
 
-    from .formats.hf import bf16_to_float32, read_safetensors_header
+    from .formats.hf import read_safetensors_header
+    from .quant.gguf_blocks import bf16_to_float32
 
     path = Path(path)
     if not path.is_file():

@@ -41,8 +41,10 @@ from ..errors import CheckpointError, ConfigError, TokenizerError
 from ..io import open_regular, parse_json, read_regular, write_folder
 from ..params import check_params
 from ..tokenizer import Tokenizer, is_tiktoken_file
+from ..quant.gguf_blocks import bf16_to_float32
+from ..quant.matrix import FLOAT_STORAGE
 from .fields import Fields, build_args, normalise_rope_scaling, read_json
-from .mapped import MAPPABLE, as_mapped_weight, bf16_to_float32, choose_mapped, map_file, place, view
+from .mapped import as_mapped_weight, choose_mapped, map_file, place, view
 from .torch_save import read_torch_zip
 from .names import rename
 
@@ -224,7 +226,7 @@ def map_safetensors(path: Path, progress: Callable) -> dict[str, Any]:
         kind, (begin, _) = entry["dtype"], entry["data_offsets"]
         if kind == "F64":
             out[name] = read_safetensors(path, lambda it, **kw: it, {name})[name]
-        elif kind not in MAPPABLE:
+        elif kind not in FLOAT_STORAGE:
             raise CheckpointError(f"{path}: tensor {name!r} is {kind}; weights must be F32, F16, BF16 or F64")
         else:
             out[name] = as_mapped_weight(view(region, start + begin, kind, tuple(entry["shape"]),

@@ -42,19 +42,17 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..io import open_regular
+from ..quant.gguf_blocks import bf16_to_float32
+from ..quant.matrix import FLOAT_STORAGE, QuantizedMatrix   # FLOAT_STORAGE: the stored types that can stay mapped
 
 # The float32 form of a model from which mapped=None maps it (bytes): 1 GiB.
 MAPPED_ABOVE = 1 << 30
-
-# Stored element types that can stay mapped: kind -> the NumPy dtype of the raw elements
-# (bfloat16 as its uint16 bit patterns: NumPy has no bfloat16).
-MAPPABLE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 
 @dataclass(frozen=True)
 class Stored:
     """A tensor as its file stores it, viewed in place: kind "F32" | "F16" | "BF16", and array, a
-    read-only view of the file's map in the raw element dtype (MAPPABLE), of the tensor's shape."""
+    read-only view of the file's map in the raw element dtype (FLOAT_STORAGE), of the tensor's shape."""
     kind: str
     array: np.ndarray
 
@@ -85,7 +83,7 @@ def map_file(path: Path) -> np.ndarray:
 def view(region: np.ndarray, offset: int, kind: str, shape: tuple[int, ...], where: str) -> Stored:
     """The tensor of ``shape`` and ``kind`` whose bytes start at ``offset`` of a mapped file, checked
     to lie inside it (a mapped read past the end is SIGBUS, not an exception)."""
-    dtype = MAPPABLE[kind]
+    dtype = FLOAT_STORAGE[kind]
     n = int(np.prod(shape, dtype=np.int64)) if shape else 1
     end = offset + n * dtype.itemsize
     if offset < 0 or end > region.size:
@@ -93,11 +91,6 @@ def view(region: np.ndarray, offset: int, kind: str, shape: tuple[int, ...], whe
                               f"the {region.size}-byte file (truncated?)")
     array = region[offset:end].view(dtype).reshape(shape)
     return Stored(kind, array)
-
-
-def bf16_to_float32(raw: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) -> float32: bfloat16 is the top half of a float32."""
-    return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
 def read_into_memory(stored: Stored) -> np.ndarray:
@@ -124,7 +117,6 @@ def choose_mapped(mapped: bool | None, args) -> bool:
 def as_mapped_weight(stored: Stored) -> Any:
     """A stored tensor as the model holds it mapped: a matrix stays in the file (QuantizedMatrix of
     mapped rows), a vector (norm, bias) is read into memory."""
-    from ..quant.matrix import QuantizedMatrix
     if stored.array.ndim == 2 and stored.array.strides[1] == stored.array.itemsize:
         return QuantizedMatrix.from_mapped(stored.kind, stored.array)
     return read_into_memory(stored)
@@ -148,7 +140,6 @@ def mapped_bytes(model) -> int:
     """Bytes of mapped weights one forward pass of the model reads (every mapped matrix once); 0 for
     a model that is not npllama's (the Torch backend's shows no bar here)."""
     from ..model import Transformer
-    from ..quant.matrix import QuantizedMatrix
     if not isinstance(model, Transformer):
         return 0
     seen, total = set(), 0

@@ -38,7 +38,8 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..io import open_regular
-from .mapped import Stored, bf16_to_float32, map_file
+from ..quant.gguf_blocks import bf16_to_float32
+from .mapped import Stored, map_file
 
 
 class _Frozen:

@@ -131,13 +131,17 @@ def dequantize_f16(blocks: np.ndarray) -> np.ndarray:
     return _f16(_check_blocks(blocks, 2))
 
 
-def dequantize_bf16(blocks: np.ndarray) -> np.ndarray:
-    """BF16: one weight per 2 bytes, a little-endian bfloat16. blocks: (n, 2) uint8 -> (n, 1) float32 (exact).
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16, any shape) -> float32 of the same shape (exact): a bfloat16 is
+    the top half of a float32, so its 16 bits shifted left by 16 are the float32's bits."""
+    top = np.empty(bits.shape, dtype=np.uint32)
+    np.left_shift(bits, 16, out=top, dtype=np.uint32)
+    return top.view(np.float32)
 
-    A bfloat16 is the top half of a float32: its 16 bits, shifted left by 16, are the float32's bits.
-    """
-    top = _check_blocks(blocks, 2).view(np.uint16).astype(np.uint32)
-    return (top << np.uint32(16)).view(np.float32)
+
+def dequantize_bf16(blocks: np.ndarray) -> np.ndarray:
+    """BF16: one weight per 2 bytes, a little-endian bfloat16. blocks: (n, 2) uint8 -> (n, 1) float32 (exact)."""
+    return bf16_to_float32(_check_blocks(blocks, 2).view(np.uint16))
 
 
 # ------------------------------------------------------------------------------ 32-weight blocks

@@ -5,12 +5,12 @@ held in memory, or any stored rows (GGUF blocks, float32, float16, bfloat16) lef
     y = x @ w.T                                              # x: (..., in) -> (..., out); w.T is (in, out)
     e = w[ids]                                               # rows: an embedding lookup, (*ids.shape, in)
 
-The model (npllama.model) uses every matrix as ``x @ w`` with w (in, out) and looks tokens up as
-``tok_embeddings[ids]``; a QuantizedMatrix answers both, so the maths reads the same whether the
-weights are float arrays or blocks. What it costs is time, not memory: each product dequantizes
-the matrix's rows ROWS_PER_PIECE weights at a time (npllama.quant.gguf_blocks, bit for bit the
-file's float32 values) and multiplies that piece, so at most one piece of float32 exists at once
-besides the blocks themselves. The numbers are those of the float32 model; only the order in which
+The model (npllama.model) uses every matrix as ``linear(x, w) = x @ w.T`` with w (out, in) and
+looks tokens up as ``tok_embeddings[ids]``; a QuantizedMatrix answers both, so the maths reads the
+same whether the weights are float arrays or blocks. What it costs is time, not memory: each
+product dequantizes the matrix's rows WEIGHTS_PER_PIECE weights at a time (npllama.quant.gguf_blocks,
+bit for bit the file's float32 values) and multiplies that piece, so at most one piece of float32
+per thread (PRODUCT_THREADS) exists at once besides the blocks themselves. The numbers are those of the float32 model; only the order in which
 the products are summed across pieces differs (each output element is one dot product over the
 whole row either way: the pieces split the outputs, never the inputs).
 
@@ -38,10 +38,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from ..errors import CheckpointError, InputError
-from .gguf_blocks import _dequantize_blocks, block_type
+from .gguf_blocks import _dequantize_blocks, bf16_to_float32, block_type
 
 # Weights dequantized at once by a product or a lookup: 1M float32 weights = 4 MiB of temporaries
-# (the LM head of SmolLM2-135M, 49152 x 576, is used in 28 pieces).
+# per thread (the LM head of SmolLM2-135M, 49152 x 576, is used in 28 pieces).
 WEIGHTS_PER_PIECE = 1 << 20
 
 # Called with the bytes of each piece of mapped rows a product reads (formats/mapped.py's
@@ -52,7 +52,7 @@ READ_HOOKS: list[Callable[[int], None]] = []
 # A product's pieces run on PRODUCT_THREADS threads, each piece made float and multiplied by
 # single-threaded BLAS: NumPy's conversions and BLAS both release the GIL, and on the shared 2-core
 # host this made a whole forward pass 4x (one large matrix 6-8x) faster than BLAS's own two threads
-# woken for each of many small products (bench/RESULTS.md, section 8).
+# woken for each of many small products (bench/RESULTS.md, section 11, "How a mapped product is run").
 PRODUCT_THREADS = min(2, os.cpu_count() or 1)
 _POOL: list = []
 
@@ -132,7 +132,8 @@ def is_mapped(blocks) -> bool:
     return isinstance(blocks, MappedRows)
 
 
-# Float part types converted in one pass (to_float); the block types go through gguf_blocks.
+# Float part types converted in one pass (to_float), each as the element dtype of its stored bytes
+# (a file's map is viewed in these: formats/mapped.py); the block types go through gguf_blocks.
 FLOAT_STORAGE = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 
 
@@ -147,9 +148,7 @@ def to_float(type_name: str, rows: np.ndarray, n_in: int, dtype: np.dtype) -> np
     if type_name in FLOAT_STORAGE:
         raw = np.ascontiguousarray(rows).view(FLOAT_STORAGE[type_name]).reshape(k, n_in)
         if type_name == "BF16":
-            top = np.empty((k, n_in), dtype=np.uint32)
-            np.left_shift(raw, 16, out=top, dtype=np.uint32)          # bfloat16 = the top half of a float32
-            as32 = top.view(np.float32)
+            as32 = bf16_to_float32(raw)
             return as32 if dtype == np.float32 else as32.astype(dtype)
         return raw.astype(dtype, copy=False)
     kind = block_type(type_name)
