@@ -22,6 +22,15 @@ from .errors import InputError
 from .rope_scaling import context_window
 
 
+INITIAL_CAPACITY = 256      # the slots a cache starts with (at most its max_seq_len)
+
+
+def grown_capacity(capacity: int, needed: int) -> int:
+    """The slots a full cache grows to for ``needed`` positions: twice its size, or more if needed,
+    so that decoding one position at a time reallocates only log2(length) times."""
+    return max(needed, 2 * capacity)
+
+
 class KVCache:
     """Keys and values of every layer for the first ``length`` slots of ``batch_size`` sequences.
 
@@ -35,7 +44,7 @@ class KVCache:
     """
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int | None = None,
-                 dtype=np.float32, initial_capacity: int = 256):
+                 dtype=np.float32, initial_capacity: int = INITIAL_CAPACITY):
         if not is_int(batch_size) or batch_size <= 0:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         if max_seq_len is None:
@@ -88,7 +97,7 @@ class KVCache:
                              f"({int(self.positions[row])} already cached + {int(counts[row, -1])} new)")
         seq = new_mask.shape[1]
         if self.length + seq > self.capacity:
-            self._grow(max(self.length + seq, 2 * self.capacity))
+            self._grow(grown_capacity(self.capacity, self.length + seq))
         self._mask[:, self.length: self.length + seq] = new_mask
         self._pending = (total, not new_mask.all())
         return self.positions[:, None] + counts - new_mask                # (batch, seq)

@@ -23,7 +23,7 @@ import numpy as np
 from .cache import KVCache
 from .checks import is_int
 from .errors import InputError
-from .inputs import check_budget, check_fits
+from .inputs import check_budget, check_text_fits
 from .numerics import bad_logits, check_finite_logits, non_finite_error
 from .rope_scaling import context_window
 from .sampling import SamplingSettings, sample_batch, uniforms
@@ -283,7 +283,7 @@ def generate_text(model, prompt: str | Sequence[str], max_new_tokens: int = 128,
     stops = set(tok.eos_ids if stop_ids is None else stop_ids) | set(model.config.eos_token_ids if stop_ids is None else ())
     window = context_window(model.config)
     for r, t in enumerate(texts):
-        check_fits(tok, t, window, "the prompt" if len(texts) == 1 else f"prompt {r + 1}")
+        check_text_fits(tok, t, window, "the prompt" if len(texts) == 1 else f"prompt {r + 1}")
     ids = [tok.encode(t) for t in texts]
     generation = generate_fn(model, ids if batched else ids[0], max_new_tokens, settings, seed, stops)
     return TextStream(generation, tok, stops, batched)

@@ -161,7 +161,7 @@ def check_budget(prompt_len: int, cached: int, window: int, max_new_tokens: int)
     return min(int(max_new_tokens), window - used + 1)   # the last token is never fed back
 
 
-def check_fits(tokenizer, text: str, window: int, what: str = "the prompt") -> None:
+def check_text_fits(tokenizer, text: str, window: int, what: str = "the prompt") -> None:
     """An InputError, before the text is tokenized, when it cannot fit ``window`` tokens whatever the
     tokenizer makes of it (Tokenizer.fewest_tokens: its normalized bytes over the longest token's)."""
     if tokenizer.fewest_tokens(text, window) > window:

@@ -33,12 +33,14 @@ import os
 
 import numpy as np
 
+from .cache import INITIAL_CAPACITY, grown_capacity
 from .config import ModelArgs
 from .errors import InputError
 from .layout import BLOCK_K, BLOCK_Q, FLASH_MIN_LEN   # blockwise attention from 256 keys on
+from .quant.matrix import PRODUCT_THREADS, WEIGHTS_PER_PIECE, QuantizedMatrix
+from .rope_scaling import context_window
 
 RESERVE_BYTES = 512 << 20   # the interpreter, the libraries and the allocator's slack, kept free
-CACHE_START = 256           # the slots a KV cache starts with (npllama.cache.KVCache's initial_capacity)
 
 
 def weight_count(args: ModelArgs) -> int:
@@ -56,28 +58,27 @@ def _itemsize(dtype) -> int:
 
 
 def cache_slots(length: int, window: int, prefill: int | None = None) -> int:
-    """The capacity of a KV cache that holds ``length`` positions: it starts at CACHE_START (at
-    most the window) and grows to max(needed, twice its size) (npllama.cache.KVCache): one call of
-    ``prefill`` positions (default: all ``length`` at once), then one position at a time."""
-    capacity = min(CACHE_START, window)
+    """The capacity of a KV cache that holds ``length`` positions, grown as npllama.cache.KVCache
+    grows (from INITIAL_CAPACITY slots, at most the window): one call of ``prefill`` positions
+    (default: all ``length`` at once), then one position at a time."""
+    capacity = min(INITIAL_CAPACITY, window)
     first = length if prefill is None else min(prefill, length)
     if first > capacity:
-        capacity = max(first, 2 * capacity)
+        capacity = grown_capacity(capacity, first)
     while capacity < length:
-        capacity *= 2
+        capacity = grown_capacity(capacity, capacity + 1)
     return capacity
 
 
 def kv_cache_bytes(args: ModelArgs, batch: int, length: int, dtype=np.float32, prefill: int | None = None) -> int:
     """Bytes of the KV cache holding ``length`` positions of ``batch`` rows (its capacity, not
     less), the first ``prefill`` of them written at once (default: all)."""
-    from .rope_scaling import context_window
     slots = cache_slots(length, max(context_window(args), length), prefill)
     return args.n_layers * 2 * batch * slots * args.n_kv_heads * args.head_dim * _itemsize(dtype)
 
 
 def forward_bytes(args: ModelArgs, batch: int, tokens: int, kv_len: int | None = None, dtype=np.float32,
-                  mapped: bool = False, piece_weights: int = 1 << 20, attention: str = "auto") -> int:
+                  mapped: bool = False, piece_weights: int = WEIGHTS_PER_PIECE, attention: str = "auto") -> int:
     """Bytes one forward call allocates at its largest moment (see the module docstring), for
     ``tokens`` new columns of ``batch`` rows attending to ``kv_len`` keys (default: tokens);
     mapped: its matrices are made float a piece at a time (piece_bytes) while they multiply."""
@@ -113,13 +114,12 @@ def largest_tile(tokens: int, kv_len: int) -> int:
     return largest
 
 
-def piece_bytes(args: ModelArgs, dtype=np.float32, piece_weights: int = 1 << 20, head: bool = False) -> int:
+def piece_bytes(args: ModelArgs, dtype=np.float32, piece_weights: int = WEIGHTS_PER_PIECE, head: bool = False) -> int:
     """Bytes of the pieces of a mapped matrix made float at once (the LM head's with head, else the
     layers' largest): one per PRODUCT_THREADS (npllama.quant.matrix), each whole rows, about
     piece_weights of them, as a uint32 (bfloat16's bits moved up) and, for float64, its float64 copy."""
     d, q, kv, hid = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim
     shapes = ((args.vocab_size, d),) if head else ((q, d), (kv, d), (d, q), (hid, d), (d, hid))
-    from .quant.matrix import PRODUCT_THREADS          # each thread holds its own piece
     largest = 0
     for n_out, n_in in shapes:
         rows = min(max(1, piece_weights // n_in), n_out)
@@ -144,9 +144,8 @@ def trace_bytes(args: ModelArgs, batch: int, tokens: int, dtype=np.float64, mapp
     return kept + forward_bytes(args, batch, tokens, tokens, dtype, mapped, attention="naive")
 
 
-def is_mapped(model) -> bool:
+def model_is_mapped(model) -> bool:
     """Whether a loaded NumPy model's matrices stay in a mapped file (formats/mapped.py)."""
-    from .quant.matrix import QuantizedMatrix
     w = model.layers[0].w1 if getattr(model, "layers", None) else None
     return isinstance(w, QuantizedMatrix) and w.mapped
 
@@ -154,7 +153,6 @@ def is_mapped(model) -> bool:
 def weights_in_memory(model) -> int:
     """Bytes of a loaded model's weights held in memory (arrays; GGUF blocks read into memory);
     matrices left in a mapped file count nothing."""
-    from .quant.matrix import QuantizedMatrix
     seen, total = set(), 0
     for w in model.state_dict().values():
         if id(w) in seen:
@@ -256,7 +254,6 @@ def fitting_length(args: ModelArgs, batch: int, prompt: int, dtype, mapped: bool
     if not fits(max(prompt, 1)):
         return 0
     lo, hi = max(prompt, 1), max(prompt, 1)
-    from .rope_scaling import context_window
     window = context_window(args)
     while hi < window and fits(min(2 * hi, window)):
         lo = hi = min(2 * hi, window)
@@ -272,10 +269,9 @@ def check_generation_fits(model, batch: int, prompt: int, new_tokens: int, avail
     """Refuse, before the prefill, a generation whose peak would not fit (check_fits), naming the
     KV cache's share and the longest generation that would fit. new_tokens is cut to what the
     context window leaves after the prompt, as generate does; reused as in generation_peak_bytes."""
-    from .rope_scaling import context_window
     args, dtype = model.config, np.dtype(model.dtype)
     new_tokens = min(new_tokens, max(context_window(args) - prompt, 0))
-    mapped, weights = is_mapped(model), weights_in_memory(model)
+    mapped, weights = model_is_mapped(model), weights_in_memory(model)
     total = prompt + new_tokens
     need = generation_peak_bytes(args, batch, prompt, new_tokens, dtype, mapped, weights, reused)
     available = available_bytes() if available is None else available

@@ -29,4 +29,6 @@ def feed_forward(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray, 
 
     x: (batch, seq, dim); w1, w3: (hidden_dim, dim); w2: (dim, hidden_dim) -> (batch, seq, dim)
     """
+    # gate = silu(w1 x) and up = w3 x, (batch, seq, hidden_dim) each, written in one expression so
+    # that neither outlives gate * up during the w2 product (npllama.memory counts on it)
     return linear(silu(linear(x, w1, b1)) * linear(x, w3, b3), w2, b2)

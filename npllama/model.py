@@ -108,7 +108,6 @@ def attention(x: np.ndarray, layer: Layer, ctx: Context) -> np.ndarray:
     x: (batch, seq, dim) -> (batch, seq, dim). The keys and values of this call are written to
     the cache (if any) and the queries attend to every cached position and their own.
     """
-    b, seq, _ = x.shape
     hd, i = ctx.args.head_dim, layer.index
     xq = split_heads(linear(x, layer.wq, layer.bq), hd)          # (batch, n_heads, seq, head_dim)
     xk = split_heads(linear(x, layer.wk, layer.bk), hd)          # (batch, n_kv_heads, seq, head_dim)
@@ -171,8 +170,13 @@ class Transformer:
         self.tokenizer = tokenizer
         self.source = source               # what run-time errors name (npllama.numerics)
         self.dtype = np.dtype(dtype)
-        vector = lambda name: np.ascontiguousarray(params[name], dtype=self.dtype) if name in params else None  # noqa: E731
-        matrix = lambda short, name: compute_matrix(short, params[name], self.dtype)                            # noqa: E731
+
+        def vector(name: str) -> np.ndarray | None:            # a norm's weight or a bias, if the file has it
+            return np.ascontiguousarray(params[name], dtype=self.dtype) if name in params else None
+
+        def matrix(short: str, name: str):                     # (out, in), in its compute layout
+            return compute_matrix(short, params[name], self.dtype)
+
         self.tok_embeddings = embedding_table(params["tok_embeddings.weight"], self.dtype)   # (vocab, dim)
         self.norm = vector("norm.weight")                                                   # (dim,)
         self.output = matrix("output", "tok_embeddings.weight" if args.tie_word_embeddings
@@ -210,7 +214,8 @@ class Transformer:
         oracle's isolated trace runs each layer from a port's input to it).
         """
         call = prepare_call(self.config, ids, attention_mask, cache, self.dtype)     # inputs.py: the guards
-        ctx = Context(self.config, call.cos, call.sin, cache, call.kv_mask, attention, trace, given)
+        ctx = Context(self.config, cos=call.cos, sin=call.sin, cache=cache, kv_mask=call.kv_mask,
+                      attention_impl=attention, trace=trace, given=given)
         h = ctx.named(None, "tok_embeddings", self.tok_embeddings[call.ids])       # (batch, seq, dim)
         for layer in self.layers:
             h = transformer_block(h, layer, ctx)

@@ -267,12 +267,12 @@ def check_recomputation_fits(theirs: Dump, ref_model: Transformer, ids: Sequence
     (npllama.memory): every step's positions traced at once, for the dump's rows (a window bounds
     the positions, nothing else bounds the rows), beside the weights in memory (the model's, and
     its rounded float64 copy when the reference is one)."""
-    from .memory import check_call_fits, is_mapped, trace_bytes, weights_in_memory
+    from .memory import check_call_fits, model_is_mapped, trace_bytes, weights_in_memory
     rows, positions = max(i.shape[0] for i in ids), sum(i.shape[1] for i in ids)
     copy = weights_in_memory(model) if ref_model is not model else 0
     check_call_fits(ref_model, f"{theirs.path}: recomputing the reference for {rows} row{'s' * (rows != 1)} x "
                                f"{positions} positions in float64",
-                    copy + trace_bytes(ref_model.config, rows, positions, np.float64, is_mapped(ref_model)),
+                    copy + trace_bytes(ref_model.config, rows, positions, np.float64, model_is_mapped(ref_model)),
                     "dump fewer rows")
 
 

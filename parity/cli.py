@@ -124,8 +124,8 @@ def check_parity_fits(base, shape: tuple[int, int], torch_dtype: torch.dtype) ->
     """Refuse, before the twin is made, a comparison whose peak would not fit (npllama.memory):
     the twin's weights in its dtype beside the float64 reference's (neither, for weights left in
     their files), and both runs' activations, every one kept for the table."""
-    from npllama.memory import check_fits, is_mapped, trace_bytes, weight_count
-    args, mapped = base.config, is_mapped(base)
+    from npllama.memory import check_fits, model_is_mapped, trace_bytes, weight_count
+    args, mapped = base.config, model_is_mapped(base)
     weights = 0 if mapped else weight_count(args) * (torch_dtype.itemsize + 8)
     runs = trace_bytes(args, *shape, np.float64, mapped) + trace_bytes(args, *shape, torch_dtype, mapped)
     dtype = str(torch_dtype).removeprefix("torch.")

@@ -14,7 +14,7 @@ from ..chat import ChatSession
 from ..chat_templates import BUILTIN_TEMPLATES, MAX_TEMPLATE_CHARS, ChatTemplate
 from ..errors import InputError, printable
 from ..formats import require_tokenizer
-from ..inputs import check_fits
+from ..inputs import check_text_fits
 from ..io import read_regular
 from .options import (backend_factory, backend_options, check_sampling, check_text, load_model, model_option,
                       sampling_options)
@@ -95,7 +95,7 @@ def converse(session: ChatSession, backend: str, stats: bool, pressed: Presses) 
             continue
         pieces = None
         try:
-            check_fits(session.tokenizer, line, session.window, "the message")   # before the template sees it
+            check_text_fits(session.tokenizer, line, session.window, "the message")   # before the template sees it
             if backend == "numpy":             # a turn that would not fit is refused before its prefill
                 check_turn_fits(session, line)
             pieces = session.send(line)

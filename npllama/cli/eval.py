@@ -48,10 +48,10 @@ def eval_command(model_path, data, backend, device, weights, seq_len, batch_size
         run = attach(require_tokenizer(load_model(model_path, backend, weights, progress=False)))
     model = run.model
     if backend == "numpy":                      # work that would not fit is refused before it starts
-        from ..memory import check_call_fits, is_mapped, loss_bytes
+        from ..memory import check_call_fits, model_is_mapped, loss_bytes
         window = seq_len or min(256, model.config.max_seq_len)
         check_call_fits(model, f"a batch of {batch_size} windows of {window} tokens",
-                        loss_bytes(model.config, batch_size, window, model.dtype, is_mapped(model)),
+                        loss_bytes(model.config, batch_size, window, model.dtype, model_is_mapped(model)),
                         "lower --batch-size or --seq-len")
     result = perplexity(model, text, seq_len or min(256, model.config.max_seq_len), batch_size, max_tokens,
                         progress=not as_json, loss=run.loss)

@@ -76,7 +76,7 @@ def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens,
              seed, backend, device, weights, batch_memory, tp, quiet):
     from ..chat import render_prompt
     from ..formats import require_tokenizer
-    from ..inputs import check_fits
+    from ..inputs import check_text_fits
     from ..rope_scaling import context_window
 
     # every option is checked before the slow load
@@ -99,7 +99,7 @@ def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens,
     timing.load_s = time.perf_counter() - began
     window = context_window(run.model.config)
     for r, text in enumerate(texts):          # before any template or tokenizer sees the text
-        check_fits(run.model.tokenizer, text, window, "the prompt" if len(texts) == 1 else f"prompt {r + 1}")
+        check_text_fits(run.model.tokenizer, text, window, "the prompt" if len(texts) == 1 else f"prompt {r + 1}")
     stops = None
     if as_chat is None:
         as_chat = bool(getattr(run.model.tokenizer, "chat_template", None))
