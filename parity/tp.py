@@ -65,6 +65,7 @@ from torch import nn
 from npllama.config import ModelArgs
 from npllama.dump import REPLICATED, Dump, Split, Step, shard
 from npllama.errors import CheckpointError, ConfigError, InputError
+from npllama.quant.matrix import WEIGHTS_PER_PIECE, QuantizedMatrix
 from npllama.report import Report, Row, in_forward_order, split_name
 
 from .model import Transformer
@@ -130,12 +131,23 @@ def shard_slice(name: str, shape: Sequence[int], rank: int, n: int) -> tuple[sli
 
 
 def shard_params(params: Mapping[str, Any], rank: int, n: int) -> dict[str, Any]:
-    """Rank's slices of a whole state dict (arrays or tensors, views where they allow)."""
+    """Rank's slices of a whole state dict (arrays or tensors, views where they allow; a matrix
+    left in its file, a QuantizedMatrix, made float a block of rows at a time: quantized_slice)."""
     out = {}
     for name, a in params.items():
         index = shard_slice(name, a.shape, rank, n)
-        out[name] = a if index is None else a[index]
+        out[name] = a if index is None else quantized_slice(a, index) if isinstance(a, QuantizedMatrix) else a[index]
     return out
+
+
+def quantized_slice(w: QuantizedMatrix, index: tuple[slice, ...]) -> np.ndarray:
+    """w[index] as a float array, for a (out, in) matrix kept as stored (a mapped file's or GGUF
+    blocks): its rows dequantized WEIGHTS_PER_PIECE weights at a time, each block's columns kept,
+    so that a rank never holds more of the whole matrix in float than one block of rows."""
+    rows = np.arange(w.n_out)[index[0]]
+    cols = index[1] if len(index) > 1 else slice(None)
+    step = max(1, WEIGHTS_PER_PIECE // max(w.n_in, 1))
+    return np.concatenate([w[rows[i:i + step]][:, cols] for i in range(0, len(rows), step)])
 
 
 # ---------------------------------------------------------------------------- the row-parallel product
@@ -267,8 +279,9 @@ def load_slices(path, rank: int, n: int, progress: bool = True):
 
     A Hugging Face folder of safetensors is read slice by slice (safetensors' get_slice over the
     memory-mapped file: a rank reads only its rows and columns). Other formats (GGUF, Meta's
-    .pth, pytorch_model.bin) are loaded whole by npllama.load and sliced after: the rank reads the
-    whole file once, and keeps its slices.
+    .pth, pytorch_model.bin) are loaded by npllama.load and sliced after: the rank reads the whole
+    file once, and keeps its slices (a large model stays mapped meanwhile, each matrix made float
+    a block of rows at a time: quantized_slice).
     """
     from npllama.formats import detect_format
     from npllama.formats.hf import weight_files

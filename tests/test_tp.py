@@ -99,6 +99,25 @@ def test_forked_ranks_refuse_a_process_that_already_has_a_group():
         dist.destroy_process_group()
 
 
+def test_a_rank_slices_a_model_left_mapped_in_its_file(monkeypatch):
+    """A GGUF file (or Meta's .pth, a .bin) large enough to stay mapped: each matrix is cut into the
+    rank's slice a block of rows at a time. The slices are those of the model read into memory,
+    bit for bit: the same blocks dequantized by the same code, element by element, no sums."""
+    from npllama.formats import mapped as mapped_module
+    from npllama.quant.matrix import QuantizedMatrix
+    from npllama.weights import default_model_path
+    path = default_model_path()
+    _, whole, _, _ = tp.load_slices(path, 1, 3, progress=False)
+    monkeypatch.setattr(mapped_module, "MAPPED_ABOVE", 0)                    # every model counts as large
+    assert isinstance(npllama.load(path, progress=False).layers[0].wo, QuantizedMatrix)
+    monkeypatch.setattr(tp, "WEIGHTS_PER_PIECE", 576 * 100)                   # blocks of 100 rows: several per matrix
+    _, sliced, _, _ = tp.load_slices(path, 1, 3, progress=False)
+    assert sliced.keys() == whole.keys()
+    for name in ("layers.0.attention.wq.weight", "layers.0.attention.wo.weight", "layers.29.feed_forward.w2.weight",
+                 "tok_embeddings.weight"):
+        assert sliced[name].shape == whole[name].shape and np.array_equal(sliced[name], whole[name]), name
+
+
 def test_a_hugging_face_rank_reads_its_slices(tmp_path):
     """safetensors' get_slice: rank r's tensors are rows / columns r of the whole, in any stored dtype."""
     from npllama.formats.hf import save_checkpoint
