@@ -72,19 +72,20 @@ class Entry:
 
 # ---------------------------------------------------------------------------- the export
 def export(model_or_path: Transformer | str | os.PathLike | None, out: str | os.PathLike, *, layout: str = "meta",
-           dtype: str = "float32", force: bool = False, progress: bool = False) -> Path:
+           dtype: str = "float32", force: bool = False, progress: bool = False, mapped: bool | None = None) -> Path:
     """Write a model's weights to the folder ``out`` in ``layout`` ("meta" or "hf") and ``dtype``
     ("float32", "float16", "bfloat16"); returns the folder.
 
-    model_or_path: a loaded Transformer, or a checkpoint path (None: the default model). out must
-    be new or empty unless force (then an earlier export's files in it are replaced).
+    model_or_path: a loaded Transformer, or a checkpoint path as npllama.load takes it (None: the
+    default model; a Hub id), loaded with ``mapped`` (npllama.load's). out must be new or empty
+    unless force (then an earlier export's files in it are replaced).
     """
     check_options(layout, dtype)
     check_out(out, force)
     if isinstance(model_or_path, Transformer):
         model = model_or_path
     else:
-        model = load_for_export(model_or_path, progress)
+        model = load_for_export(model_or_path, progress, mapped)
     args = model.config
     if layout == "meta" and args.rotary_dim != args.head_dim:
         raise InputError(f"this model rotates {args.rotary_dim} of the {args.head_dim} channels of each head; Meta's "
@@ -151,15 +152,14 @@ def check_out(out: str | os.PathLike, force: bool) -> None:
     check_writable(out, folder=True)
 
 
-def load_for_export(path, progress: bool) -> Transformer:
-    """The checkpoint at path (None: the default model); a GGUF file keeps its blocks (dequantized
+def load_for_export(path, progress: bool, mapped: bool | None = None) -> Transformer:
+    """The checkpoint at path (as npllama.load takes it); a GGUF file keeps its blocks (dequantized
     one tensor at a time as it is written)."""
-    from .formats import detect_format, load
-    from .weights import default_model_path
+    from .formats import detect_format, load, resolve
 
-    path = Path(path).expanduser() if path is not None else default_model_path()
-    fmt, _ = detect_format(path)
-    return load(path, progress=progress, weights="gguf" if fmt == "gguf" else "float32")
+    where = resolve(path)
+    fmt, _ = detect_format(where)
+    return load(where, progress=progress, weights="gguf" if fmt == "gguf" else "float32", mapped=mapped)
 
 
 def quantized_types(model: Transformer) -> list[str]:

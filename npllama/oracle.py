@@ -225,21 +225,22 @@ def coarser(a: str, b: str) -> str:
 BLOCKS_MAX_CALLS = 2
 
 
-def load_reference(path: str | os.PathLike | None, calls: int, mapped: bool | None = None) -> Transformer:
-    """The model the reference computes with, in float64, for a run of ``calls`` forward calls.
+def load_reference(path: str | os.PathLike | None, calls: int, mapped: bool | None = None,
+                   dtype=np.float64) -> Transformer:
+    """The model the reference computes with, in float64 (or dtype), for a run of ``calls`` forward calls.
 
     A GGUF file checked over a call or two keeps its quantized blocks, each product dequantizing
     a piece of rows at a time (npllama.quant.matrix): the same float32 weights widened exactly, in
     a tenth of the memory, and no float64 copy of the model to allocate, which is most of a
     check's time. Over more calls (decode steps) that dequantizing would cost more than the copy,
-    so every weight is expanded once. mapped: npllama.load's (None: by the model's size).
+    so every weight is expanded once. path: as npllama.load's (None: the default model; a Hub id);
+    mapped: npllama.load's (None: by the model's size).
     """
-    from .formats import detect_format, load
-    from .weights import default_model_path
+    from .formats import detect_format, load, resolve
 
-    where = Path(path) if path is not None else default_model_path()
+    where = resolve(path)
     blocks = detect_format(where)[0] == "gguf" and calls <= BLOCKS_MAX_CALLS
-    return load(where, progress=False, dtype=np.float64, weights="gguf" if blocks else "float32", mapped=mapped)
+    return load(where, progress=False, dtype=np.dtype(dtype), weights="gguf" if blocks else "float32", mapped=mapped)
 
 
 def reference_model(model: Transformer, dtype="float64") -> Transformer:

@@ -183,6 +183,19 @@ def test_the_cli_takes_a_hub_id(hub):
     assert result.exit_code == 2 and "no such local file or folder" in result.output, result.output
 
 
+def test_trace_and_export_take_a_hub_id_too(hub):
+    """The commands that load their model their own way (trace's and --against's reference, export)
+    resolve a Hub id as npllama.load does."""
+    from npllama.cli import main
+
+    result = CliRunner().invoke(main, ["trace", "--model", "org/tiny", "--ids", "1,2,3", "--out", "t.safetensors"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["trace", "--model", "org/tiny", "--against", "t.safetensors"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["export", "--model", "org/tiny", "--layout", "hf", "--out", "e", "--quiet"])
+    assert result.exit_code == 0 and Path("e/config.json").is_file(), result.output
+
+
 def test_trace_records_the_snapshots_hash(hub):
     from npllama.oracle import model_sha256
     from npllama.weights import sha256_file

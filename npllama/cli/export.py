@@ -6,7 +6,7 @@ import os
 
 import click
 
-from .options import model_option
+from .options import mapped_choice, model_option
 
 
 @click.command(name="export", help="Write a model's weights as safetensors in the layout a port loads: Meta's "
@@ -26,7 +26,8 @@ def export_command(model_path, layout, out, dtype, force, quiet):
     from ..export import WEIGHTS_FILE, check_out, export
 
     check_out(out, force)                    # before the slow load
-    folder = export(model_path, out, layout=layout, dtype=dtype, force=force, progress=not quiet)
+    folder = export(model_path, out, layout=layout, dtype=dtype, force=force, progress=not quiet,
+                    mapped=mapped_choice())
     size = os.path.getsize(folder / WEIGHTS_FILE)
     others = sorted(p.name for p in folder.iterdir() if p.name != WEIGHTS_FILE and not p.name.startswith("."))
     click.echo(f"wrote {folder}: {WEIGHTS_FILE} ({layout} layout, {dtype}, {size / 2**20:.1f} MiB), {', '.join(others)}")

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import click
-import numpy as np
 
 from ..errors import InputError
 from ..formats.mapped import reading_progress
@@ -177,11 +176,10 @@ def trace_command(model_path, prompt, ids, out, decode, dtype, against, referenc
 
 def write_reference(model_path, prompt, ids, out, dtype: str, decode: int = 0) -> None:
     from .. import __version__
-    from ..formats import detect_format, load
     from ..io import check_writable
-    from ..oracle import (BLOCKS_MAX_CALLS, TRACE_PROMPT, check_window, describe, dump_metadata, model_sha256,
+    from ..oracle import (TRACE_PROMPT, check_window, describe, dump_metadata, load_reference, model_sha256,
                           trace_steps, write_steps)
-    from ..weights import DEFAULT_FILE, default_model_path
+    from ..weights import DEFAULT_FILE
 
     if ids is not None and prompt is not None:
         raise click.UsageError("give --prompt or --ids, not both")
@@ -189,11 +187,8 @@ def write_reference(model_path, prompt, ids, out, dtype: str, decode: int = 0) -
         raise click.UsageError("--prompt is empty: give some text to run")
     ids = parse_ids(ids) if ids is not None else None
     check_writable(out)                                # before the slow load: the folders --out needs are made
-    # computed as `--against` recomputes it (oracle.load_reference), so a dump checked against itself is exact
-    where = Path(model_path) if model_path is not None else default_model_path()
-    blocks = detect_format(where)[0] == "gguf" and decode + 1 <= BLOCKS_MAX_CALLS
-    model = load(where, progress=False, dtype=np.dtype(dtype), weights="gguf" if blocks else "float32",
-                 mapped=mapped_choice())
+    # loaded as `--against` loads its reference, so a dump checked against itself is exact
+    model = load_reference(model_path, decode + 1, mapped_choice(), dtype)
     what = "--ids" if ids is not None else "the prompt"
     if ids is None:
         prompt = TRACE_PROMPT if prompt is None else prompt
