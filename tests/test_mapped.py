@@ -28,7 +28,7 @@ from npllama.errors import CheckpointError, InputError
 from npllama.formats import mapped as mapped_module
 from npllama.formats.meta import meta_hidden_dim
 from npllama.memory import (RESERVE_BYTES, check_generation_fits, forward_bytes, generation_peak_bytes,
-                            kv_cache_bytes, weight_count)
+                            kv_cache_bytes, model_is_mapped, weight_count)
 from npllama.model import Transformer
 from npllama.params import init_params
 from npllama.quant.matrix import QuantizedMatrix
@@ -329,7 +329,8 @@ def test_chat_and_parity_refuse_what_would_not_fit_before_the_work(tmp_path, mon
     from npllama.cli import main
     from tiny import train_bpe
     folder = save_hf(random_llama(tiny_config(), seed=8), tmp_path, tokenizer=train_bpe(300))
-    monkeypatch.setattr(memory, "available_bytes", lambda: RESERVE_BYTES + (64 << 10))
+    held = memory.weights_in_memory(npllama.load(folder, progress=False))     # the load itself fits
+    monkeypatch.setattr(memory, "available_bytes", lambda: RESERVE_BYTES + held + (16 << 10))
     result = CliRunner().invoke(main, ["chat", "-m", str(folder), "-n", "5", "-q"], input="hello there\n/quit\n")
     assert result.exit_code == 0, result.output
     assert "needs about" in result.stderr and "/reset to start a new conversation" in result.stderr
@@ -339,6 +340,25 @@ def test_chat_and_parity_refuse_what_would_not_fit_before_the_work(tmp_path, mon
     assert "Traceback" not in result.output
     monkeypatch.setattr(memory, "available_bytes", lambda: None)          # unknown: nothing refused
     assert CliRunner().invoke(main, ["parity", "-m", str(folder), "--ids", "1,5,9,13"]).exit_code == 0
+
+
+def test_weights_that_would_not_fit_in_memory_are_refused_before_any_is_read(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from npllama import memory
+    from npllama.cli import main
+    folder = save_hf(random_llama(tiny_config(), seed=8), tmp_path, tokenizer=train_bpe(300))
+    monkeypatch.setattr(memory, "available_bytes", lambda: RESERVE_BYTES + (64 << 10))
+    with pytest.raises(InputError, match="reading the weights into memory needs about .* --mapped"):
+        npllama.load(folder, progress=False, mapped=False)
+    assert model_is_mapped(npllama.load(folder, progress=False, mapped=True))          # mapped: nothing to refuse
+    # and what no estimate foresaw is one line too, not a traceback
+    monkeypatch.setattr(memory, "available_bytes", lambda: None)
+    import importlib
+    monkeypatch.setattr(importlib.import_module("npllama.generate"), "generate_text", lambda *a, **k: np.zeros(1 << 58))
+    result = CliRunner().invoke(main, ["generate", "-m", str(folder), "-p", "hi", "--raw", "-q"])
+    assert result.exit_code == 2 and result.output.startswith("npllama: error: out of memory"), result.output
+    assert "Traceback" not in result.output and result.output.count("\n") == 1
 
 
 # ---------------------------------------------------------------------------------------- the rest

@@ -123,6 +123,10 @@ class LazyGroup(click.Group):
         except NpllamaError as e:             # one line; what it quotes from a file cannot act on the terminal
             click.echo(f"npllama: error: {printable(str(e))}", err=True)
             sys.exit(2)
+        except MemoryError as e:              # what no estimate foresaw (another process took the memory)
+            click.echo(f"npllama: error: out of memory ({printable(str(e)) or 'MemoryError'}); leave the weights "
+                       f"in their files (--mapped) or ask for less work (fewer tokens, a smaller batch)", err=True)
+            sys.exit(2)
 
 
 def process_age() -> float:

@@ -108,10 +108,14 @@ def float32_bytes(args) -> int:
 
 
 def choose_mapped(mapped: bool | None, args) -> bool:
-    """mapped as asked; for None, whether the model's float32 form reaches MAPPED_ABOVE."""
-    if mapped is None:
-        return float32_bytes(args) >= MAPPED_ABOVE
-    return bool(mapped)
+    """mapped as asked; for None, whether the model's float32 form reaches MAPPED_ABOVE. Reading
+    into memory weights whose float32 form would not fit is refused before any is read."""
+    use_map = float32_bytes(args) >= MAPPED_ABOVE if mapped is None else bool(mapped)
+    if not use_map:
+        from ..memory import check_fits
+        check_fits(float32_bytes(args), "reading the weights into memory", "leave them in their files: --mapped "
+                                                                           "(npllama.load(..., mapped=True))")
+    return use_map
 
 
 def as_mapped_weight(stored: Stored) -> Any:
