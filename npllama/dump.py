@@ -60,7 +60,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .errors import CheckpointError, InputError
-from .io import atomic_write
+from .io import atomic_write, parse_json
 from .model import LAYER_TRACE_NAMES
 from .tolerances import dtype_name
 
@@ -329,8 +329,8 @@ def _splits(metadata: Mapping[str, str], path) -> dict[str, Split]:
     if not text:
         return {}
     try:
-        raw = json.loads(text)
-    except ValueError:
+        raw = parse_json(text, f"{path}: metadata splits", InputError)   # nesting, huge numbers: one line
+    except InputError:
         raw = None
     if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in raw.items()):
         raise InputError(f"{path}: metadata splits must be a JSON object of name -> 'replicated', "
@@ -403,11 +403,7 @@ def read_dumps(pattern: str | os.PathLike) -> Dump:
 
     text = str(pattern)
     if Path(text).is_file() or not any(c in text for c in "*?["):
-        dump = read_dump(text)
-        if dump.world_size > 1:
-            raise InputError(f"{dump.path} is rank {dump.rank} of {dump.world_size}: pass every rank's dump, "
-                             f"e.g. --against '{_rank_glob(dump.path)}' (quoted)")
-        return dump
+        return _whole(read_dump(text))
     paths = sorted(glob.glob(text))
     if not paths:
         raise InputError(f"{text}: matches no file")
@@ -415,8 +411,16 @@ def read_dumps(pattern: str | os.PathLike) -> Dump:
         raise InputError(f"{text}: matches {len(paths)} files, more than any world size ({MAX_WORLD_SIZE})")
     dumps = [read_dump(p) for p in paths]
     if len(dumps) == 1:
-        return read_dumps(paths[0])
+        return _whole(dumps[0])
     return dataclasses.replace(gather_ranks(dumps), path=text)
+
+
+def _whole(dump: Dump) -> Dump:
+    """A single dump, refused if it is one rank's of several."""
+    if dump.world_size > 1:
+        raise InputError(f"{dump.path} is rank {dump.rank} of {dump.world_size}: pass every rank's dump, "
+                         f"e.g. --against '{_rank_glob(dump.path)}' (quoted)")
+    return dump
 
 
 def _rank_glob(path: str) -> str:

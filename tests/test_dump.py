@@ -44,6 +44,7 @@ def test_a_version_1_dump_reads_as_one_step_of_one_rank(tmp_path):
     ({"steps": "99999999"}, "metadata steps"),
     ({"world_size": "2", "rank": "2"}, "metadata rank"),
     ({"splits": "[1, 2]"}, "JSON object"),
+    ({"splits": "[" * 100_000 + "]" * 100_000}, "JSON object"),           # nested past Python's recursion
     ({"splits": json.dumps({"attention.q": "shard(x)"})}, "shard(D)"),
     ({"logits_positions": "first"}, "logits_positions"),
 ])
