@@ -117,13 +117,16 @@ class ChatSession:
 
     max_seq_len: the window the conversation must fit (default: the model's context).
     on_drop(n): called when the n oldest turns were dropped to make room.
+    check_turn(prompt, reused): called before a turn's prefill with its prompt's length and the
+    positions the cache reuses; may refuse the turn (an InputError: nothing changes).
     seed: turn t samples with seed + t (None: fresh randomness).
     """
 
     def __init__(self, model, system: str | None = None, settings: SamplingSettings = SamplingSettings(),
                  seed: int | None = None, max_new_tokens: int = 256, *,
                  generate_fn: Callable | None = None, template: str | None = None,
-                 max_seq_len: int | None = None, on_drop: Callable[[int], None] | None = None):
+                 max_seq_len: int | None = None, on_drop: Callable[[int], None] | None = None,
+                 check_turn: Callable[[int, int], None] | None = None):
         if model.tokenizer is None:
             raise InputError("this checkpoint has no tokenizer, so it cannot chat; load one that ships a tokenizer")
         if not is_int(max_new_tokens) or max_new_tokens < 1:
@@ -138,6 +141,7 @@ class ChatSession:
         self.seed = seed
         self.max_new_tokens = max_new_tokens
         self.on_drop = on_drop
+        self.check_turn = check_turn
         self.template, self.template_source = chat_template_for(self.tokenizer, template)
         self._variables = special_token_variables(self.tokenizer)
         self.stop_ids = end_of_turn_ids(self.tokenizer, self.template, model.config)
@@ -216,16 +220,19 @@ class ChatSession:
 
     def _turn(self, message: str) -> Iterator[str]:
         start = time.perf_counter()
+        before = list(self.messages)
         self.messages.append({"role": "user", "content": message})
         try:
             ids, dropped = self._fit()
+            # Reuse the cache up to the first token that differs; at least one token must be fed.
+            keep = min(_common_prefix(self.cached_ids, ids), len(ids) - 1)
+            if self.check_turn is not None:
+                self.check_turn(len(ids), keep)
         except BaseException:
-            self.messages.pop()
+            self.messages[:] = before
             raise
         if dropped and self.on_drop is not None:
             self.on_drop(dropped)
-        # Reuse the cache up to the first token that differs; at least one token must be fed.
-        keep = min(_common_prefix(self.cached_ids, ids), len(ids) - 1)
         self.cache.truncate(keep)
         del self.cached_ids[keep:]
         answer: list[int] = []

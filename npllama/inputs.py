@@ -150,6 +150,7 @@ def check_budget(prompt_len: int, cached: int, window: int, max_new_tokens: int)
 
     cached: positions the cache already holds for this row; window: the positions it may hold.
     """
+    # not checks.is_int: a whole float (3.0) has always been taken here
     if isinstance(max_new_tokens, bool) or max_new_tokens < 0 or int(max_new_tokens) != max_new_tokens:
         raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if prompt_len == 0:

@@ -62,6 +62,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from npllama.checks import is_int
 from npllama.config import ModelArgs
 from npllama.dump import REPLICATED, Dump, Split, Step, shard
 from npllama.errors import CheckpointError, ConfigError, InputError
@@ -90,7 +91,7 @@ def sizes_that_work(args: ModelArgs) -> list[int]:
 
 def check_tp(args: ModelArgs, n: int, where: str = "") -> None:
     """An InputError, in one line naming the sizes that would work, unless n ranks split the model."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if not is_int(n) or n < 1:
         raise InputError(f"tp must be a whole number of ranks >= 1, got {n!r}")
     works = sizes_that_work(args)
     if n in works:

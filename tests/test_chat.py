@@ -366,6 +366,26 @@ def test_chat_command_reads_lines_and_commands(tiny, backend):
     assert "[new conversation]" in result.output and "unknown command '/nope'" in result.output
 
 
+def test_check_turn_sees_each_turns_prompt_and_reuse_and_a_refusal_changes_nothing(tiny):
+    _, model = tiny
+    seen, refuse = [], []
+
+    def check(prompt, reused):
+        seen.append((prompt, reused))
+        if refuse:
+            raise InputError("no room")
+    session = ChatSession(model, max_new_tokens=4, max_seq_len=128, seed=0, check_turn=check)
+    session.ask("the capital of France")
+    history, cached = session.history, list(session.cached_ids)
+    refuse.append(True)
+    with pytest.raises(InputError, match="no room"):
+        session.ask("and the river?")
+    assert session.history == history and session.cached_ids == cached
+    assert seen[0][1] == 0 and seen[1][1] > 0 and seen[1][0] == len(session.tokenizer.encode(
+        render_template(session.template, [*history, {"role": "user", "content": "and the river?"}],
+                        add_generation_prompt=True, **session._variables), add_bos=False))
+
+
 def test_a_ctrl_c_python_dropped_stops_that_answer_and_not_the_next(tiny, monkeypatch, capsys):
     """A press whose KeyboardInterrupt was dropped (npllama.cli.interrupts) stops the answer being
     written at its next piece; the press is then spent, and the next answer runs."""
@@ -378,7 +398,7 @@ def test_a_ctrl_c_python_dropped_stops_that_answer_and_not_the_next(tiny, monkey
     monkeypatch.setattr("builtins.input", lambda prompt: next(lines))
     pressed = Presses()
     pressed.count = 1
-    converse(session, "numpy", True, pressed)
+    converse(session, True, pressed)
     out = capsys.readouterr()
     assert out.out.count("[stopped]") == 1 and not pressed()
     assert out.err.count(" generated in ") == 2 and session.last_turn.stopped in ("stop token", "max_new_tokens")

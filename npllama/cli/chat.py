@@ -13,6 +13,7 @@ import click
 from ..chat import ChatSession
 from ..chat_templates import BUILTIN_TEMPLATES, MAX_TEMPLATE_CHARS, ChatTemplate
 from ..errors import InputError, printable
+from ..generate import CONTEXT_FULL
 from ..formats import require_tokenizer
 from ..inputs import check_text_fits
 from ..io import read_regular
@@ -41,24 +42,21 @@ def read_template(path: str) -> ChatTemplate:
         raise InputError(f"{name}: not UTF-8 text ({e}); a chat template is Jinja text") from None
 
 
-def check_turn_fits(session: ChatSession, line: str) -> None:
-    """check_generation_fits for the turn about to start: the conversation so far (its cached
-    positions reused, as the session does), the new message with a few tokens of template around
-    it, and the answer, within the window."""
+def check_turn_fits(model, max_new_tokens: int):
+    """ChatSession's check_turn for a NumPy model: check_generation_fits for the turn about to start,
+    its prompt (the whole conversation, the cached positions reused) and the answer."""
     from ..memory import check_generation_fits
-    reused = len(session.cached_ids)
-    prompt = min(reused + len(session.tokenizer.encode(line, add_bos=False)) + TEMPLATE_TOKENS, session.window)
-    try:
-        check_generation_fits(session.model, 1, prompt, session.max_new_tokens, reused=reused)
-    except InputError as e:
-        raise InputError(f"{e}; /reset to start a new conversation, or a smaller --context or --max-new-tokens") \
-            from None
+
+    def check(prompt: int, reused: int) -> None:
+        try:
+            check_generation_fits(model, 1, prompt, max_new_tokens, reused=reused)
+        except InputError as e:
+            raise InputError(f"{e}; /reset to start a new conversation, or a smaller --context or "
+                             f"--max-new-tokens") from None
+    return check
 
 
-TEMPLATE_TOKENS = 16    # a turn's role headers and end-of-turn tokens, about (chat templates differ)
-
-
-def converse(session: ChatSession, backend: str, stats: bool, pressed: Presses) -> None:
+def converse(session: ChatSession, stats: bool, pressed: Presses) -> None:
     """The chat's loop: read a line, run a command or stream the answer, until /quit or Ctrl-D.
     Ctrl-C at the prompt is a hint, during an answer stops it (pressed: npllama.cli.interrupts)."""
     while True:
@@ -96,8 +94,6 @@ def converse(session: ChatSession, backend: str, stats: bool, pressed: Presses) 
         pieces = None
         try:
             check_text_fits(session.tokenizer, line, session.window, "the message")   # before the template sees it
-            if backend == "numpy":             # a turn that would not fit is refused before its prefill
-                check_turn_fits(session, line)
             pieces = session.send(line)
             for piece in pieces:
                 stop_if(pressed)
@@ -112,7 +108,7 @@ def converse(session: ChatSession, backend: str, stats: bool, pressed: Presses) 
             click.echo(f"[{printable(str(e))}]", err=True)
             continue
         click.echo()
-        if session.last_turn.stopped == "context window full":
+        if session.last_turn.stopped == CONTEXT_FULL:
             click.secho(f"[the answer stopped after {session.last_turn.generated} of {session.max_new_tokens} "
                         f"tokens: "
                         f"the context window of {session.window} tokens is full; /reset to start again, "
@@ -161,7 +157,8 @@ def chat(model_path, backend, device, weights, system, template, context, max_ne
                     err=True, fg="yellow")
 
     session = ChatSession(run.model, system, settings, seed, max_new_tokens, generate_fn=timed_generate,
-                          template=template, max_seq_len=context, on_drop=on_drop)
+                          template=template, max_seq_len=context, on_drop=on_drop,
+                          check_turn=check_turn_fits(run.model, max_new_tokens) if run.name == "numpy" else None)
     if not quiet:
         click.echo(f"npllama chat ({backend}, {session.window}-token window, {session.template_source} "
                    f"chat template)\n{COMMANDS_HELP}", err=True)
@@ -175,7 +172,7 @@ def chat(model_path, backend, device, weights, system, template, context, max_ne
     except ImportError:
         pass
     with ctrl_c_remembered() as pressed:
-        converse(session, run.name, stats, pressed)
+        converse(session, stats, pressed)
     if not quiet:
         for generation, fed in turns:
             timing.add(generation, fed)

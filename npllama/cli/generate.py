@@ -107,18 +107,18 @@ def generate(model_path, prompts, prompts_file, as_chat, system, max_new_tokens,
     if as_chat:
         rendered = [render_prompt(run.model, text, system) for text in texts]
         inputs, stops = [text for text, _ in rendered], rendered[0][1]
+    lengths = [len(run.model.tokenizer.encode(text)) for text in inputs]    # tokens of each prompt
     if run.name == "numpy":                     # work that would not fit is refused before it starts
         from ..memory import check_generation_fits
-        longest = max(len(run.model.tokenizer.encode(text)) for text in inputs)
-        check_generation_fits(run.model, 1, longest, max_new_tokens)   # --prompts batches plan their own
+        check_generation_fits(run.model, 1, max(lengths), max_new_tokens)   # --prompts batches plan their own
     interrupted = False
     try:
         with ctrl_c_remembered() as pressed:
             if len(inputs) == 1:
                 stream_one(run, inputs[0], max_new_tokens, settings, seed, stops, timing, not quiet, pressed)
             else:
-                stream_batches(run, texts, inputs, max_new_tokens, settings, seed, stops, batch_memory << 20, timing,
-                               pressed)
+                stream_batches(run, texts, inputs, lengths, max_new_tokens, settings, seed, stops, batch_memory << 20,
+                               timing, pressed)
     except KeyboardInterrupt:
         interrupted = True
         click.echo(" [interrupted]" if len(inputs) == 1 else "[interrupted]", err=len(inputs) > 1)
@@ -152,15 +152,15 @@ def stream_one(run, text: str, max_new_tokens, settings, seed, stops, timing: Ti
         timing.add(stream.generation)
 
 
-def stream_batches(run, texts, inputs, max_new_tokens, settings, seed, stops, budget_bytes: int,
+def stream_batches(run, texts, inputs, lengths, max_new_tokens, settings, seed, stops, budget_bytes: int,
                    timing: Timing, pressed: Presses = NEVER) -> None:
-    """Several prompts: in batches within budget_bytes (npllama.inputs.plan_batches), each
-    batch's answers printed under their prompts as soon as the batch finishes."""
+    """Several prompts (lengths: each one's tokens): in batches within budget_bytes
+    (npllama.inputs.plan_batches), each batch's answers printed under their prompts as soon as the
+    batch finishes."""
     from ..generate import CONTEXT_FULL, generate_text
     from ..inputs import plan_batches
 
     model = run.model
-    lengths = [len(model.tokenizer.encode(text)) for text in inputs]
     for batch in plan_batches(lengths, max_new_tokens, model.config, budget_bytes, getattr(model, "dtype", "float32")):
         stream = generate_text(model, [inputs[r] for r in batch], max_new_tokens, settings, seed, stop_ids=stops,
                                generate_fn=run.generate)

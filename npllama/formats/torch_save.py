@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import is_int
 from ..errors import CheckpointError
 from ..io import open_regular
 from ..quant.gguf_blocks import bf16_to_float32
@@ -122,9 +123,9 @@ class _TensorRebuilder(_Frozen):
     def __call__(self, storage: Any, storage_offset: Any, size: Any, stride: Any, *rest: Any) -> np.ndarray | Stored:
         if not isinstance(storage, _Storage):
             raise CheckpointError("a tensor's storage is not a storage record")
-        if (not isinstance(storage_offset, int) or not isinstance(size, tuple) or not isinstance(stride, tuple)
-                or len(size) != len(stride) or storage_offset < 0 or isinstance(storage_offset, bool)
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*size, *stride))):
+        if (not is_int(storage_offset) or not isinstance(size, tuple) or not isinstance(stride, tuple)
+                or len(size) != len(stride) or storage_offset < 0
+                or not all(is_int(v) and v >= 0 for v in (*size, *stride))):
             raise CheckpointError(f"a tensor has an invalid layout (offset {storage_offset!r:.40}, size {size!r:.80}, "
                                   f"stride {stride!r:.80})")
         flat = storage.array
@@ -224,7 +225,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> _Storage:
         if (not isinstance(pid, tuple) or len(pid) != 5 or pid[0] != "storage"
                 or not isinstance(pid[1], _StorageType) or not isinstance(pid[2], str)
-                or not isinstance(pid[4], int) or isinstance(pid[4], bool) or pid[4] < 0):
+                or not is_int(pid[4]) or pid[4] < 0):
             raise CheckpointError(f"{self.source}: unexpected persistent id {pid!r:.80} in the pickle")
         _, kind, key, _device, numel = pid
         if key not in self.storages:
