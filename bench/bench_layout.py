@@ -1,8 +1,8 @@
 """Which memory order makes each of the default model's matrix-vector products fastest on this CPU.
 
-npllama computes every projection as ``x @ w`` with w an (in, out) array; the array may lie in
-memory as (in, out) rows (C order) or as nn.Linear's (out, in) rows seen through a transposed view
-(F order). The arithmetic is the same; the speed of OpenBLAS's matrix-vector product is not.
+npllama computes every projection as ``linear(x, w) = x @ w.T`` with w an (out, in) array, as the
+files hold it; the product's (in, out) operand may lie in memory as (in, out) rows (C order) or as
+nn.Linear's (out, in) rows seen through a transposed view (F order). The arithmetic is the same; the speed of OpenBLAS's matrix-vector product is not.
 This script times one decode step's products alone (every layer's wq, wk, wv, wo, w1, w3, w2 and the LM
 head, float32, batch 1) with all matrices C order, then with one kind at a time in F order, and
 with npllama's choice (npllama.layout.IN_OUT_IN_MEMORY). Rounds are interleaved so that a drift in

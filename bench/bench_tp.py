@@ -66,7 +66,6 @@ def measure(folder: str, prompt_len: int, new_tokens: int, repeats: int) -> dict
     import torch.distributed as dist
 
     import parity
-    from parity import tp
 
     split = dist.is_initialized() and dist.get_world_size() > 1
     t = time.perf_counter()

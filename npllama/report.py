@@ -217,8 +217,8 @@ def format_compact(report: Report, around: int = 2) -> str:
 
 
 def worst_per_layer(rows: list[Row]) -> list[Row]:
-    """The row of largest rel / rtol in each layer, in forward order; rows outside the layers
-    (tok_embeddings, norm, logits) are kept as they are (one per name, over the steps)."""
+    """The row of largest rel / rtol in each layer, in forward order; outside the layers
+    (tok_embeddings, norm, logits), the worst row of each name over the steps."""
     worst: dict[object, Row] = {}
     for r in rows:
         key = r.name if r.layer is None else r.layer

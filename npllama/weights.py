@@ -14,8 +14,8 @@ SHA-256, into ``weights/llama3.2-tokenizer/`` (the tests compare the two files o
 Weights live in ``weights/`` at the repository root, or in the directory named by the
 environment variable ``NPLLAMA_WEIGHTS``.
 
-A checkpoint's SHA-256 (recorded by ``npllama trace``) is remembered by the file's size and
-modification time (``cached_sha256``): hashing a 16 GB checkpoint costs 10-30 s, a look-up nothing.
+A checkpoint's SHA-256 (recorded by ``npllama trace``) is remembered by the file's real path, size,
+modification time and inode (``cached_sha256``): hashing a 16 GB checkpoint costs 10-30 s, a look-up nothing.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
 A model npllama left in its files (``npllama.load(..., mapped=True)``, the default for a large one)
 keeps them there in its twin too: parity.mapped views the same bytes.
 
-Modules mirror npllama's: norm, rope, attention, mlp, cache, model, sampling, generate; report.py
+Modules mirror npllama's: norm, rope, attention, mlp, cache, model, sampling, generate, numerics; report.py
 runs both backends and compares the output of every op (``npllama parity``); hooks.py records any
 PyTorch model's activations under npllama's names (``parity.capture(module, name_map)``) and
 writes them as a dump that ``npllama parity --against`` checks.
@@ -86,7 +86,8 @@ def load(path=None, device=None, dtype=torch.float32, requires_grad: bool = Fals
     """Load a checkpoint that npllama.load reads (HF folder, Meta folder, .gguf; default model when
     None) and return it as a Torch model on ``device`` in ``dtype``. weights: "float32", or a
     quantized scheme, "int8", "int4" (the checkpoint's floats quantized) or "gguf" (a GGUF file's own
-    blocks where a kernel holds them exactly), see from_numpy. kwargs go to npllama.load.
+    blocks where a kernel holds them exactly), see from_numpy. kwargs go to npllama.load (to
+    parity.tp.load with tp or group).
 
     tp: tensor parallelism. Inside a process group of tp ranks (torchrun, or
     torch.distributed.init_process_group; ``group`` another group than the world), each rank

@@ -242,7 +242,7 @@ def fused_attention(x: torch.Tensor, layer: FastBlock, args: ModelArgs, cos: tor
                     k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                     bias: torch.Tensor | None, from_cache: bool, in_out: bool) -> torch.Tensor:
     """Attention of seq new positions through the fused wqkv, writing their keys and values into
-    the static cache (parity.model.Attention's arithmetic on the fast path).
+    the static cache (parity.model.attention's arithmetic on the fast path).
 
     x: (batch, seq, dim); cos, sin: (batch, seq, 1, rotary_dim), per row (left padding; sin signed,
     see apply_rotary_rolled); k_cache, v_cache: (batch, n_kv_heads, slots, head_dim); slots: (seq,)

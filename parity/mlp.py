@@ -12,8 +12,10 @@ import torch.nn.functional as F
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ w.T + b.  x: (..., in); w: (out, in), nn.Linear's layout, or a quantized weight
-    (parity.quant: its int8 / int4 kernel); b: (out,) -> (..., out)."""
+    """x @ w.T + b.  x: (..., in); w: (out, in), nn.Linear's layout, or a module that computes
+    the product itself (its ``linear``): a quantized weight (parity.quant: its int8 / int4
+    kernel), a weight left in its file (parity.mapped), a row-parallel slice (parity.tp);
+    b: (out,) -> (..., out)."""
     if isinstance(w, torch.Tensor):
         return F.linear(x, w, b)
     return w.linear(x, b)

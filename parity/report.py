@@ -31,7 +31,6 @@ import torch
 
 from npllama.errors import InputError, NpllamaError
 from npllama.formats.names import rename
-from npllama.model import Context
 from npllama.oracle import DEFAULT_PROMPT
 from npllama.report import (Report, Row, compare, errors, format_compact, format_table, in_forward_order,  # noqa: F401
                             plot_errors, split_name, verdict)
