@@ -32,6 +32,12 @@ whole batch is (the shapes never change) and their extra tokens are dropped on t
 
 Legend (npllama.config): batch, seq, dim, n_heads, n_kv_heads, head_dim, hidden_dim, vocab; and
 slots: the cache's max_seq_len, the positions a decoder can hold (prompt + generated).
+
+The fast path holds at most the trained length, config.max_seq_len: its rotary table is computed
+once, and every rope variant has its short form there. That is the context window except under
+dynamic NTK, whose rotation past the trained length changes with the length
+(npllama.rope_scaling.context_window): there the reference and parity.generate go on past it,
+and the fast path stops at it, saying so.
 """
 
 from __future__ import annotations
@@ -338,7 +344,7 @@ class FastDecoder(nn.Module):
     model: a parity.Transformer (its weights are fused into a FastWeights) or a FastWeights to
     share. batch_size: rows of the cache (fewer prompts are allowed; spare rows are idle).
     max_seq_len: cache slots per row, the longest padded prompt plus new tokens it can hold
-    (default: the model's context window; at most that). compile: None (eager) or a torch.compile
+    (default: the trained length, config.max_seq_len; at most that: see the module docstring). compile: None (eager) or a torch.compile
     mode ("reduce-overhead": CUDA graphs) for the decode step; backend: torch.compile's backend
     ("inductor"; "aot_eager" traces and functionalises without generating code, for tests).
     layout: the weights' layout when built from a model (see FastWeights).
@@ -353,8 +359,8 @@ class FastDecoder(nn.Module):
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         slots = int(max_seq_len or args.max_seq_len)
         if not 0 < slots <= args.max_seq_len:
-            raise InputError(f"max_seq_len must lie in 1..{args.max_seq_len} (the model's context "
-                             f"window), got {max_seq_len!r}")
+            raise InputError(f"max_seq_len must lie in 1..{args.max_seq_len} (the trained length, what the "
+                             f"fast path holds), got {max_seq_len!r}")
         if compile is not None and compile not in COMPILE_MODES:
             raise InputError(f"unknown compile mode {compile!r}; choose None or one of {', '.join(COMPILE_MODES)}")
         self.batch_size, self.max_seq_len, self.compile_mode = batch_size, slots, compile
@@ -590,8 +596,8 @@ def fast_generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int =
     window = model.config.max_seq_len
     longest = max(len(p) for p in prompts)
     if longest > window:
-        raise InputError(f"the longest prompt is {longest} tokens, longer than the context window of "
-                         f"{window} tokens; shorten the prompt")
+        raise InputError(f"the longest prompt is {longest} tokens, longer than the {window} the fast path holds "
+                         f"(the trained length); shorten the prompt")
     slots = min(window, longest + max(int(max_new_tokens), 1) - 1) if longest else 1
     slots = max(slots, longest, 1)
     decoder = FastDecoder(model, batch_size=len(prompts), max_seq_len=slots, compile=compile)

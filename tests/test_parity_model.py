@@ -355,3 +355,9 @@ def test_the_twin_generates_to_the_same_window_under_dynamic_ntk():
         got = list(torch_generate(model, [1, 2, 3], 100, SamplingSettings(), 0, stop_ids=()))
     assert len(want) == context_window(args) - 3 + 1 == 14      # the last token is never fed back
     assert got == want
+    from parity.fast import fast_generate                        # the fast path holds the trained length
+    with torch.no_grad():
+        fast = fast_generate(model, [[1, 2, 3]], 100, SamplingSettings(), 0, stop_ids=())[0]
+    assert len(fast) == args.max_seq_len - 3 + 1 == 6
+    with pytest.raises(InputError, match="longer than the 8 the fast path holds \\(the trained length\\)"):
+        fast_generate(model, [list(range(1, 10))], 4)
