@@ -205,6 +205,27 @@ def test_first_overflow_names_the_op_where_it_is_planted(op):
     assert f"first in {op})" in str(parity.numerics.non_finite_error(twin, torch.tensor([1, 2, 3]), "the prompt"))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("op,bias", [("layers.0.attention_residual", "layers.0.attention.wo.bias"),
+                                     ("layers.0.ffn_residual", "layers.0.feed_forward.w2.bias")])
+def test_first_overflow_names_a_residual_sum_whose_terms_did_not(op, bias):
+    """The stream (1e19) and a sublayer's output (its bias, 1e19) each below the limit, their sum
+    above it: the sum is named. (scores_v cannot overflow alone: softmax(qk) v averages the rows
+    of v, which attention.v names first.)"""
+    import parity
+    import parity.numerics
+    from npllama.numerics import SQUARE_LIMIT, first_overflow
+    args = ModelArgs(dim=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=30, hidden_dim=24,
+                     attention_out_bias=True, mlp_bias=True)
+    params = init_params(args, seed=1)
+    assert 1e19 < SQUARE_LIMIT < 2e19
+    params["tok_embeddings.weight"] = np.full_like(params["tok_embeddings.weight"], 1e19)
+    params[bias] = np.full_like(params[bias], 1e19)
+    model = Transformer(args, params)
+    assert first_overflow(model, np.array([[1, 2, 3]])) == op
+    assert parity.numerics.first_overflow(parity.from_numpy(model), np.array([[1, 2, 3]])) == op
+
+
 def test_reading_md_gives_the_line_counts_of_the_path_as_measured():
     """docs/reading.md's table is what docs/count_lines.py prints now (run it and paste the table)."""
     table = subprocess.run([sys.executable, str(ROOT / "docs" / "count_lines.py")], capture_output=True, text=True,
