@@ -52,6 +52,12 @@ def trace_names(n_layers: int) -> list[str]:
             "norm", "logits"]
 
 
+def stream_names(n_layers: int) -> list[str]:
+    """The residual stream between the blocks: the embeddings, each layer's output and the final
+    norm's, the values ``given`` replaces to run each block from another's inputs."""
+    return ["tok_embeddings", *(f"layers.{i}.ffn_residual" for i in range(n_layers)), "norm"]
+
+
 @dataclass(frozen=True)
 class Layer:
     """One decoder layer's weights, each matrix (out, in) as in the checkpoint."""

@@ -31,7 +31,7 @@ import numpy as np
 from .dump import (IDS, LAYOUT, RESIDUAL_STREAM, ROTARY_LAYOUTS, Dump, Step, check_input_ids,  # noqa: F401
                    dump_metadata, read_dump, step_name, write_dump, write_steps)
 from .errors import InputError
-from .model import LAYER_TRACE_NAMES, Transformer, trace_names
+from .model import LAYER_TRACE_NAMES, Transformer, stream_names, trace_names
 from .report import Bar, Coverage, Report, compare, errors, forward_position, split_name
 from .tolerances import PARITY_RTOL, dtype_name, parity_rtol
 
@@ -311,7 +311,7 @@ def stream_inputs(model: Transformer, tensors: Mapping[str, np.ndarray]) -> tupl
     -> (name -> array in the model's dtype, the layers that had no input there).
     """
     n = model.config.n_layers
-    stream = ["tok_embeddings", *(f"layers.{i}.ffn_residual" for i in range(n)), "norm"]
+    stream = stream_names(n)
     inputs = {name: np.asarray(tensors[name], dtype=model.dtype) for name in stream if name in tensors}
     return inputs, [i for i in range(n) if stream[i] not in inputs]
 

@@ -31,6 +31,7 @@ import torch
 
 from npllama.errors import InputError, NpllamaError
 from npllama.formats.names import rename
+from npllama.model import stream_names
 from npllama.oracle import DEFAULT_PROMPT
 from npllama.report import (Report, Row, compare, errors, format_compact, format_table, in_forward_order,  # noqa: F401
                             plot_errors, split_name, verdict)
@@ -87,9 +88,8 @@ def capture_isolated(model, ids, reference: dict[str, np.ndarray], attention: st
         dtypes[name] = dtype_name(x.dtype)
         outputs[name] = x.detach().to("cpu", torch.float64).numpy()
 
-    n = model.config.n_layers
-    stream = ["tok_embeddings", *(f"layers.{i}.ffn_residual" for i in range(n)), "norm"]
-    given = {name: torch.from_numpy(reference[name]).to(device=model.device, dtype=model.dtype) for name in stream}
+    given = {name: torch.from_numpy(reference[name]).to(device=model.device, dtype=model.dtype)
+             for name in stream_names(model.config.n_layers)}
     with torch.no_grad():
         model(ids, attention=attention, trace=trace, given=given)
     return in_forward_order(outputs), dtypes

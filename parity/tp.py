@@ -66,6 +66,7 @@ from npllama.checks import is_int
 from npllama.config import ModelArgs
 from npllama.dump import REPLICATED, Dump, Split, Step, shard
 from npllama.errors import CheckpointError, ConfigError, InputError
+from npllama.model import stream_names
 from npllama.quant.matrix import WEIGHTS_PER_PIECE, QuantizedMatrix
 from npllama.report import Report, Row, in_forward_order, split_name
 
@@ -593,7 +594,7 @@ class LocalRanks:
     def run(self, fn: Callable, *args, ranks: int | None = None, timeout: float | None = None) -> list:
         k = self.n if ranks is None else ranks
         for r in range(k):
-            self.pipes[r].send((fn, args, k))
+            self.pipes[r].send((fn, args))
         return self._collect(range(k), timeout or self.timeout)
 
     def _collect(self, ranks, timeout: float) -> list:
@@ -668,7 +669,7 @@ def _worker(rank: int, n: int, port: int, backend: str, threads: int | None, con
             break
         if job is None:
             break
-        fn, args, k = job
+        fn, args = job
         try:
             conn.send(("ok", fn(*args)))
         except BaseException:
@@ -774,8 +775,7 @@ def parity_report(model, ids, attention: str = "auto", base=None, isolate: bool 
         ids = reference.check_ids(ids)
         ref = {k: np.asarray(v, dtype=np.float64) for k, v in trace(reference, ids).items()}
         if isolate:
-            names = ["tok_embeddings", *(f"layers.{i}.ffn_residual" for i in range(info.whole.n_layers)), "norm"]
-            stream = {k: ref[k] for k in names}
+            stream = {k: ref[k] for k in stream_names(info.whole.n_layers)}
     box = [ids, stream]
     dist.broadcast_object_list(box, src=_global_rank(0, group), group=group)
     ids, stream = box
