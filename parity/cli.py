@@ -109,15 +109,7 @@ def parity_command(ctx, model_path, device, dtype, prompt, ids, attention, isola
             reports.append(transformers_report(model, ids, reference))
         except NotComparable as e:
             click.echo(f"transformers: not compared: {e}", err=True)
-    click.echo(f"{ids.shape[1]} tokens")
-    for report in reports:
-        click.echo()
-        show(report, show_all)
-    if plot_path:
-        plot_errors(reports, plot_path)
-        click.echo(f"plot: {plot_path}")
-    if not all(r.ok for r in reports):
-        sys.exit(1)
+    print_reports(reports, ids.shape[1], show_all, plot_path)
 
 
 def check_parity_fits(base, shape: tuple[int, int], torch_dtype: torch.dtype) -> None:
@@ -182,13 +174,20 @@ def parity_tp(tp: int, model_path, device, dtype, prompt, ids, attention, isolat
     report = parallel.parity_report(model, ids, attention, base, isolate)
     if report is None:          # ranks other than 0: rank 0 speaks for the run
         return
-    click.echo(f"{np.atleast_2d(np.asarray(ids)).shape[1]} tokens")
-    click.echo()
-    show(report, show_all)
+    print_reports([report], np.atleast_2d(np.asarray(ids)).shape[1], show_all, plot_path)
+
+
+def print_reports(reports: list, tokens: int, show_all: bool, plot_path: str | None) -> None:
+    """`npllama parity`'s output: the tokens compared, each report's table, the plot; exit 1 when
+    an op breaks its tolerance."""
+    click.echo(f"{tokens} tokens")
+    for report in reports:
+        click.echo()
+        show(report, show_all)
     if plot_path:
-        plot_errors([report], plot_path)
+        plot_errors(reports, plot_path)
         click.echo(f"plot: {plot_path}")
-    if not report.ok:
+    if not all(r.ok for r in reports):
         sys.exit(1)
 
 
