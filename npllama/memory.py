@@ -30,6 +30,7 @@ sizes the batches of ``generate --prompts`` (npllama.inputs.plan_batches).
 from __future__ import annotations
 
 import os
+from typing import Iterable
 
 import numpy as np
 
@@ -134,14 +135,26 @@ def loss_bytes(args: ModelArgs, batch: int, tokens: int, dtype=np.float32, mappe
     return max(forward_bytes(args, batch, tokens, tokens, dtype, mapped), logits + 2 * logits * max(_itemsize(dtype), 4) // 4)
 
 
-def trace_bytes(args: ModelArgs, batch: int, tokens: int, dtype=np.float64, mapped: bool = False) -> int:
-    """The peak of npllama.oracle.trace: every traced activation kept (model.trace_names: per layer
-    six of width dim, q and scores_v of n_heads x head_dim, k and v of n_kv_heads x head_dim; the
-    embeddings, the norm, float32 logits), beside one forward call."""
+def trace_bytes(args: ModelArgs, batch: int, tokens: int, dtype=np.float64, mapped: bool = False,
+                names: Iterable[str] | None = None) -> int:
+    """The peak of npllama.oracle.trace: the traced activations it keeps (names; default every one
+    of model.trace_names), each (batch, tokens, width) in dtype and the logits in float32, beside
+    one forward call (attention as the trace runs it: blockwise from layout.FLASH_MIN_LEN keys)."""
     s, rows = _itemsize(dtype), batch * tokens
+    if names is None:
+        from .model import trace_names
+        names = trace_names(args.n_layers)
+    kept = sum(rows * activation_width(args, name) * (4 if name == "logits" else s) for name in names)
+    return kept + forward_bytes(args, batch, tokens, tokens, dtype, mapped)
+
+
+def activation_width(args: ModelArgs, name: str) -> int:
+    """Values per position of a traced activation: q and scores_v n_heads x head_dim, k and v
+    n_kv_heads x head_dim, the logits vocab, the rest dim."""
+    op = name.split(".", 2)[-1] if name.startswith("layers.") else name
     q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    kept = rows * s * (args.n_layers * (6 * args.dim + 2 * q + 2 * kv) + 2 * args.dim) + rows * args.vocab_size * 4
-    return kept + forward_bytes(args, batch, tokens, tokens, dtype, mapped, attention="naive")
+    return {"attention.q": q, "attention.scores_v": q, "attention.k": kv, "attention.v": kv,
+            "logits": args.vocab_size}.get(op, args.dim)
 
 
 def model_is_mapped(model) -> bool:

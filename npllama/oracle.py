@@ -263,17 +263,18 @@ def reference_model(model: Transformer, dtype="float64") -> Transformer:
 
 
 def check_recomputation_fits(theirs: Dump, ref_model: Transformer, ids: Sequence[np.ndarray],
-                             model: Transformer) -> None:
+                             model: Transformer, kept: set[str]) -> None:
     """Refuse, before it runs, a recomputation of the reference whose peak would not fit
-    (npllama.memory): every step's positions traced at once, for the dump's rows (a window bounds
-    the positions, nothing else bounds the rows), beside the weights in memory (the model's, and
-    its rounded float64 copy when the reference is one)."""
+    (npllama.memory): the activations it keeps (kept: needed_names), for every step's positions
+    and the dump's rows (a window bounds the positions, nothing else bounds the rows), beside the
+    weights in memory (the model's, and its rounded float64 copy when the reference is one)."""
     from .memory import check_call_fits, model_is_mapped, trace_bytes, weights_in_memory
     rows, positions = max(i.shape[0] for i in ids), sum(i.shape[1] for i in ids)
     copy = weights_in_memory(model) if ref_model is not model else 0
     check_call_fits(ref_model, f"{theirs.path}: recomputing the reference for {rows} row{'s' * (rows != 1)} x "
                                f"{positions} positions in float64",
-                    copy + trace_bytes(ref_model.config, rows, positions, np.float64, model_is_mapped(ref_model)),
+                    copy + trace_bytes(ref_model.config, rows, positions, np.float64, model_is_mapped(ref_model),
+                                       kept),
                     "dump fewer rows")
 
 
@@ -605,8 +606,8 @@ def check_dump(theirs: Dump, model: Transformer | None = None, reference: Dump |
                 ref_model.check_ids(step_ids)
             except InputError as e:
                 raise InputError(f"{theirs.path}: {step_name(s, IDS)}: {e}") from None
-        check_recomputation_fits(theirs, ref_model, ids, model)
         keep = needed_names(theirs, wanted, n_layers)
+        check_recomputation_fits(theirs, ref_model, ids, model, set().union(*keep))
         given = None
         if isolate:
             given = []

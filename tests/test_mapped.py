@@ -260,6 +260,21 @@ def test_with_two_piece_threads_the_estimate_is_never_exceeded(dtype):
         assert peak <= 1.1 * forward_bytes(args, 1, tokens, kv_len, dtype, mapped=True), (kw, tokens, peak)
 
 
+def test_the_estimate_of_a_traces_peak_is_an_upper_bound_within_a_third():
+    """The trace keeps every activation beside one forward call, blockwise from FLASH_MIN_LEN keys
+    (so 1500 tokens are no 1500 x 1500 scores). An upper bound: the kept residual stream and
+    logits are also arrays of the call's largest moment, counted twice (measured 6-30% over)."""
+    from npllama.memory import trace_bytes
+    from npllama.oracle import trace_steps
+    for kw, tokens in [({}, 64), ({}, 600), (dict(vocab_size=200), 1500), (dict(vocab_size=32000, dim=256), 16)]:
+        args = ModelArgs(**{**ARGS, **kw})
+        model = Transformer(args, init_params(args), dtype=np.float64)
+        ids = np.random.default_rng(0).integers(0, args.vocab_size, (1, tokens))
+        trace_steps(model, ids[:, :8])                                  # what the first trace allocates once
+        peak = traced_peak(lambda: trace_steps(model, ids))
+        assert peak <= trace_bytes(args, 1, tokens, np.float64) <= 1.35 * peak, (kw, tokens, peak)
+
+
 @pytest.mark.parametrize("prompt,new", [(40, 300), (300, 3)])
 def test_the_estimate_of_a_generations_peak_is_within_10_percent(prompt, new):
     """A long answer (the KV cache grown by doubling) and a long prompt (its prefill)."""

@@ -196,10 +196,10 @@ def write_reference(model_path, prompt, ids, out, dtype: str, decode: int = 0) -
             raise InputError("this checkpoint has no tokenizer: pass --ids")
         ids = model.tokenizer.encode(prompt)
     ids = model.check_ids(ids)
+    check_window(model, ids.shape[1] + decode, f"{what}{f' and --decode {decode}' if decode else ''}")
     from ..memory import check_call_fits, model_is_mapped, trace_bytes
     check_call_fits(model, f"tracing {ids.shape[1]} tokens x {ids.shape[0]} in {dtype}",
                     trace_bytes(model.config, *ids.shape, dtype, model_is_mapped(model)), "trace fewer tokens")
-    check_window(model, ids.shape[1] + decode, f"{what}{f' and --decode {decode}' if decode else ''}")
     with reading_progress(model, "trace"):              # a bar only for a mapped model
         steps = trace_steps(model, ids, decode)
     meta = dump_metadata(dtype, f"npllama {__version__}, the NumPy reference", prompt=prompt,
