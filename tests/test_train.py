@@ -129,6 +129,8 @@ def test_resume_gives_the_parameters_of_an_uninterrupted_run(corpus, tmp_path):
     assert "resuming" in result.output and "step 6/6" in result.output
     assert not (tmp_path / "parts" / "step-000003").exists()
 
+    # bit for bit: both runs do the same float operations on the same values in the same order, in
+    # one process on the CPU (the resumed one reads back exactly what was saved, seeded batches)
     resumed = load_file(str(tmp_path / "parts" / "step-000006" / "model.safetensors"))
     uninterrupted = load_file(str(tmp_path / "whole" / "step-000006" / "model.safetensors"))
     assert resumed.keys() == uninterrupted.keys()
