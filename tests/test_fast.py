@@ -66,6 +66,19 @@ def rel_err(a, b):
 FAST = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+def greedy_before_a_near_tie(np_model, prompt, tokens) -> list[int]:
+    """npllama's greedy tokens up to the first whose top-2 margin is within float32's bar: there
+    either token is right, and two orders of float arithmetic (the fast path's, npllama's; one
+    host's kernels, another's) may each pick its own. What is after it is not compared."""
+    logits = np_model([list(prompt) + list(tokens)])[0, len(prompt) - 1:]     # the row that chose each token
+    scale = np.abs(logits).max()
+    for step, row in enumerate(logits[: len(tokens)]):
+        top2 = np.sort(row)[-2:]
+        if top2[1] - top2[0] <= 2 * parity_rtol("float32") * scale:
+            return list(tokens[:step])
+    return list(tokens)
+
+
 # ---------------------------------------------------------------------------- float32: tokens and logits
 @settings(max_examples=12, **FAST)
 @given(tiny_configs(), st.integers(1, 9), st.sampled_from(["in_out", "out_in"]))
@@ -74,7 +87,8 @@ def test_greedy_tokens_and_logits_equal_npllama(args, prompt_len, layout):
     prompt = prompts_for(args, [prompt_len])[0]
     want = list(generate(np_model, prompt, 8, stop_ids=()))
     fd = FastDecoder(pt_model, batch_size=1, max_seq_len=prompt_len + 8, layout=layout)
-    assert fd.generate([prompt], 8, stop_ids=(), sync_every=3) == [want]
+    sure = greedy_before_a_near_tie(np_model, prompt, want)
+    assert fd.generate([prompt], 8, stop_ids=(), sync_every=3)[0][: len(sure)] == sure
 
     # Teacher-forced logits, prefill and every decode step, against npllama's full recompute.
     seq = prompt + want
@@ -91,9 +105,11 @@ def test_batched_prompts_of_different_lengths_equal_each_alone(args, lengths, ne
     prompts = prompts_for(args, lengths, seed=2)
     weights = FastWeights(pt_model)
     alone = [FastDecoder(weights, 1, len(p) + new).generate([p], new, stop_ids=()) [0] for p in prompts]
-    assert alone == [list(generate(np_model, p, new, stop_ids=())) for p in prompts]
+    sure = [greedy_before_a_near_tie(np_model, p, list(generate(np_model, p, new, stop_ids=()))) for p in prompts]
+    assert [a[: len(w)] for a, w in zip(alone, sure)] == sure
     fd = FastDecoder(weights, batch_size=len(prompts) + 1, max_seq_len=max(lengths) + new)   # a spare row
-    assert fd.generate(prompts, new, stop_ids=(), sync_every=4) == alone
+    batched = fd.generate(prompts, new, stop_ids=(), sync_every=4)
+    assert [b[: len(w)] for b, w in zip(batched, sure)] == sure
 
     # Logits too: each row's prefill and first decode step, batched vs alone.
     first = fd.prefill(prompts)[: len(prompts)]
