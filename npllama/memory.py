@@ -141,10 +141,11 @@ def trace_bytes(args: ModelArgs, batch: int, tokens: int, dtype=np.float64, mapp
     of model.trace_names), each (batch, tokens, width) in dtype and the logits in float32, beside
     one forward call (attention as the trace runs it: blockwise from layout.FLASH_MIN_LEN keys)."""
     s, rows = _itemsize(dtype), batch * tokens
-    if names is None:
-        from .model import trace_names
-        names = trace_names(args.n_layers)
-    kept = sum(rows * activation_width(args, name) * (4 if name == "logits" else s) for name in names)
+    if names is None:           # per layer six of width dim, q and scores_v, k and v; the embeddings, the norm
+        q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        kept = rows * s * (args.n_layers * (6 * args.dim + 2 * q + 2 * kv) + 2 * args.dim) + rows * args.vocab_size * 4
+    else:
+        kept = sum(rows * activation_width(args, name) * (4 if name == "logits" else s) for name in names)
     return kept + forward_bytes(args, batch, tokens, tokens, dtype, mapped)
 
 
