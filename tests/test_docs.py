@@ -137,6 +137,11 @@ def command_lines(path: Path) -> list[Line]:
 
 
 ALL = [line for doc in DOCS for line in command_lines(doc)]
+# A command the docs give in several places runs where it first stands, and is parsed elsewhere.
+FIRST_RUN: dict[str, "Line"] = {}
+for _line in ALL:
+    if not _line.inline:
+        FIRST_RUN.setdefault(_line.text.split("#")[0].strip(), _line)
 
 
 # ------------------------------------------------------------------------------------ what each line does here
@@ -154,6 +159,12 @@ PARSED_ONLY = {
     'npllama generate --prompt "Tell me about llamas" --backend torch --weights int4':
         "its time is the int4 quantization of the default model at load (10 s), which -n does not scale; "
         "tests/test_quant_models.py runs `generate --backend torch --weights int4` on a tiny GGUF",
+    'npllama generate --prompt "The capital of France is" --raw --backend torch --tp 3':
+        "README.md's `generate ... --backend torch --tp 3` runs (3 processes loading the default model, 15 s); "
+        "--raw changes only the prompt's template",
+    'npllama parity --tp 3 --prompt "The capital of France is"':
+        "README.md's `parity --tp 3` runs (15 s), on the default prompt; tests/test_tp.py runs the default model "
+        "on 3 ranks",
     "npllama parity --against 'dump.rank*.safetensors'":
         "the dumps are a tensor-parallel port's own, one per rank; tests/test_tp.py writes such dumps from a "
         "split model, with bugs planted in one rank, and checks them this way",
@@ -199,6 +210,9 @@ def plan(line: Line) -> Plan:
     text = line.text.split("#")[0].strip()
     if text in PARSED_ONLY:
         return parsed(PARSED_ONLY[text])
+    first = FIRST_RUN.get(text)
+    if first is not None and first != line and not uses_runs(line):
+        return parsed(f"the same command as {first.doc}:{first.number}, which runs")
     if any(a.startswith("[") or a == "|" or a == "..." for a in args) or \
             any(PLACEHOLDER.fullmatch(v) for f, v in zip(args, args[1:]) if f.startswith("-")):
         return parsed("a synopsis: its values are placeholders")
